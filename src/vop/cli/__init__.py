@@ -1,0 +1,1 @@
+"""Command-line interface: `vop <command>`; each command group lives in its own module."""

@@ -1,0 +1,104 @@
+"""Pixel transforms on whole tensors (any leading dims, e.g. ``(B, F, 3, H, W)``), CPU or GPU.
+
+The loader hands out uint8 frames already resized and centre-cropped to ``size`` (cheap to move
+between processes and to the GPU); the model side then calls :func:`to_model_input`, which does
+the optional training augmentation (one random resized crop + flip per video, shared by its
+frames) and the CLIP normalisation on the device where the batch lives.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "resize_center_crop", "normalize", "augment", "to_model_input"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValueError(f"expected (..., 3, H, W), got {tuple(x.shape)}")
+    lead = tuple(x.shape[:-3])
+    return x.reshape(-1, *x.shape[-3:]), lead
+
+
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the short side to ``size`` (bicubic, antialiased) and centre-crop ``size x size``.
+
+    ``x``: ``(..., 3, H, W)``; uint8 in -> uint8 out (rounded, clamped), float in -> float out.
+    One interpolate call for all frames.
+    """
+    flat, lead = _flat(x)
+    h, w = flat.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        y = F.interpolate(flat.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        y = y[..., top : top + size, left : left + size]
+        flat = y.round_().clamp_(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y
+    return flat.reshape(*lead, 3, size, size)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (or float in 0..255) ``(..., 3, H, W)`` -> float32 with CLIP mean/std."""
+    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device, dtype=torch.float32).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def augment(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
+    """Random resized crop (area ``scale``, aspect ``ratio``) and horizontal flip, per video.
+
+    ``x``: ``(B, F, 3, S, S)`` (uint8 or float); the frames of one video share one crop and flip.
+    The random parameters come from ``generator`` (a CPU ``torch.Generator``: the same draws on
+    any device). Returns float in the input's value range (bilinear resampling back to ``S``).
+    """
+    if x.dim() != 5:
+        raise ValueError(f"expected (B, F, 3, H, W), got {tuple(x.shape)}")
+    b, f, c, h, w = x.shape
+    r = torch.rand(b, 5, generator=generator, dtype=torch.float64)
+    area = scale[0] + (scale[1] - scale[0]) * r[:, 0]
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * r[:, 1]
+    aspect = torch.exp(log_ratio)
+    cw = torch.sqrt(area * aspect).clamp(max=1.0)  # crop size as a fraction of the side
+    ch = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (1 - cw) * (2 * r[:, 2] - 1)  # crop centre in [-1, 1] coordinates
+    cy = (1 - ch) * (2 * r[:, 3] - 1)
+    sign = torch.where((r[:, 4] < 0.5) & flip, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0], theta[:, 0, 2] = cw * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = ch, cy
+    theta = theta.to(device=x.device, dtype=torch.float32).repeat_interleave(f, dim=0)
+    flat = x.reshape(b * f, c, h, w).float()
+    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.reshape(b, f, c, h, w)
+
+
+def to_model_input(
+    frames: torch.Tensor,
+    *,
+    train: bool = False,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.5, 1.0),
+    flip: bool = True,
+) -> torch.Tensor:
+    """Batch of uint8 frames ``(B, F, 3, S, S)`` -> normalised float32 model input, same shape.
+
+    With ``train=True`` and a ``generator``, applies :func:`augment` first; without a generator
+    no augmentation is done (e.g. when augmentation is switched off in the config).
+    """
+    if train and generator is not None:
+        frames = augment(frames, generator, scale=scale, flip=flip)
+    return normalize(frames)

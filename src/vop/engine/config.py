@@ -1,0 +1,312 @@
+"""Typed run configuration: nested dataclasses loaded from YAML plus ``a.b.c=value`` overrides.
+
+    cfg = load_config(RunConfig, "configs/msrvtt.yaml", ["optim.lr=1e-3", "model.options.n_video=4"])
+    save_config(cfg, "runs/x/config.yaml")   # load_config(RunConfig, that file) == cfg
+
+Values (in files and overrides) are YAML with two YAML 1.2 fixes: only true/false are booleans
+("yes", "on" stay strings and are rejected for bool fields), and exponent floats without a dot
+(1e-3) are floats. Every field is checked against its annotation: int, float (ints accepted),
+bool, str, Optional/``X | None``, Literal, list[...], dict[str, ...] (``dict[str, Any]`` is
+free-form, for method options) and nested dataclasses. Mistakes raise ``vop.errors.ConfigError``
+naming the key, where it came from, and what was expected.
+
+To add a setting, add a field with a default to one of the dataclasses at the bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar
+
+import yaml
+
+from vop.errors import ConfigError
+
+__all__ = [
+    "load_config", "config_to_dict", "save_config", "parse_override",
+    "ModelConfig", "DataConfig", "OptimConfig", "EvalConfig", "RunConfig",
+]
+
+T = TypeVar("T")
+
+
+# --- YAML with YAML 1.2 booleans and floats ---------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
+    [-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+   |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+   |[-+]?\.(?:inf|Inf|INF)
+   |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that either YAML 1.1 or the loader above would read as non-string."""
+
+
+_Dumper.yaml_implicit_resolvers = {
+    ch: yaml.SafeDumper.yaml_implicit_resolvers.get(ch, []) + _Loader.yaml_implicit_resolvers.get(ch, [])
+    for ch in set(yaml.SafeDumper.yaml_implicit_resolvers) | set(_Loader.yaml_implicit_resolvers)
+}
+
+
+def _yaml_load(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}{line}: malformed YAML ({problem}); fix the syntax there") from None
+
+
+# --- validation ------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _bad(key: str, where: str, tp, value) -> ConfigError:
+    hint = " (write true or false)" if tp is bool else ""
+    return ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
+
+
+def _convert(tp, value, key: str, where: str):
+    """Check ``value`` against annotation ``tp``; return it (converted: dataclasses, int->float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise _bad(key, where, tp, value)
+        return _build(tp, value, key, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and isinstance(value, (dict, list)):
+            return _convert(options[0], value, key, where)  # keep the detailed message from inside
+        for option in options:
+            try:
+                return _convert(option, value, key, where)
+            except ConfigError:
+                pass
+        raise _bad(key, where, tp, value)
+    if origin is Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: '{key}' must be one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _bad(key, where, tp, value)
+        item = args[0] if args else Any
+        return [_convert(item, v, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(key, where, tp, value)
+        kt, vt = args if args else (Any, Any)
+        return {_convert(kt, k, f"{key} (key {k!r})", where): _convert(vt, v, f"{key}.{k}", where)
+                for k, v in value.items()}
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"config field '{key}' has an unsupported type {tp!r}")
+    if not ok:
+        raise _bad(key, where, tp, value)
+    return value
+
+
+def _unknown(key: str, name: str, valid: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, valid, n=1) or [
+        v for v in valid if len(name) >= 3 and (v.startswith(name) or name.startswith(v))][:1]
+    parent = key.rpartition(".")[0]
+    hint = f" Did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _build(cls: type[T], data: dict, prefix: str, where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            raise _unknown(key, str(name), list(fields), where)
+        kwargs[name] = _convert(hints[name], value, key, where)
+    for name, f in fields.items():
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key '{prefix + '.' if prefix else ''}{name}'")
+    return cls(**kwargs)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.c=value"`` -> (["a", "b", "c"], YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"override '{text}': expected key.path=value, e.g. optim.lr=1e-3")
+    return parts, _yaml_load(raw, f"override '{text}'")
+
+
+def _dict_value_type(tp):
+    """X for dict[str, X] (also inside Optional); Any for a bare or free-form dict."""
+    for t in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,):
+        if typing.get_origin(t) is dict and typing.get_args(t):
+            return typing.get_args(t)[1]
+    return Any
+
+
+def _apply_override(cfg, text: str) -> None:
+    parts, value = parse_override(text)
+    where = f"override '{text}'"
+    obj, tp = cfg, type(cfg)
+    for depth, name in enumerate(parts):
+        key = ".".join(parts[:depth + 1])
+        last = depth == len(parts) - 1
+        if dataclasses.is_dataclass(obj):
+            names = [f.name for f in dataclasses.fields(obj) if f.init]
+            if name not in names:
+                raise _unknown(key, name, names, where)
+            tp = typing.get_type_hints(type(obj))[name]
+            if last:
+                setattr(obj, name, _convert(tp, value, key, where))
+            elif getattr(obj, name) is None:  # Optional[SomeConfig] left at None: start from defaults
+                inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+                setattr(obj, name, inner[0]() if inner else None)
+            obj = getattr(obj, name)
+        elif isinstance(obj, dict):  # dict[str, X]: X checks the value; free-form levels are created
+            tp = _dict_value_type(tp)
+            if last:
+                obj[name] = _convert(tp, value, key, where)
+            else:
+                obj = obj.setdefault(name, {})
+        else:
+            raise ConfigError(f"{where}: '{'.'.join(parts[:depth])}' is {obj!r}, it has no key '{name}'")
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build ``cls`` (a dataclass) from a YAML file (optional), then apply ``key.path=value``
+    overrides in order. Raises ConfigError for a missing/malformed file, unknown keys, wrong types.
+    """
+    data: Any = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: config file not found; check the path") from None
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read config file ({e.strerror})") from None
+        data = _yaml_load(text, where)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(data).__name__}")
+    cfg = _build(cls, data, "", where)
+    for text in overrides:
+        _apply_override(cfg, text)
+    return cfg
+
+
+def config_to_dict(obj) -> dict[str, Any]:
+    """Plain nested dict (deep copy) of a config dataclass."""
+    return dataclasses.asdict(obj)
+
+
+def save_config(obj, path: str | Path) -> None:
+    """Write ``obj`` as YAML; ``load_config(type(obj), path)`` gives back an equal object."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.dump(config_to_dict(obj), Dumper=_Dumper, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+# --- the VoP run configuration -------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    method: str = "vop"              # a name in the method registry (vop, vop_f, full, zero_shot, ...)
+    backbone: str = "ViT-B/32"       # an architecture name or a weights file
+    frames: int = 12                 # frames sampled per video (the data pipeline reads it here)
+    image_size: int | None = None    # None: the backbone's native resolution
+    options: dict[str, Any] = field(default_factory=dict)  # method options: n_text, n_video, ks, depth...
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "msrvtt"
+    root: str = ""
+    train_split: str = "train"
+    val_split: str | None = "val"    # None: no validation split (see val_fraction)
+    test_split: str = "test"
+    val_fraction: float = 0.0        # hold out this part of train as validation (datasets without val)
+    max_words: int = 32              # caption token budget
+    num_workers: int = 2
+    augment: bool = False
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-3                 # prompts and new modules
+    backbone_lr: float = 1e-6        # CLIP weights, for methods that train them
+    weight_decay: float = 0.2
+    warmup_fraction: float = 0.1     # of all optimiser steps, then cosine decay
+    grad_clip: float | None = 1.0    # max global grad norm; None: no clipping
+    accumulate: int = 1              # gradient accumulation steps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    # Optional re-scoring (vop.engine.metrics); "none" reproduces the paper's protocol.
+    postprocess: Literal["none", "dsl", "qbnorm"] = "none"
+    dsl_temperature: float = 100.0   # multiplies cosine scores: sim * softmax(100 * sim) as in X-Pool
+    qb_k: int = 1                    # QB-Norm paper defaults (Bogolin et al. 2022)
+    qb_beta: float = 20.0
+    every_epoch: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    out_dir: str = "runs/default"
+    log_every: int = 10              # optimiser steps between log lines

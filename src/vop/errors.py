@@ -1,0 +1,17 @@
+"""Errors a user can cause. Each carries a message that names the file and says what to do."""
+
+
+class VopError(Exception):
+    """Base class of user-facing errors: the CLI prints the message, never a traceback."""
+
+
+class CheckpointError(VopError):
+    """A weights or prompt file that is missing, unreadable, or does not fit the model."""
+
+
+class ConfigError(VopError):
+    """An invalid configuration (unknown key, wrong type, bad value)."""
+
+
+class DataError(VopError):
+    """A missing or malformed annotation file, or an unusable video."""

@@ -1,0 +1,155 @@
+"""The shared video-text model: frozen CLIP, mean-pooled frame embeddings, optional prompt modules.
+
+Every method is a subclass that adds trainable pieces in ``build`` (prompt modules, adapters) or
+unfreezes part of CLIP. The pipeline itself is the paper's and is the same for all:
+
+- video (B, F, 3, H, W): every frame through the image tower, [CLS] -> ln_post -> proj, mean over F;
+- text (B, T) token ids: the text tower, read at [EOT], projected;
+- score: cosine similarity times CLIP's logit scale.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vop.backbone.clip import CLIP
+from vop.backbone.tokenizer import CLIPTokenizer
+from vop.methods.blocks import FrameVideoPrompts, FunctionVideoPrompts, Run, TextPrompts
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+class VideoTextModel(nn.Module):
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    #: names of trainable tensors the paper does not count (reported separately)
+    uncounted: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, clip: CLIP, frames: int = 12, options: Any = None):
+        super().__init__()
+        self.clip = clip
+        self.clip.requires_grad_(False)
+        self.frames = frames
+        self.opts = options if options is not None else self.Options()
+        self.text_prompts: TextPrompts | None = None
+        self.video_prompts: FrameVideoPrompts | FunctionVideoPrompts | None = None
+        self.grad_checkpointing = False
+        self.backbone_fingerprint: str | None = None
+        self.build()
+
+    # -- what a method defines ---------------------------------------------------------------------
+    def build(self) -> None:
+        """Create trainable modules and/or unfreeze backbone tensors."""
+
+    def block(self, tower: str, i: int, blk: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Run block ``i`` of ``tower`` ("text" or "visual"); adapters override this."""
+        return blk(x, causal=causal)
+
+    # -- derived sizes -------------------------------------------------------------------------------
+    @property
+    def text_prompt_tokens(self) -> int:
+        return self.text_prompts.n if self.text_prompts is not None and self.text_prompts.depth else 0
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Caption budget including [SOT]/[EOT]: CLIP's context minus the text prompt tokens."""
+        return self.clip.cfg.text.context_length - self.text_prompt_tokens
+
+    def tokenizer(self, max_words: int | None = None) -> CLIPTokenizer:
+        n = self.max_text_tokens if max_words is None else min(max_words, self.max_text_tokens)
+        return CLIPTokenizer(n)
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.opts)
+
+    # -- forward -------------------------------------------------------------------------------------
+    def _runner(self, tower: str) -> Run:
+        blocks = self.clip.transformer.resblocks if tower == "text" else self.clip.visual.transformer.resblocks
+        causal = tower == "text"
+
+        def run(i: int, x: torch.Tensor) -> torch.Tensor:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                return checkpoint(self.block, tower, i, blocks[i], x, causal, use_reentrant=False)
+            return self.block(tower, i, blocks[i], x, causal)
+
+        return run
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids, T <= ``max_text_tokens`` -> (B, D) unnormalised embeddings."""
+        if tokens.shape[1] > self.max_text_tokens:
+            raise ValueError(
+                f"{tokens.shape[1]} text tokens but this model takes at most {self.max_text_tokens} "
+                f"({self.text_prompt_tokens} of CLIP's context are prompts): use model.tokenizer()"
+            )
+        x = self.clip.embed_text(tokens)
+        run = self._runner("text")
+        if self.text_prompts is not None:
+            x = self.text_prompts(x, run)
+        else:
+            for i in range(self.clip.cfg.text.layers):
+                x = run(i, x)
+        return self.clip.text_head(x, tokens)
+
+    def encode_frames(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, F, 3, H, W) -> (B, F, D) per-frame embeddings (before mean pooling)."""
+        if video.dim() != 5:
+            raise ValueError(f"videos must be B x F x 3 x H x W, got shape {tuple(video.shape)}")
+        B, F = video.shape[:2]
+        x = self.clip.visual.embed(video.flatten(0, 1))
+        run = self._runner("visual")
+        if self.video_prompts is not None:
+            cls = self.video_prompts(x, run, B, F)
+        else:
+            for i in range(self.clip.cfg.vision.layers):
+                x = run(i, x)
+            cls = x[:, 0]
+        return self.clip.visual.head(cls).view(B, F, -1)
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, F, 3, H, W) -> (B, D): the mean of the frame embeddings (unnormalised)."""
+        return self.encode_frames(video).mean(dim=1)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity (texts x videos), unscaled."""
+        return F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).t()
+
+    def forward(self, video: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns L2-normalised (video_emb, text_emb)."""
+        return F.normalize(self.encode_video(video), dim=-1), F.normalize(self.encode_text(tokens), dim=-1)
+
+    # -- trainable state -----------------------------------------------------------------------------
+    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_trainable_parameters()}
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> "VideoTextModel":
+        self.grad_checkpointing = enabled
+        return self
+
+    def parameter_counts(self) -> dict[str, int]:
+        """trainable (everything the optimiser updates), counted (the paper's way), uncounted, backbone."""
+        trainable = sum(p.numel() for _, p in self.named_trainable_parameters())
+        uncounted = sum(p.numel() for n, p in self.named_trainable_parameters() if self.uncounted and n.endswith(self.uncounted))
+        backbone = sum(p.numel() for p in self.clip.parameters())
+        return {"trainable": trainable, "counted": trainable - uncounted, "uncounted": uncounted, "backbone": backbone}
+
+    def __repr__(self) -> str:  # short: the full module tree of CLIP is not useful here
+        c = self.parameter_counts()
+        return f"{type(self).__name__}(method={self.name!r}, frames={self.frames}, options={self.options_dict()}, trainable={c['trainable']:,})"

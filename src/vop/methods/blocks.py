@@ -1,0 +1,209 @@
+"""Shared building blocks of the prompt methods.
+
+Shapes (ViT-B/32, 224 px): frames go through the image tower as N = B*F sequences of
+[CLS, prompts..., 49 patches] with width d_v = 768; captions as [SOT, prompts..., words] of width
+d_t = 512. Prompt tokens occupy a *slot* right after the first token: every prompted layer writes its
+own tokens into the slot (the previous layer's outputs there are dropped), and the slot is removed
+after the last prompted layer, so outside prompted layers the sequences are exactly CLIP's.
+
+Prompts carry no positional embedding (they are learned per layer); words and patches keep CLIP's
+positions, so with zero prompt tokens every model is exactly CLIP.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+Run = Callable[[int, torch.Tensor], torch.Tensor]  # run(layer_index, x) -> x
+
+
+def prompt_param(*shape: int, std: float = 0.02) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) * std)
+
+
+def write_slot(x: torch.Tensor, start: int, tokens: torch.Tensor | None, current: int) -> torch.Tensor:
+    """Put ``tokens`` (N, n, d) at ``x[:, start:start+n]``, replacing a slot of ``current`` tokens.
+
+    ``tokens=None`` removes the slot. One concatenation per layer, no Python loop over tokens.
+    """
+    if tokens is None:
+        return x if current == 0 else torch.cat([x[:, :start], x[:, start + current:]], dim=1)
+    return torch.cat([x[:, :start], tokens.to(x.dtype), x[:, start + current:]], dim=1)
+
+
+def run_prompted(x: torch.Tensor, run: Run, layers: range, tokens_at: Callable[[int, torch.Tensor], torch.Tensor | None],
+                 start: int = 1) -> torch.Tensor:
+    """Run ``layers`` with per-layer prompt tokens written into the slot at ``start``; returns x without the slot."""
+    current = 0
+    for i in layers:
+        p = tokens_at(i, x)
+        x = write_slot(x, start, p, current)
+        current = 0 if p is None else p.shape[1]
+        x = run(i, x)
+    return write_slot(x, start, None, current)
+
+
+# ------------------------------------------------------------------------------------------------
+# text
+# ------------------------------------------------------------------------------------------------
+class TextPrompts(nn.Module):
+    """Deep text prompts: layer i < depth gets its own n x d_t tokens, inserted right after [SOT].
+
+    The text tower is causal, so tokens placed before the words can influence every word and [EOT],
+    while [SOT] itself is untouched.
+    """
+
+    def __init__(self, layers: int, depth: int, n: int, width: int):
+        super().__init__()
+        self.layers, self.depth, self.n = layers, min(depth, layers), n
+        self.tokens = prompt_param(self.depth, n, width)
+
+    def forward(self, x: torch.Tensor, run: Run) -> torch.Tensor:
+        B = x.shape[0]
+        at = lambda i, _x: self.tokens[i].expand(B, -1, -1) if i < self.depth and self.n else None  # noqa: E731
+        return run_prompted(x, run, range(self.layers), at)
+
+
+# ------------------------------------------------------------------------------------------------
+# video: sources of frame-level prompt tokens, per layer
+# ------------------------------------------------------------------------------------------------
+class FrameTokens(nn.Module):
+    """Base of frame-level prompt sources: ``tokens(i, x, B, F)`` -> (B*F, n, d_v) or None."""
+
+    depth: int = 0
+
+    def tokens(self, i: int, x: torch.Tensor, B: int, F: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class SharedFrameTokens(FrameTokens):
+    """Basic VoP: the same n tokens per layer for every frame of every video."""
+
+    def __init__(self, depth: int, n: int, width: int):
+        super().__init__()
+        self.depth, self.n = depth, n
+        self.shared = prompt_param(depth, n, width)
+
+    def tokens(self, i, x, B, F):
+        if i >= self.depth or self.n == 0:
+            return None
+        return self.shared[i].expand(B * F, -1, -1)
+
+
+class PositionFrameTokens(FrameTokens):
+    """VoP^P: per layer, n_shared tokens for all frames + n_pos tokens specific to frame position j."""
+
+    def __init__(self, depth: int, n_shared: int, n_pos: int, frames: int, width: int):
+        super().__init__()
+        self.depth, self.frames = depth, frames
+        self.shared = prompt_param(depth, n_shared, width)
+        self.position = prompt_param(depth, frames, n_pos, width)
+
+    def tokens(self, i, x, B, F):
+        if i >= self.depth:
+            return None
+        if F != self.frames:
+            raise ValueError(f"position-specific prompts were built for {self.frames} frames, got {F}")
+        shared = self.shared[i].expand(B, F, -1, -1)
+        pos = self.position[i].expand(B, -1, -1, -1)
+        return torch.cat([shared, pos], dim=2).flatten(0, 1)
+
+
+class ContextModule(nn.Module):
+    """VoP^C's context modelling: a 1-layer BiLSTM over the F [CLS] tokens + a linear map to tokens.
+
+    (B, F, d) -> (B, F, n_gen, d). Shared by every prompted layer.
+    """
+
+    def __init__(self, width: int, n_gen: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or width
+        self.n_gen = n_gen
+        self.lstm = nn.LSTM(width, hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.linear = nn.Linear(2 * hidden, n_gen * width)
+
+    def forward(self, cls: torch.Tensor) -> torch.Tensor:
+        B, F, d = cls.shape
+        # cuDNN / autocast: run the recurrence in the parameters' dtype.
+        with torch.autocast(device_type=cls.device.type, enabled=False):
+            ctx, _ = self.lstm(cls.to(self.linear.weight.dtype))
+            return self.linear(ctx).view(B, F, self.n_gen, d)
+
+
+class ContextFrameTokens(FrameTokens):
+    """VoP^C: per layer, n_shared learnable tokens + n_gen tokens generated from the frames' [CLS] tokens
+    as they enter the layer. The generated tokens only prompt; [CLS] is never overwritten."""
+
+    def __init__(self, depth: int, n_shared: int, context: ContextModule, width: int):
+        super().__init__()
+        self.depth = depth
+        self.shared = prompt_param(depth, n_shared, width)
+        self.context = context
+
+    def tokens(self, i, x, B, F):
+        if i >= self.depth:
+            return None
+        gen = self.context(x[:, 0].reshape(B, F, -1)).flatten(0, 1)
+        return torch.cat([self.shared[i].expand(B * F, -1, -1), gen.to(x.dtype)], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# video encoders: how frames flow through the image tower's blocks
+# ------------------------------------------------------------------------------------------------
+class FrameVideoPrompts(nn.Module):
+    """Every layer works per frame; frame-level prompts from ``source`` sit between [CLS] and patches."""
+
+    def __init__(self, source: FrameTokens, layers: int):
+        super().__init__()
+        self.source, self.layers = source, layers
+
+    def forward(self, x: torch.Tensor, run: Run, B: int, F: int) -> torch.Tensor:
+        x = run_prompted(x, run, range(self.layers), lambda i, x: self.source.tokens(i, x, B, F))
+        return x[:, 0]
+
+
+class FunctionVideoPrompts(nn.Module):
+    """VoP^F: layers < ks per frame with frame-level prompts; then a learnable frame position embedding
+    is added to every token of frame j, and layers >= ks attend jointly over the whole video:
+    one sequence [F CLS tokens, n video-level prompts, F*M patches] per video. Read-out: the F CLS.
+    """
+
+    def __init__(self, shallow: FrameTokens | None, layers: int, ks: int, frames: int, n_deep: int, width: int):
+        super().__init__()
+        self.shallow, self.layers, self.ks, self.frames, self.n_deep = shallow, layers, ks, frames, n_deep
+        if ks < layers:
+            self.frame_position = prompt_param(frames, width)
+            self.deep = prompt_param(layers - ks, n_deep, width)
+
+    def forward(self, x: torch.Tensor, run: Run, B: int, F: int) -> torch.Tensor:
+        at = (lambda i, x: self.shallow.tokens(i, x, B, F)) if self.shallow is not None else (lambda i, x: None)
+        x = run_prompted(x, run, range(self.ks), at)
+        if self.ks == self.layers:
+            return x[:, 0]
+        if F != self.frames:
+            raise ValueError(f"the frame position embedding was built for {self.frames} frames, got {F}")
+        N, T, d = x.shape  # T = 1 + M
+        x = x.view(B, F, T, d) + self.frame_position.to(x.dtype).view(1, F, 1, d)
+        x = torch.cat([x[:, :, 0], x[:, :, 1:].reshape(B, F * (T - 1), d)], dim=1)  # [F CLS, F*M patches]
+        deep = lambda i, x: self.deep[i - self.ks].expand(B, -1, -1) if self.n_deep else None  # noqa: E731
+        x = run_prompted(x, run, range(self.ks, self.layers), deep, start=F)
+        return x[:, :F].reshape(B * F, d)
+
+
+# ------------------------------------------------------------------------------------------------
+# adapters
+# ------------------------------------------------------------------------------------------------
+class Adapter(nn.Module):
+    """Bottleneck adapter: up(relu(down(h))), up-projection zero-initialised so training starts at CLIP."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.down = nn.Linear(width, hidden)
+        self.up = nn.Linear(hidden, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(torch.relu(self.down(h)))

@@ -1,0 +1,31 @@
+"""VoP^C: context-specific video prompts.
+
+At each layer the F [CLS] tokens of a video (as they enter the layer) go through a 1-layer BiLSTM
+(hidden d_v per direction) and a linear layer (2 d_v -> n_context * d_v) that generates
+``n_context`` tokens per frame; the slot is [n_video - n_context shared tokens, generated tokens].
+The BiLSTM and linear layer are shared across layers. ViT-B/32: 14,257,152 trainable parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vop.methods.blocks import ContextFrameTokens, ContextModule, FrameTokens
+from vop.methods.registry import register
+from vop.methods.vop import VoP, VoPOptions
+
+
+@dataclass
+class VoPCOptions(VoPOptions):
+    n_context: int = 4
+    context_hidden: int | None = None  # None: d_v, as in the paper
+
+
+@register("vop-c")
+class VoPC(VoP):
+    Options = VoPCOptions
+
+    def frame_tokens(self, depth: int) -> FrameTokens:
+        o, width = self.opts, self.clip.cfg.vision.width
+        if not 0 < o.n_context <= o.n_video:
+            raise ValueError(f"n_context must be in 1..n_video={o.n_video}, got {o.n_context}")
+        return ContextFrameTokens(depth, o.n_video - o.n_context, ContextModule(width, o.n_context, o.context_hidden), width)

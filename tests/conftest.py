@@ -1,0 +1,27 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """A random tiny CLIP (width 64, 2 layers, 32 px), deterministic."""
+    from vop.backbone import build_clip
+
+    return build_clip("tiny", seed=0).eval()
+
+
+@pytest.fixture
+def video_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 4, 3, 32, 32, generator=g)
+
+
+@pytest.fixture
+def token_batch():
+    from vop.backbone import CLIPTokenizer
+
+    return CLIPTokenizer(16)(["a red circle moving left", "the square turns blue, then the circle moves up", "x"])

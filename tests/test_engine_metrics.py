@@ -1,0 +1,256 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vop.engine.metrics import (
+    dual_softmax,
+    qb_norm,
+    rank_metrics,
+    retrieval_metrics,
+    similarity_chunked,
+    t2v_ranks,
+    v2t_ranks,
+)
+
+
+# --- independent reference: plain loops, counting only (no sorting, no numpy ranking) ----------
+
+def brute_force(sim, text_to_video=None):
+    sim = [[float(x) for x in row] for row in np.asarray(sim)]
+    n_text, n_video = len(sim), len(sim[0])
+    t2v = list(range(n_text)) if text_to_video is None else [int(v) for v in text_to_video]
+    t2v_ranks_ = []
+    for i in range(n_text):
+        gt = sim[i][t2v[i]]
+        t2v_ranks_.append(1 + sum(1 for j in range(n_video) if sim[i][j] > gt))
+    v2t_ranks_ = []
+    for v in range(n_video):
+        best = max(sim[i][v] for i in range(n_text) if t2v[i] == v)
+        v2t_ranks_.append(1 + sum(1 for i in range(n_text) if sim[i][v] > best))
+    return {"t2v": summarise(t2v_ranks_), "v2t": summarise(v2t_ranks_)}, t2v_ranks_, v2t_ranks_
+
+
+def summarise(ranks):
+    n = len(ranks)
+    out = {f"R{k}": 100.0 * sum(1 for r in ranks if r <= k) / n for k in (1, 5, 10)}
+    ordered = []  # selection by counting: the m-th smallest is the r with #{< r} <= m < #{<= r}
+    for m in range(n):
+        ordered.append(next(r for r in ranks if sum(x < r for x in ranks) <= m < sum(x <= r for x in ranks)))
+    out["MdR"] = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    out["MnR"] = sum(ranks) / n
+    return out
+
+
+def assert_same(got, want):
+    assert got.keys() == want.keys() == {"t2v", "v2t"}
+    for d in ("t2v", "v2t"):
+        assert got[d].keys() == want[d].keys()
+        for key in want[d]:
+            assert isinstance(got[d][key], float)
+            assert got[d][key] == pytest.approx(want[d][key], abs=1e-9), (d, key)
+
+
+def covering_index(n_text, n_video, gen):
+    idx = torch.cat([torch.randperm(n_video, generator=gen), torch.randint(0, n_video, (n_text - n_video,), generator=gen)])
+    return idx[torch.randperm(n_text, generator=gen)]
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+def test_hand_computed_3x3():
+    sim = torch.tensor([[0.9, 0.1, 0.2],
+                        [0.8, 0.5, 0.1],
+                        [0.3, 0.6, 0.7]])
+    # t2v: text0 rank 1, text1 rank 2 (0.8 > 0.5), text2 rank 1.
+    # v2t: video0 rank 1, video1 rank 2 (text2's 0.6 > text1's 0.5), video2 rank 1.
+    assert t2v_ranks(sim).tolist() == [1, 2, 1]
+    assert v2t_ranks(sim).tolist() == [1, 2, 1]
+    m = retrieval_metrics(sim)
+    assert m["t2v"] == pytest.approx({"R1": 200 / 3, "R5": 100.0, "R10": 100.0, "MdR": 1.0, "MnR": 4 / 3})
+    assert m["v2t"] == m["t2v"]
+
+
+def test_hand_computed_multi_caption_and_ties():
+    # 4 captions, 2 videos: captions 0,1 describe video 0; captions 2,3 describe video 1.
+    sim = torch.tensor([[0.2, 0.9],   # caption 0: its video 0 is second -> rank 2
+                        [0.7, 0.7],   # caption 1: tie with the wrong video -> rank 1 (strictly higher only)
+                        [0.1, 0.3],   # caption 2: rank 1
+                        [0.8, 0.4]])  # caption 3: rank 2
+    idx = [0, 0, 1, 1]
+    assert t2v_ranks(sim, idx).tolist() == [2, 1, 1, 2]
+    # video 0 column [0.2, 0.7, 0.1, 0.8]: best own caption 0.7 (caption 1), caption 3's 0.8 above -> 2.
+    # video 1 column [0.9, 0.7, 0.3, 0.4]: best own caption 0.4, captions 0 and 1 above -> 3.
+    assert v2t_ranks(sim, idx).tolist() == [2, 3]
+    m = retrieval_metrics(sim, np.array(idx))
+    assert m["t2v"]["MdR"] == 1.5 and m["t2v"]["R1"] == 50.0
+    assert m["v2t"] == pytest.approx({"R1": 0.0, "R5": 100.0, "R10": 100.0, "MdR": 2.5, "MnR": 2.5})
+
+
+def test_constant_matrix_ranks_everything_first():
+    m = retrieval_metrics(torch.zeros(5, 5))
+    assert m["t2v"]["R1"] == m["v2t"]["R1"] == 100.0 and m["t2v"]["MnR"] == 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_square_matches_brute_force(seed):
+    gen = torch.Generator().manual_seed(seed)
+    sim = torch.randn(40, 40, generator=gen)
+    sim += 2.0 * torch.eye(40) * torch.rand(40, generator=gen)  # spread ranks over 1..many
+    want, _, _ = brute_force(sim)
+    for chunk in (1, 7, 1024):
+        assert_same(retrieval_metrics(sim, chunk=chunk), want)
+    assert_same(retrieval_metrics(sim.numpy()), want)  # numpy input
+    assert_same(retrieval_metrics(sim.double()), want)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_multi_caption_matches_brute_force(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    n_text, n_video = 57, 13
+    idx = covering_index(n_text, n_video, gen)
+    sim = torch.randn(n_text, n_video, generator=gen)
+    sim[torch.arange(n_text), idx] += torch.rand(n_text, generator=gen) * 2
+    want, t_ranks, v_ranks = brute_force(sim, idx)
+    assert t2v_ranks(sim, idx, chunk=5).tolist() == t_ranks
+    assert v2t_ranks(sim, idx, chunk=5).tolist() == v_ranks
+    for chunk in (1, 10, 1024):
+        assert_same(retrieval_metrics(sim, idx, chunk=chunk), want)
+    assert_same(retrieval_metrics(sim.numpy(), idx.numpy()), want)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ties_match_brute_force(seed):
+    gen = torch.Generator().manual_seed(200 + seed)
+    n_text, n_video = 30, 12
+    idx = covering_index(n_text, n_video, gen)
+    sim = torch.round(torch.rand(n_text, n_video, generator=gen) * 4) / 4  # 5 distinct values
+    sim[3] = sim[7]          # duplicated rows
+    sim[:, 2] = sim[:, 5]    # duplicated columns
+    want, t_ranks, v_ranks = brute_force(sim, idx)
+    assert t2v_ranks(sim, idx, chunk=4).tolist() == t_ranks
+    assert v2t_ranks(sim, idx, chunk=4).tolist() == v_ranks
+    assert_same(retrieval_metrics(sim, idx, chunk=4), want)
+    square = torch.round(torch.randn(25, 25, generator=gen))
+    assert_same(retrieval_metrics(square), brute_force(square)[0])
+
+
+def test_rank_metrics_median_and_mean():
+    m = rank_metrics([1, 2, 3, 10])
+    assert m == {"R1": 25.0, "R5": 75.0, "R10": 100.0, "MdR": 2.5, "MnR": 4.0}
+    assert rank_metrics(torch.tensor([3, 1, 2]))["MdR"] == 2.0
+
+
+def test_input_errors():
+    with pytest.raises(ValueError, match="no caption"):
+        retrieval_metrics(torch.randn(4, 3), [0, 0, 1, 1])
+    with pytest.raises(ValueError, match="text_to_video"):
+        retrieval_metrics(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="outside"):
+        retrieval_metrics(torch.randn(3, 3), [0, 1, 3])
+    with pytest.raises(ValueError, match="integers"):
+        retrieval_metrics(torch.randn(3, 3), [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_metrics(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))
+
+
+# --- chunked similarity -------------------------------------------------------------------------
+
+def test_similarity_chunked_equals_matmul():
+    gen = torch.Generator().manual_seed(0)
+    t, v = torch.randn(53, 16, generator=gen), torch.randn(21, 16, generator=gen)
+    want = t @ v.T
+    for chunk in (1, 8, 53, 1000):
+        got = similarity_chunked(t, v, chunk=chunk)
+        assert got.dtype == torch.float32 and got.device.type == "cpu"
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(similarity_chunked(t.numpy(), v.double().numpy(), chunk=10), want)
+    torch.testing.assert_close(similarity_chunked(t.half(), v.half()), t.half().float() @ v.half().float().T)
+    with pytest.raises(ValueError):
+        similarity_chunked(t, torch.randn(4, 8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_similarity_chunked_from_gpu_returns_cpu():
+    t, v = torch.randn(300, 64), torch.randn(70, 64)
+    got = similarity_chunked(t.cuda(), v.cuda(), chunk=64)
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, t @ v.T, atol=1e-4, rtol=1e-4)
+
+
+# --- DSL ----------------------------------------------------------------------------------------
+
+def test_dual_softmax_hand_example():
+    sim = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    e = math.e
+    want = torch.tensor([[e / (e + 1), 0.0], [0.0, e / (e + 1)]])
+    torch.testing.assert_close(dual_softmax(sim, temperature=1.0, dim=0), want)
+    torch.testing.assert_close(dual_softmax(sim, temperature=1.0, dim=1), want)
+    # dim=1 is dim=0 of the transpose
+    s = torch.randn(5, 3)
+    torch.testing.assert_close(dual_softmax(s, 7.0, dim=1), dual_softmax(s.T, 7.0, dim=0).T)
+
+
+def test_dual_softmax_limits_and_hub_suppression():
+    gen = torch.Generator().manual_seed(1)
+    sim = torch.rand(6, 4, generator=gen) + 0.1  # positive scores
+    out = dual_softmax(sim.numpy(), 1e-9)  # numpy accepted; temperature -> 0: uniform softmax
+    assert out.shape == sim.shape
+    torch.testing.assert_close(out, sim / 6)
+    # temperature -> inf: each video keeps only its best caption's score
+    col_best = sim.argmax(0)
+    masked = torch.zeros_like(sim)
+    masked[col_best, torch.arange(4)] = sim[col_best, torch.arange(4)]
+    torch.testing.assert_close(dual_softmax(sim, 1e5), masked)
+    # video 1 is a hub (scores high for every caption): DSL gives caption 0 back its own video
+    hub = torch.tensor([[0.80, 0.85], [0.30, 0.90]])
+    assert retrieval_metrics(hub)["t2v"]["R1"] == 50.0
+    assert retrieval_metrics(dual_softmax(hub, 100.0, dim=0))["t2v"]["R1"] == 100.0
+
+
+# --- QB-Norm ------------------------------------------------------------------------------------
+
+def test_qb_norm_hand_example():
+    bank = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.1]])   # both bank queries retrieve video 0
+    test = torch.tensor([[0.7, 0.6, 0.1],                      # top-1 = video 0 (active): normalised
+                         [0.2, 0.5, 0.4]])                     # top-1 = video 1: left alone
+    out = qb_norm(test, bank, k=1, beta=10.0)
+    b, t = bank.double().numpy(), test.double().numpy()
+    row0 = np.log(np.exp(10 * t[0]) / np.exp(10 * b).sum(0))   # the inverted softmax, in log space
+    np.testing.assert_allclose(out[0].numpy(), row0, rtol=1e-5)
+    np.testing.assert_allclose(out[0].numpy(), [-2.31326, 3.68674, -0.31326], atol=1e-4)
+    torch.testing.assert_close(out[1], test[1])
+    assert out[0].argmax() == 1  # the hub video 0 is demoted for caption 0
+    # k=2 activates videos 0 and 1 (bank rows' top-2): both test rows normalised
+    out2 = qb_norm(test, bank, k=2, beta=10.0)
+    np.testing.assert_allclose(out2[1].numpy(), np.log(np.exp(10 * t[1]) / np.exp(10 * b).sum(0)), rtol=1e-5)
+
+
+def test_qb_norm_identity_cases():
+    gen = torch.Generator().manual_seed(3)
+    test = torch.rand(8, 5, generator=gen)
+    test[:, 4] = -1.0                         # no test caption ranks video 4 first
+    bank = torch.rand(6, 5, generator=gen)
+    bank[:, 4] = 2.0                          # ... and the bank only ever activates video 4
+    torch.testing.assert_close(qb_norm(test, bank, k=1, beta=20.0), test)
+    # a bank in which every video is equally popular (cyclic shifts of one row): every row is
+    # normalised by the same constant, so rankings (and metrics) are unchanged
+    row = torch.tensor([0.9, 0.5, 0.3, 0.2, 0.1])
+    fair = torch.stack([row.roll(i) for i in range(5)])
+    sq = torch.rand(5, 5, generator=gen)
+    out = qb_norm(sq, fair, k=1, beta=20.0)
+    torch.testing.assert_close(out, 20.0 * sq - torch.logsumexp(20.0 * fair, 0)[0], atol=1e-5, rtol=1e-5)
+    assert retrieval_metrics(out)["t2v"] == retrieval_metrics(sq)["t2v"]
+
+
+def test_qb_norm_refuses_test_queries_as_bank():
+    sim = torch.rand(4, 4)
+    with pytest.raises(ValueError, match="training queries"):
+        qb_norm(sim, sim)
+    with pytest.raises(ValueError, match="training queries"):
+        qb_norm(sim, sim.clone().numpy())
+    with pytest.raises(ValueError, match="gallery"):
+        qb_norm(sim, torch.rand(3, 5))
+    with pytest.raises(ValueError, match="k must"):
+        qb_norm(sim, torch.rand(3, 4), k=0)

@@ -1,0 +1,266 @@
+"""Every method: exact parameter counts, equivalences that catch wrong wiring, gradients, checkpoints."""
+import pytest
+import torch
+
+import vop
+from vop.backbone import build_clip
+from vop.errors import CheckpointError, ConfigError
+from vop.methods import count_parameters, create_model, list_methods
+
+PROMPTED = ["vop", "vop-p", "vop-c", "vop-f", "vop-fp", "vop-fc"]
+
+# (method, options) -> (paper count, uncounted frame position embedding) on ViT-B/32, 12 frames
+B32_COUNTS = {
+    "vop": (122_880, 0),
+    "vop-p": (528_384, 0),
+    "vop-c": (14_257_152, 0),
+    "vop-f": (122_880, 9_216),
+    "vop-fp": (393_216, 9_216),
+    "vop-fc": (14_269_440, 9_216),
+    "proj": (655_360, 0),
+    "adapter-attn": (1_982_976, 0),
+    "adapter-ffn": (1_982_976, 0),
+    "partial": (7_745_792, 0),  # last image block + both heads: the paper's 7.7M
+    "bias": (124_928, 0),  # BitFit, every bias incl. LayerNorm: the paper's 0.1M
+    "zeroshot": (0, 0),
+    "full": (151_277_313, 0),
+}
+
+
+@pytest.mark.parametrize("method", list(B32_COUNTS))
+def test_vit_b32_counts(method):
+    c = count_parameters(method, "ViT-B/32", frames=12)
+    counted, uncounted = B32_COUNTS[method]
+    assert c["counted"] == counted
+    assert c["uncounted"] == uncounted
+    assert c["trainable"] == counted + uncounted
+    assert c["backbone"] == 151_277_313
+
+
+def test_registry_complete_and_ablation_counts():
+    assert set(list_methods()) == set(B32_COUNTS)
+    assert count_parameters("vop", n_video=0)["trainable"] == 12 * 8 * 512  # text-only
+    assert count_parameters("vop", n_text=0)["trainable"] == 12 * 8 * 768  # video-only
+    assert count_parameters("vop", depth=6)["trainable"] == 6 * 8 * (512 + 768)
+    assert count_parameters("vop", n_text=16, n_video=4)["trainable"] == 12 * (16 * 512 + 4 * 768)
+    assert count_parameters("vop-p", frames=8)["trainable"] == 12 * 8 * 512 + 12 * (4 + 4 * 8) * 768
+    assert count_parameters("vop-f", ks=12)["trainable"] == 122_880  # no frame position embedding
+    assert count_parameters("vop-f", ks=4)["counted"] == 122_880
+    # context module: BiLSTM 9,449,472 + linear 4,721,664 on d_v = 768
+    assert count_parameters("vop-c")["trainable"] - count_parameters("vop", n_video=4)["trainable"] == 9_449_472 + 4_721_664
+
+
+def test_unknown_method_and_option():
+    with pytest.raises(ConfigError, match="did you mean 'vop-f'"):
+        create_model("vop_f", "tiny")
+    with pytest.raises(ConfigError, match="has no option 'kss'.*did you mean 'ks'"):
+        create_model("vop-f", "tiny", kss=3)
+    with pytest.raises(ConfigError, match="must be an integer"):
+        create_model("vop", "tiny", n_text="8")
+
+
+@pytest.mark.parametrize("method", list(B32_COUNTS))
+def test_frozen_methods_start_as_clip_or_differ(method, tiny_clip, video_batch, token_batch):
+    """Baselines start exactly at CLIP; prompted methods change both embeddings."""
+    model = create_model(method, tiny_clip, frames=4).eval()
+    with torch.no_grad():
+        ref_v = tiny_clip.encode_image(video_batch.flatten(0, 1)).view(3, 4, -1).mean(1)
+        ref_t = tiny_clip.encode_text(token_batch)
+        v, t = model.encode_video(video_batch), model.encode_text(token_batch)
+    if method in PROMPTED:
+        assert not torch.allclose(v, ref_v, atol=1e-3) and not torch.allclose(t, ref_t, atol=1e-3)
+    else:
+        assert torch.allclose(v, ref_v, atol=1e-5) and torch.allclose(t, ref_t, atol=1e-5)
+
+
+def test_zero_prompt_tokens_is_clip(tiny_clip, video_batch, token_batch):
+    model = create_model("vop", tiny_clip, frames=4, n_text=0, n_video=0)
+    zs = create_model("zeroshot", tiny_clip, frames=4)
+    assert model.parameter_counts()["trainable"] == 0
+    with torch.no_grad():
+        assert torch.allclose(model.encode_video(video_batch), zs.encode_video(video_batch), atol=1e-6)
+        assert torch.allclose(model.encode_text(token_batch), zs.encode_text(token_batch), atol=1e-6)
+
+
+def test_zero_valued_prompts_are_not_clip(tiny_clip, video_batch):
+    """Prompt *tokens* take part in attention even when zero: only n = 0 gives CLIP back."""
+    model = create_model("vop", tiny_clip, frames=4, n_text=0)
+    with torch.no_grad():
+        model.video_prompts.source.shared.zero_()
+        zs = create_model("zeroshot", tiny_clip, frames=4)
+        assert not torch.allclose(model.encode_video(video_batch), zs.encode_video(video_batch), atol=1e-4)
+
+
+def _copy_prompts(src, dst):
+    with torch.no_grad():
+        dst.text_prompts.tokens.copy_(src.text_prompts.tokens)
+        dst.video_prompts.shallow.shared.copy_(src.video_prompts.source.shared)
+
+
+def test_vop_f_with_ks_equal_layers_is_vop(tiny_clip, video_batch, token_batch):
+    a = create_model("vop", tiny_clip, frames=4)
+    b = create_model("vop-f", tiny_clip, frames=4, ks=tiny_clip.cfg.vision.layers)
+    _copy_prompts(a, b)
+    with torch.no_grad():
+        assert torch.allclose(a.encode_video(video_batch), b.encode_video(video_batch), atol=1e-6)
+        assert torch.allclose(a.encode_text(token_batch), b.encode_text(token_batch), atol=1e-6)
+
+
+def test_vop_f_joint_layers_match_manual(tiny_clip, video_batch):
+    """The joint layers really see one sequence per video: compare with a hand-written forward."""
+    m = create_model("vop-f", tiny_clip, frames=4, ks=1).eval()
+    blocks = tiny_clip.visual.transformer.resblocks
+    B, F = video_batch.shape[:2]
+    with torch.no_grad():
+        x = tiny_clip.visual.embed(video_batch.flatten(0, 1))  # (12, 17, 64)
+        p = m.video_prompts.shallow.shared[0].expand(B * F, -1, -1)
+        x = blocks[0](torch.cat([x[:, :1], p, x[:, 1:]], 1))
+        x = torch.cat([x[:, :1], x[:, 9:]], 1).view(B, F, 17, 64) + m.video_prompts.frame_position.view(1, F, 1, 64)
+        seq = torch.cat([x[:, :, 0], m.video_prompts.deep[0].expand(B, -1, -1), x[:, :, 1:].reshape(B, F * 16, 64)], 1)
+        assert seq.shape == (3, 4 + 8 + 64, 64)
+        seq = blocks[1](seq)
+        want = tiny_clip.visual.head(seq[:, :F]).mean(1)
+        assert torch.allclose(m.encode_video(video_batch), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", PROMPTED + ["adapter-attn", "full"])
+def test_batch_independence(method, tiny_clip, video_batch, token_batch):
+    model = create_model(method, tiny_clip, frames=4).eval()
+    with torch.no_grad():
+        v_all, t_all = model.encode_video(video_batch), model.encode_text(token_batch)
+        for i in range(3):
+            assert torch.allclose(model.encode_video(video_batch[i : i + 1]), v_all[i : i + 1], atol=1e-5)
+            assert torch.allclose(model.encode_text(token_batch[i : i + 1]), t_all[i : i + 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", PROMPTED + ["zeroshot"])
+def test_frame_order(method, tiny_clip, video_batch):
+    model = create_model(method, tiny_clip, frames=4).eval()
+    with torch.no_grad():
+        v = model.encode_video(video_batch)
+        rev = model.encode_video(video_batch.flip(1))
+    if method in ("vop", "zeroshot"):
+        assert torch.allclose(v, rev, atol=1e-5)  # frames encoded independently, then averaged
+    else:
+        assert (v - rev).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", list(B32_COUNTS))
+def test_gradients_reach_exactly_the_trainable_tensors(method, tiny_clip, video_batch, token_batch):
+    clip = build_clip("tiny", seed=0)
+    model = create_model(method, clip, frames=4).train()
+    with torch.no_grad():  # move zero-initialised pieces (adapter up-projections) off their init
+        for name, p in model.named_trainable_parameters():
+            if not name.startswith("clip."):
+                p.add_(0.02 * torch.randn_like(p))
+    v, t = model(video_batch, token_batch)
+    logits = model.logit_scale * t @ v.t()
+    labels = torch.arange(3)
+    loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    if method == "zeroshot":
+        assert not loss.requires_grad
+        return
+    loss.backward()
+    trainable = dict(model.named_trainable_parameters())
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{method}: no gradient for {name}"
+        else:
+            assert p.grad is None, f"{method}: frozen {name} got a gradient"
+
+
+def test_grad_checkpointing_same_gradients(tiny_clip, video_batch, token_batch):
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = create_model("vop-fc", tiny_clip, frames=4).train().set_grad_checkpointing(ckpt)
+        v, t = m(video_batch, token_batch)
+        (t @ v.t()).trace().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_trainable_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_text_budget_shrinks(tiny_clip):
+    m = create_model("vop", tiny_clip, frames=4, n_text=8)
+    assert m.max_text_tokens == 77 - 8
+    tok = m.tokenizer()
+    ids = tok(["word " * 200])
+    assert ids.shape == (1, 69) and ids[0, -1] == 49407
+    with torch.no_grad():
+        assert m.encode_text(ids).shape == (1, 64)
+    with pytest.raises(ValueError, match="at most 69"):
+        m.encode_text(torch.zeros(1, 77, dtype=torch.long))
+    assert m.tokenizer(max_words=32)(["hi"]).shape == (1, 32)
+
+
+def test_wrong_frame_count_is_clear(tiny_clip):
+    m = create_model("vop-p", tiny_clip, frames=4)
+    with pytest.raises(ValueError, match="built for 4 frames, got 3"):
+        m.encode_video(torch.randn(1, 3, 3, 32, 32))
+
+
+# -- prompt checkpoints ---------------------------------------------------------------------------------
+def test_checkpoint_round_trip(tmp_path, tiny_clip, video_batch):
+    m = create_model("vop-fc", tiny_clip, frames=4, ks=1)
+    with torch.no_grad():
+        for p in m.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    path = vop.save_checkpoint(m, tmp_path / "p.safetensors")
+    meta = vop.read_checkpoint_meta(path)
+    assert meta["method"] == "vop-fc" and meta["options"]["ks"] == 1 and meta["frames"] == 4
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(path))) == set(dict(m.named_trainable_parameters()))  # only trainable tensors
+    m2 = vop.load_checkpoint(path, tiny_clip)
+    with torch.no_grad():
+        assert torch.equal(m.encode_video(video_batch), m2.encode_video(video_batch))
+
+
+def test_checkpoint_mismatches(tmp_path, tiny_clip):
+    m = create_model("vop", tiny_clip, frames=4)
+    path = vop.save_checkpoint(m, tmp_path / "p.safetensors")
+    with pytest.raises(CheckpointError, match="tiny-4l|another architecture|different"):
+        vop.load_checkpoint(path, build_clip("tiny-4l"))
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        vop.load_checkpoint(path, build_clip("tiny", seed=1))
+    assert vop.load_checkpoint(path, build_clip("tiny", seed=1), check_fingerprint=False).name == "vop"
+    from vop.methods.checkpoint import load_trainable
+
+    with pytest.raises(CheckpointError, match="is a 'vop' checkpoint, the model is 'vop-f'"):
+        load_trainable(create_model("vop-f", tiny_clip, frames=4), path)
+    with pytest.raises(CheckpointError, match="options"):
+        load_trainable(create_model("vop", tiny_clip, frames=4, n_text=4), path)
+    with pytest.raises(CheckpointError, match="holds only prompts"):
+        vop.load_checkpoint(path)
+    vop.save_clip(tiny_clip, tmp_path / "clip.safetensors")
+    with pytest.raises(CheckpointError, match="not a prompt checkpoint"):
+        vop.read_checkpoint_meta(tmp_path / "clip.safetensors")
+    with pytest.raises(CheckpointError, match="no such"):
+        vop.load_checkpoint(tmp_path / "nope.safetensors", tiny_clip)
+
+
+def test_full_checkpoint_is_whole_model(tmp_path, tiny_clip, video_batch):
+    m = create_model("full", build_clip("tiny", seed=0), frames=4)
+    with torch.no_grad():
+        m.clip.visual.proj.mul_(2)
+    path = vop.save_checkpoint(m, tmp_path / "full.safetensors")
+    m2 = vop.load_checkpoint(path)  # no backbone needed
+    with torch.no_grad():
+        assert torch.equal(m.encode_video(video_batch), m2.encode_video(video_batch))
+
+
+@pytest.mark.slow
+def test_vit_b32_shapes_and_joint_sequence():
+    """Real ViT-B/32 shapes: 12 frames x 49 patches; VoP^F's deep layers see 608 tokens."""
+    torch.manual_seed(0)
+    m = create_model("vop-f", "ViT-B/32", frames=12).eval()
+    seen = []
+    blk = m.clip.visual.transformer.resblocks[8]
+    h = blk.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        v = m.encode_video(torch.randn(1, 12, 3, 224, 224))
+        t = m.encode_text(m.tokenizer(max_words=32)(["a dog jumps into a pool"]))
+    h.remove()
+    assert v.shape == (1, 512) and t.shape == (1, 512)
+    assert seen == [(1, 12 * (1 + 49) + 8, 768)]
