@@ -1,10 +1,113 @@
-"""`vop data ...` commands (verify, cache, synth)."""
+"""`vop data ...` commands (verify, cache, synth, info)."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 data_app = typer.Typer(help="Datasets: verify, cache frames, generate the synthetic world.", no_args_is_help=True)
 
+# The split checked when --split is not given: the evaluation split (all rows for a collection).
+DEFAULT_SPLIT = {"msrvtt": "test", "didemo": "test", "activitynet": "val_1", "lsmdc": "test", "collection": "all"}
+
+_DATASET = typer.Option(..., "--dataset", "-d", help="msrvtt, didemo, activitynet, lsmdc or collection.")
+_ROOT = typer.Option(..., "--root", "-r", help="Dataset folder (annotations; videos in ROOT/videos or ROOT).")
+_SPLIT = typer.Option(None, "--split", "-s", help="Split (default: test; val_1 for activitynet; all for collection).")
+_VIDEOS = typer.Option(None, "--videos", help="Videos folder, if not ROOT/videos or ROOT.")
+_ANN = typer.Option(None, "--annotations", help="Annotation file (collection), if not ROOT/captions.jsonl|csv.")
+_WORKERS = typer.Option(0, "--workers", "-j", help="Worker processes.")
+
 
 def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
+
+
+@data_app.command("verify")
+def verify_cmd(
+    dataset: str = _DATASET,
+    root: Path = _ROOT,
+    split: Optional[str] = _SPLIT,
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any video is missing or undecodable."),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", help="Where to write the manifest (default ROOT/vop-verify-DATASET-SPLIT.json)."),
+    videos: Optional[Path] = _VIDEOS,
+    annotations: Optional[Path] = _ANN,
+    workers: int = _WORKERS,
+) -> None:
+    """Check that every video of a split exists and decodes; write a manifest of the bad ones."""
+    from vop.data.verify import manifest_path, verify, write_manifest
+
+    split = split or DEFAULT_SPLIT.get(dataset, "test")
+    report = verify(dataset, root, split, videos_dir=videos, annotations=annotations, num_workers=workers,
+                    progress=True)
+    out = write_manifest(report, manifest or manifest_path(root, dataset, report.split))
+    typer.echo(f"{dataset} {report.split}: {report.samples} samples, {report.videos} videos, "
+               f"{len(report.missing)} missing, {len(report.undecodable)} undecodable")
+    for bad in report.missing[:20]:
+        typer.echo(f"  missing: {bad['path']}")
+    for bad in report.undecodable[:20]:
+        typer.echo(f"  undecodable: {bad['error']}")
+    shown = min(20, len(report.missing)) + min(20, len(report.undecodable))
+    if len(report.missing) + len(report.undecodable) > shown:
+        typer.echo("  ... (all of them are in the manifest)")
+    typer.echo(f"manifest: {out}")
+    if strict and not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("cache")
+def cache_cmd(
+    dataset: str = _DATASET,
+    root: Path = _ROOT,
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder."),
+    split: Optional[str] = _SPLIT,
+    frames: Optional[int] = typer.Option(None, "--frames", "-f", help="Frames per video (default 12; 64 for paragraphs)."),
+    size: int = typer.Option(224, "--size", help="Side of the stored square frames."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Re-decode videos already cached."),
+    videos: Optional[Path] = _VIDEOS,
+    annotations: Optional[Path] = _ANN,
+    workers: int = _WORKERS,
+) -> None:
+    """Store the test-sampled frames of every video, for fast evaluation (--cache-dir)."""
+    from vop.data.cache import build_cache
+    from vop.data.registry import get_dataset
+
+    split = split or DEFAULT_SPLIT.get(dataset, "test")
+    ds = get_dataset(dataset, root, split, frames=frames, size=size, train=False, videos_dir=videos,
+                     annotations=annotations)
+    report = build_cache(ds, out, num_workers=workers, overwrite=overwrite)
+    typer.echo(f"{report.directory}: {report.written} written, {report.existing} already cached, "
+               f"{len(report.failed)} failed")
+    for err in list(report.failed.values())[:20]:
+        typer.echo(f"  failed: {err}")
+
+
+@data_app.command("synth")
+def synth_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed: same annotations and frames)."),
+    size: str = typer.Option("small", "--size", help="smoke, small or full."),
+) -> None:
+    """Generate the synthetic world: mp4 videos, captions.jsonl (collection format), stills."""
+    from vop.data.synth import WORLD_SIZES, generate_world
+    from vop.errors import ConfigError
+
+    if size not in WORLD_SIZES:
+        raise ConfigError(f"--size {size!r}: choose one of {', '.join(WORLD_SIZES)}")
+    world = generate_world(out, seed=seed, size=size, progress=True)
+    c = world["counts"]
+    typer.echo(f"{out}: train {c['train']['videos']} videos / {c['train']['captions']} captions, "
+               f"val {c['val']['videos']}, test {c['test']['videos']} "
+               f"({c['test']['temporal_videos']} in twin pairs, {c['test']['heldout_videos']} held-out), "
+               f"{world['stills']} stills")
+    typer.echo(f"load with: get_dataset('collection', '{out}', 'train' | 'val' | 'test')")
+
+
+@data_app.command("info")
+def info_cmd(video: Path = typer.Argument(..., help="A video file.")) -> None:
+    """Exact frame count, frame rate, duration and size of a video."""
+    from vop.data.decode import video_info
+
+    i = video_info(video)
+    typer.echo(f"{i.path}: {i.num_frames} frames, {i.fps:.3f} fps, {i.duration:.2f} s, {i.width}x{i.height}, {i.codec}")

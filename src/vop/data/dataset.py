@@ -15,7 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -134,6 +134,8 @@ class VideoTextDataset(_VideoBase):
             raise DataError(f"{name} {split}: no sample (empty annotations, or every video missing)")
         self.records = list(records)
         self.name, self.split = name, split
+        #: videos left out when the dataset was built ({video_id: reason}), see get_dataset
+        self.dropped: dict[str, str] = {}
         self._frames = _Frames(frames, size, train, seed, cache_dir)
         first: dict[str, int] = {}
         paths: list[Path] = []
@@ -170,6 +172,16 @@ class VideoTextDataset(_VideoBase):
     def meta_column(self, key: str, default: Any = None) -> list[Any]:
         """``record.meta[key]`` for every sample (e.g. ``temporal_group`` of the synthetic world)."""
         return [r.meta.get(key, default) for r in self.records]
+
+    def without_videos(self, video_ids: Iterable[str]) -> "VideoTextDataset":
+        """A copy without the samples of ``video_ids`` (e.g. gallery videos that failed to load:
+        ``test.without_videos(loader.failures)``), with ``text_to_video`` renumbered."""
+        drop = set(video_ids) & set(self.videos)
+        f = self._frames
+        ds = VideoTextDataset([r for r in self.records if r.video_id not in drop], frames=f.frames, size=f.size,
+                              train=f.train, seed=f.seed, cache_dir=f.cache_dir, name=self.name, split=self.split)
+        ds.dropped = {**self.dropped, **{v: "left out after failing to load" for v in sorted(drop)}}
+        return ds
 
     def video_dataset(self) -> "VideoDataset":
         """The gallery: one item per unique video (test sampling), for encoding each video once."""
@@ -269,9 +281,10 @@ class VideoLoader:
 
     Each ``iter()`` runs one epoch (``epoch`` then advances; :meth:`set_epoch` to resume):
     the shuffle order and the train-time frame draws depend only on ``(seed, epoch, index)``,
-    not on ``num_workers``. Batches are :func:`collate` dicts; failed items are removed, counted
-    in ``skipped`` (samples) and ``failures`` (``{path: error}``), and logged once per file;
-    a batch in which every item failed is not yielded.
+    not on ``num_workers``. Batches are :func:`collate` dicts; failed items are removed (a batch
+    can then be smaller than ``batch_size``), counted in ``skipped`` (samples) and ``failures``
+    (``{video_id: FailedSample}``), and logged once per video; a batch in which every item failed
+    is not yielded.
     """
 
     def __init__(
@@ -307,7 +320,7 @@ class VideoLoader:
         )
         self.epoch = 0
         self.skipped = 0
-        self.failures: dict[str, str] = {}
+        self.failures: dict[str, FailedSample] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -322,8 +335,8 @@ class VideoLoader:
         for batch in self.loader:
             for f in batch["failed"]:
                 self.skipped += 1
-                if f.path not in self.failures:
-                    self.failures[f.path] = f.error
+                if f.video_id not in self.failures:
+                    self.failures[f.video_id] = f
                     log.warning("skipped unreadable video %s (%s)", f.video_id, f.error)
             if len(batch["video_id"]):
                 yield batch

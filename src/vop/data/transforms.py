@@ -28,18 +28,23 @@ def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
 def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the short side to ``size`` (bicubic, antialiased) and centre-crop ``size x size``.
 
-    ``x``: ``(..., 3, H, W)``; uint8 in -> uint8 out (rounded, clamped), float in -> float out.
-    One interpolate call for all frames.
+    ``x``: ``(..., 3, H, W)``; uint8 in -> uint8 out, float in -> float out. One interpolate
+    call for all frames (on CPU, uint8 uses torch's native uint8 kernel, which rounds between the
+    two separable passes: values can differ by a few levels from the float path).
     """
     flat, lead = _flat(x)
     h, w = flat.shape[-2:]
     if (h, w) != (size, size):
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        y = F.interpolate(flat.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-        y = y[..., top : top + size, left : left + size]
-        flat = y.round_().clamp_(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y
+        if x.dtype == torch.uint8 and x.device.type == "cpu":  # native uint8 kernel: ~5x faster
+            y = F.interpolate(flat, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        else:
+            y = F.interpolate(flat.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+            if x.dtype == torch.uint8:
+                y = y.round_().clamp_(0, 255).to(torch.uint8)
+        flat = y[..., top : top + size, left : left + size]
     return flat.reshape(*lead, 3, size, size)
 
 

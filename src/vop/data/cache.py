@@ -1,0 +1,72 @@
+"""Frame cache: the test-sampled, resized uint8 frames of each video, one ``.npz`` per video.
+
+Layout: ``<cache_dir>/f<F>_s<size>/<video id, %-quoted>.npz`` holding ``frames``
+``(F, 3, size, size)`` uint8 and ``indices`` ``(F,)`` int64 (the decoded frame indices). A
+dataset given ``cache_dir`` reads from it when it samples test frames (evaluation, or training
+without random frame sampling) and decodes videos missing from it. Rebuild the cache
+(``vop data cache --overwrite``) after changing videos.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import torch
+
+from vop.errors import DataError
+
+__all__ = ["cache_file", "read_cached", "build_cache", "CacheReport"]
+
+
+def cache_file(cache_dir: str | os.PathLike, video_id: str, frames: int, size: int) -> Path:
+    name = quote(video_id, safe="")
+    if len(name) > 200:
+        name = hashlib.sha1(video_id.encode()).hexdigest()
+    return Path(cache_dir) / f"f{frames}_s{size}" / f"{name}.npz"
+
+
+def read_cached(path: Path) -> tuple[torch.Tensor, np.ndarray]:
+    try:
+        with np.load(path) as z:
+            return torch.from_numpy(z["frames"]), z["indices"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: unreadable frame cache entry ({e}); delete it or rebuild the cache") from None
+
+
+@dataclass
+class CacheReport:
+    directory: Path
+    written: int = 0
+    existing: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # video id -> error
+
+
+def build_cache(dataset, out: str | os.PathLike, *, num_workers: int = 0, overwrite: bool = False,
+                batch_size: int = 8) -> CacheReport:
+    """Decode (test sampling) every unique video of ``dataset`` and store its frames under ``out``."""
+    from vop.data.dataset import VideoDataset, build_loader
+
+    f, s = dataset.frames, dataset.size
+    todo = [
+        (v, p) for v, p in zip(dataset.videos, dataset.video_paths)
+        if overwrite or not cache_file(out, v, f, s).is_file()
+    ]
+    report = CacheReport(Path(out) / f"f{f}_s{s}", existing=len(dataset.videos) - len(todo))
+    report.directory.mkdir(parents=True, exist_ok=True)
+    if not todo:
+        return report
+    gallery = VideoDataset([v for v, _ in todo], [p for _, p in todo], frames=f, size=s)
+    loader = build_loader(gallery, batch_size, shuffle=False, num_workers=num_workers, pin_memory=False)
+    for batch in loader:
+        for vid, frames, idx in zip(batch["video_id"], batch["video"], batch["frame_indices"]):
+            target = cache_file(out, vid, f, s)
+            tmp = target.with_suffix(".tmp.npz")
+            np.savez(tmp, frames=frames.numpy(), indices=idx.numpy())
+            os.replace(tmp, target)
+            report.written += 1
+    report.failed = {v: f.error for v, f in loader.failures.items()}
+    return report

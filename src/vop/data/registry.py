@@ -1,0 +1,84 @@
+"""``get_dataset``: annotations of a known format -> a ready :class:`VideoTextDataset`."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from vop.data.dataset import VideoTextDataset
+from vop.data.formats import get_format, load_records
+from vop.data.verify import manifest_path, read_manifest
+from vop.errors import DataError
+
+__all__ = ["get_dataset"]
+
+log = logging.getLogger("vop.data")
+
+
+def get_dataset(
+    name: str,
+    root: str | os.PathLike,
+    split: str,
+    *,
+    frames: int | None = None,
+    size: int = 224,
+    train: bool | None = None,
+    seed: int = 0,
+    videos_dir: str | os.PathLike | None = None,
+    annotations: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None | Literal["auto"] = "auto",
+    missing: Literal["drop", "keep", "error"] = "drop",
+) -> VideoTextDataset:
+    """Build the dataset ``name`` (msrvtt, didemo, activitynet, lsmdc, collection) for ``split``.
+
+    - ``frames``: frames per video (default 12; 64 for the paragraph datasets didemo/activitynet);
+      ``size``: side of the square frames handed out (resize short side + centre crop).
+    - ``train``: random frame per segment (default: True for training splits only), seeded by
+      ``(seed, epoch, sample index)``.
+    - ``manifest``: a ``vop data verify`` manifest whose bad videos are left out; ``"auto"`` uses
+      ``<root>/vop-verify-<name>-<split>.json`` and ``...-all.json`` when they exist; ``None``: none.
+    - ``missing``: videos whose file is absent are left out (``"drop"``, logged and listed in
+      ``dataset.dropped``), kept so that loading skips them (``"keep"``), or an ``"error"``.
+    """
+    fmt = get_format(name)
+    records, split = load_records(name, root, split, videos_dir=videos_dir, annotations=annotations)
+    dropped: dict[str, str] = {}
+    if manifest == "auto":  # the split's own manifest, and one written for every row ("all")
+        paths = [p for p in {manifest_path(root, name, s) for s in (split, "all")} if p.is_file()]
+    else:
+        paths = [Path(manifest)] if manifest is not None else []
+    for path in sorted(paths):
+        report = read_manifest(path)
+        for bad in report.missing + report.undecodable:
+            dropped[bad["video_id"]] = f"listed as bad in {path}: {bad.get('error') or 'missing file'}"
+    if missing != "keep":
+        seen: set[str] = set(dropped)
+        absent: dict[str, str] = {}
+        for r in records:
+            if r.video_id not in seen:
+                seen.add(r.video_id)
+                if not Path(r.video_path).is_file():
+                    absent[r.video_id] = f"video file not found: {r.video_path}"
+        if missing == "error" and absent:
+            raise DataError(f"{name} {split}: {len(absent)} videos missing, e.g. {next(iter(absent.values()))}; "
+                            "run `vop data verify` for the full list")
+        dropped.update(absent)
+    if dropped:
+        kept = [r for r in records if r.video_id not in dropped]
+        log.warning("%s %s: left out %d videos (%d samples), e.g. %s", name, split, len(dropped),
+                    len(records) - len(kept), next(iter(dropped.values())))
+        records = kept
+    ds = VideoTextDataset(
+        records,
+        frames=frames or fmt.frames,
+        size=size,
+        train=(split in fmt.train_splits) if train is None else train,
+        seed=seed,
+        cache_dir=cache_dir,
+        name=name,
+        split=split,
+    )
+    ds.dropped.update(dropped)
+    return ds
