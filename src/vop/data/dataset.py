@@ -252,9 +252,10 @@ class EpochSampler(Sampler[int]):
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
         self.epoch = 0
+        self.skip = 0  # leading indices of this epoch to leave out (resuming mid-epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def _order(self) -> np.ndarray:
         if self.shuffle:
@@ -266,10 +267,10 @@ class EpochSampler(Sampler[int]):
         if self.world_size > 1:
             per = -(-self.n // self.world_size)
             order = np.resize(order, per * self.world_size)[self.rank :: self.world_size]
-        return iter(order.tolist())
+        return iter(order[self.skip:].tolist())
 
     def __len__(self) -> int:
-        return -(-self.n // self.world_size)
+        return max(0, -(-self.n // self.world_size) - self.skip)
 
 
 def _worker_init(_: int) -> None:
@@ -319,19 +320,24 @@ class VideoLoader:
             **extra,
         )
         self.epoch = 0
+        self.start_batch = 0
+        self.batch_size = batch_size
         self.skipped = 0
         self.failures: dict[str, FailedSample] = {}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next ``iter()`` runs ``epoch``, starting at batch ``start_batch`` (resuming mid-epoch:
+        the skipped batches are not decoded)."""
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
-        self.sampler.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, self.start_batch * self.batch_size)
         self.dataset.set_epoch(self.epoch)
         self.epoch += 1
+        self.start_batch = 0
         for batch in self.loader:
             for f in batch["failed"]:
                 self.skipped += 1

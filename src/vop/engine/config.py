@@ -256,7 +256,7 @@ def save_config(obj, path: str | Path) -> None:
 
 @dataclass
 class ModelConfig:
-    method: str = "vop"              # a name in the method registry (vop, vop_f, full, zero_shot, ...)
+    method: str = "vop"              # a name in the method registry (vop, vop-f, full, zeroshot, ...)
     backbone: str = "ViT-B/32"       # an architecture name or a weights file
     frames: int = 12                 # frames sampled per video (the data pipeline reads it here)
     image_size: int | None = None    # None: the backbone's native resolution
@@ -274,6 +274,7 @@ class DataConfig:
     max_words: int = 32              # caption token budget
     num_workers: int = 2
     augment: bool = False
+    videos_dir: str | None = None    # None: ROOT/videos (or ROOT)
 
 
 @dataclass
@@ -288,6 +289,7 @@ class OptimConfig:
     accumulate: int = 1              # gradient accumulation steps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False
+    select_metric: str = "rsum"      # val-selection: rsum (t2v R1+R5+R10) or a key like t2v.R1
 
 
 @dataclass
@@ -310,3 +312,6 @@ class RunConfig:
     seed: int = 0
     out_dir: str = "runs/default"
     log_every: int = 10              # optimiser steps between log lines
+    device: str = "auto"             # auto (CUDA when available), cpu, cuda
+    checkpoint_every: int = 0        # optimiser steps between resumable checkpoints (0: each epoch)
+    stop_after_steps: int | None = None  # end the process abruptly after N steps (tests of resume)

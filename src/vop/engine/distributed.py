@@ -52,23 +52,33 @@ class DistEnv:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice."""
+    """all_gather along dim 0 (sizes may differ: a batch loses unreadable videos) whose backward
+    sums every rank's gradient for this rank's rows."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+        sizes = [int(s.item()) for s in sizes]
+        pad = max(sizes)
+        padded = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        ctx.sizes, ctx.rank, ctx.pad = sizes, rank, pad
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous()
-        dist.all_reduce(grad)  # gloo has no reduce_scatter: reduce everything, keep our slice
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+        dist.all_reduce(grad)  # gloo has no reduce_scatter: reduce everything, keep our rows
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (same shape on every rank) from every rank along dim 0, with gradients."""
+    """Concatenate ``x`` from every rank along dim 0 (rank order), with gradients."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)

@@ -24,13 +24,14 @@ __all__ = ["create_model", "list_methods", "get_method", "register", "VideoTextM
 
 def resolve_backbone(backbone: CLIP | CLIPConfig | str | os.PathLike) -> CLIP:
     """A CLIP instance as is; a weights path or shipped name loaded; an architecture name (or
-    config) built with random weights (for shapes, counts and tests)."""
+    config) built with random weights drawn with seed 0 (for shapes, counts and tests: the same
+    "random backbone" every time, so its prompt checkpoints load again)."""
     if isinstance(backbone, CLIP):
         return backbone
     if isinstance(backbone, CLIPConfig):
-        return build_clip(backbone)
+        return build_clip(backbone, seed=0)
     if isinstance(backbone, str) and is_arch(backbone) and not os.path.exists(backbone):
-        return build_clip(backbone)
+        return build_clip(backbone, seed=0)
     return load_clip(backbone)
 
 

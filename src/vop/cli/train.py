@@ -1,0 +1,92 @@
+"""`vop train` and `vop eval`."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import List, Optional
+
+import typer
+
+
+def train_cmd(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML run configuration (see configs/)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides: optim.lr=1e-3 model.options.ks=6 ..."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory exactly where it stopped."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a method on a dataset (one process, or one per GPU under torchrun)."""
+    from vop.engine.config import RunConfig, load_config
+    from vop.engine.trainer import train
+    from vop.errors import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if resume:
+        if config or overrides:
+            raise ConfigError("--resume continues a run with its saved config.yaml: give no --config or overrides")
+        train(resume=resume, progress=not quiet)
+        return
+    cfg = load_config(RunConfig, config, list(overrides or []))
+    train(cfg, progress=not quiet)
+
+
+def eval_cmd(
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Prompt checkpoint (.safetensors) written by vop train."),
+    method: Optional[str] = typer.Option(None, "--method", help="Evaluate an untrained method instead (e.g. zeroshot)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights (default: the one recorded in the checkpoint)."),
+    dataset: str = typer.Option(..., "--dataset", help="msrvtt, didemo, activitynet, lsmdc or collection."),
+    root: str = typer.Option(..., "--root", help="Dataset folder."),
+    split: str = typer.Option("test", "--split"),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames per video (default: the checkpoint's)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_words: int = typer.Option(32, "--max-words"),
+    num_workers: int = typer.Option(2, "--num-workers"),
+    device: str = typer.Option("auto", "--device"),
+    postprocess: str = typer.Option("none", "--postprocess", help="none (the paper's protocol), dsl; labelled in the output."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Evaluate a checkpoint (or an untrained method) on a dataset split: t2v and v2t R@1/5/10, MdR, MnR."""
+    import torch
+
+    import vop
+    from vop.data import get_dataset
+    from vop.engine.evaluate import evaluate
+    from vop.errors import ConfigError
+
+    if (checkpoint is None) == (method is None):
+        raise ConfigError("give exactly one of --checkpoint or --method")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if checkpoint:
+        meta = vop.read_checkpoint_meta(checkpoint)
+        bb = backbone or meta.get("extra", {}).get("backbone")
+        if bb is None and meta["method"] != "full":
+            raise ConfigError(f"{checkpoint}: records no backbone; pass --backbone")
+        model = vop.load_checkpoint(checkpoint, bb)
+    else:
+        if backbone is None:
+            raise ConfigError("--method needs --backbone")
+        model = vop.create_model(method, backbone, frames=frames or 12)
+    frames = frames or model.frames
+    if frames != model.frames:
+        model.frames = frames
+    model.to(dev)
+    ds = get_dataset(dataset, root, split, frames=frames, size=image_size or model.clip.cfg.vision.image_size, train=False)
+    out = evaluate(model, ds, batch_size=batch_size, device=dev, num_workers=num_workers, max_words=max_words,
+                   postprocess=postprocess, progress=not quiet)
+    m = out.metrics
+    result = {"checkpoint": checkpoint, "method": model.name, "dataset": dataset, "split": split, **m}
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    t, v = m["t2v"], m["v2t"]
+    typer.echo(f"{model.name} on {dataset}/{split} ({m['texts']} captions, {m['videos']} videos"
+               f"{', ' + str(m['skipped_videos']) + ' unreadable videos left out' if m['skipped_videos'] else ''}"
+               f"{', post-processing: ' + postprocess if postprocess != 'none' else ''})")
+    typer.echo("t2v  R@1 {R1:.1f}  R@5 {R5:.1f}  R@10 {R10:.1f}  MdR {MdR:.1f}  MnR {MnR:.1f}".format(**t))
+    typer.echo("v2t  R@1 {R1:.1f}  R@5 {R5:.1f}  R@10 {R10:.1f}  MdR {MdR:.1f}  MnR {MnR:.1f}".format(**v))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", context_settings={"allow_extra_args": False})(train_cmd)
+    app.command("eval")(eval_cmd)

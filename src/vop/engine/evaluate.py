@@ -1,0 +1,128 @@
+"""Evaluation: encode captions and the gallery once, chunked similarity, the paper's metrics.
+
+Each unique video is decoded and encoded once (test sampling); captions are encoded in batches.
+Gallery videos that cannot be decoded are left out and reported (never replaced by zeros): their
+captions are removed from the queries and the count is in the result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vop.data import build_loader, to_model_input
+from vop.data.dataset import VideoDataset, VideoTextDataset
+from vop.engine.metrics import dual_softmax, qb_norm, retrieval_metrics, similarity_chunked
+from vop.methods.base import VideoTextModel
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for a device: bf16 on CUDA (fp16 if asked), none (fp32) on CPU."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+@torch.no_grad()
+def encode_texts(model: VideoTextModel, captions: Sequence[str], *, batch_size: int = 256, device: torch.device | str = "cpu",
+                 max_words: int | None = 32, precision: str = "auto", progress: bool = False) -> torch.Tensor:
+    """L2-normalised caption embeddings (N, D), float32 on the CPU."""
+    device = torch.device(device)
+    tok = model.tokenizer(max_words=max_words)
+    dtype = autocast_dtype(device, precision)
+    out = []
+    it = range(0, len(captions), batch_size)
+    for i in tqdm(it, desc="texts", disable=not progress, leave=False):
+        tokens = tok(list(captions[i : i + batch_size])).to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, model.clip.cfg.embed_dim)
+
+
+@torch.no_grad()
+def encode_videos(model: VideoTextModel, videos: VideoDataset, *, batch_size: int = 16, device: torch.device | str = "cpu",
+                  num_workers: int = 0, precision: str = "auto", progress: bool = False) -> tuple[torch.Tensor, list[str], dict]:
+    """L2-normalised video embeddings of every decodable gallery video.
+
+    Returns (embeddings (V, D) float32 CPU, their video ids in gallery order, failures {id: reason}).
+    """
+    device = torch.device(device)
+    dtype = autocast_dtype(device, precision)
+    loader = build_loader(videos, batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
+    embs, ids = [], []
+    for batch in tqdm(loader, desc="videos", disable=not progress, leave=False):
+        x = to_model_input(batch["video"].to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            embs.append(F.normalize(model.encode_video(x).float(), dim=-1).cpu())
+        ids.extend(batch["video_id"])
+    failures = {k: f.error for k, f in loader.failures.items()}
+    emb = torch.cat(embs) if embs else torch.zeros(0, model.clip.cfg.embed_dim)
+    return emb, ids, failures
+
+
+@dataclass
+class EvalOutput:
+    metrics: dict[str, Any]
+    text_emb: torch.Tensor
+    video_emb: torch.Tensor
+    dataset: VideoTextDataset
+    sim: torch.Tensor
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def postprocess_similarity(sim: torch.Tensor, kind: str = "none", *, dsl_temperature: float = 100.0,
+                           querybank: torch.Tensor | None = None, qb_k: int = 1, qb_beta: float = 20.0) -> dict[str, torch.Tensor]:
+    """Per-direction score matrices (texts x videos) after optional, clearly labelled post-processing.
+
+    DSL normalises over the other axis for each direction; QB-Norm needs a querybank of *training*
+    captions against the test gallery (never the test queries).
+    """
+    if kind == "none":
+        return {"t2v": sim, "v2t": sim}
+    if kind == "dsl":
+        return {"t2v": dual_softmax(sim, dsl_temperature, dim=0), "v2t": dual_softmax(sim, dsl_temperature, dim=1)}
+    if kind == "qbnorm":
+        if querybank is None:
+            raise ValueError("QB-Norm needs a querybank: similarities of training captions to the gallery")
+        return {"t2v": qb_norm(sim, querybank, k=qb_k, beta=qb_beta), "v2t": sim}
+    raise ValueError(f"unknown post-processing {kind!r} (none, dsl, qbnorm)")
+
+
+def evaluate(model: VideoTextModel, dataset: VideoTextDataset, *, batch_size: int = 16, text_batch_size: int = 256,
+             device: torch.device | str = "cpu", num_workers: int = 0, max_words: int | None = 32, precision: str = "auto",
+             postprocess: str = "none", dsl_temperature: float = 100.0, querybank_captions: Sequence[str] | None = None,
+             qb_k: int = 1, qb_beta: float = 20.0, progress: bool = False) -> EvalOutput:
+    """t2v and v2t R@1/5/10, MdR, MnR of ``model`` on ``dataset`` (several captions per video allowed)."""
+    was_training = model.training
+    model.eval()
+    try:
+        video_emb, ids, failures = encode_videos(model, dataset.video_dataset(), batch_size=batch_size, device=device,
+                                                 num_workers=num_workers, precision=precision, progress=progress)
+        if failures:
+            dataset = dataset.without_videos(failures)
+        order = {v: i for i, v in enumerate(ids)}
+        video_emb = video_emb[torch.tensor([order[v] for v in dataset.videos], dtype=torch.long)]
+        text_emb = encode_texts(model, dataset.captions, batch_size=text_batch_size, device=device, max_words=max_words,
+                                precision=precision, progress=progress)
+        sim = similarity_chunked(text_emb, video_emb)
+        bank = None
+        if postprocess == "qbnorm":
+            if not querybank_captions:
+                raise ValueError("QB-Norm needs training captions as a querybank")
+            bank = similarity_chunked(encode_texts(model, querybank_captions, batch_size=text_batch_size, device=device,
+                                                   max_words=max_words, precision=precision), video_emb)
+        sims = postprocess_similarity(sim, postprocess, dsl_temperature=dsl_temperature, querybank=bank, qb_k=qb_k, qb_beta=qb_beta)
+        gt = dataset.text_to_video
+        metrics = {"t2v": retrieval_metrics(sims["t2v"], gt)["t2v"], "v2t": retrieval_metrics(sims["v2t"], gt)["v2t"],
+                   "texts": len(dataset.captions), "videos": len(dataset.videos), "skipped_videos": len(failures),
+                   "postprocess": postprocess}
+        return EvalOutput(metrics, text_emb, video_emb, dataset, sim, failures)
+    finally:
+        model.train(was_training)
