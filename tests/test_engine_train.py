@@ -139,3 +139,26 @@ def test_checkpoint_of_other_method_or_backbone(world, tmp_path):
 
     with pytest.raises(CheckpointError, match="'vop-p' checkpoint"):
         load_trainable(vop.create_model("vop", "tiny", frames=4), path)
+
+
+def test_paper_configs_load_and_are_current():
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "configs"
+    spec = importlib.util.spec_from_file_location("make_configs", root / "make_configs.py")
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    from vop.engine.trainer import check_config
+
+    n = 0
+    for name in mc.DATASETS:
+        for method in vop.list_methods():
+            path = root / name / f"{method}.yaml"
+            assert path.read_text() == mc.render(name, method), f"{path} is stale: run configs/make_configs.py"
+            cfg = load_config(RunConfig, path, ["data.root=/data"])
+            check_config(cfg)
+            assert cfg.optim.batch_size == 32 and cfg.model.frames in (12, 64)
+            assert cfg.data.val_split or cfg.data.val_fraction > 0  # never select on test
+            n += 1
+    assert n == 5 * 13
