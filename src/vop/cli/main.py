@@ -19,11 +19,13 @@ app = typer.Typer(
 def _register() -> None:
     from vop.cli import params as _params
     from vop.cli import data as _data
+    from vop.cli import demo as _demo
     from vop.cli import train as _train
 
     _params.register(app)
     _data.register(app)
     _train.register(app)
+    _demo.register(app)
 
 
 _register()

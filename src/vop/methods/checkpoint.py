@@ -6,6 +6,7 @@ different backbone or method fails with a clear message. For ``full`` the file i
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from vop.errors import CheckpointError
 from vop.methods.base import VideoTextModel
 
 FORMAT = "vop-prompts/1"
+_TRAINS_BACKBONE = {"full", "bias", "proj", "partial"}  # methods whose checkpoints hold CLIP tensors
 
 
 def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -119,6 +121,8 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
     else:
         clip = resolve_backbone(backbone)
     _check_backbone(path, meta, clip, check_fingerprint)
+    if backbone is not None and meta["method"] in _TRAINS_BACKBONE:
+        clip = copy.deepcopy(clip)  # the file overwrites backbone tensors: leave the caller's CLIP as it was
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
     load_trainable(model, path, meta)
     return model

@@ -1,0 +1,143 @@
+"""The demo's report: results.md (the paper's table shape), figure1.png, qualitative.html."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vop.data import load_frames, temporal_subset
+
+PAPER_NAMES = {"zeroshot": "Zero-shot", "full": "Full", "bias": "Bias", "proj": "Proj", "partial": "Partial",
+               "adapter-attn": "Adapter (attn)", "adapter-ffn": "Adapter (FFN)", "vop": "VoP", "vop-p": "VoP^P",
+               "vop-c": "VoP^C", "vop-f": "VoP^F", "vop-fp": "VoP^{F+P}", "vop-fc": "VoP^{F+C}"}
+
+
+def _fmt(m: dict[str, float], digits: int = 1) -> str:
+    return f"{m['mean']:.{digits}f}" + (f" ± {m['std']:.{digits}f}" if m["std"] else "")
+
+
+def percent(counts: dict[str, int]) -> float:
+    return 100.0 * counts["trainable"] / counts["backbone"]
+
+
+def table_md(results: dict[str, Any]) -> str:
+    seeds = results["settings"]["seeds"]
+    lines = [
+        "| method | trainable | % | t2v R@1 | R@5 | R@10 | MdR | MnR | v2t R@1 | R@5 | R@10 | MdR | MnR | temporal R@1 | twin acc. | held-out R@1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, r in results["methods"].items():
+        s, c = r["summary"], r["counts"]
+        cells = [PAPER_NAMES.get(method, method), f"{c['trainable']:,}", f"{percent(c):.3f}"]
+        for d in ("t2v", "v2t"):
+            cells += [_fmt(s[d][k]) for k in ("R1", "R5", "R10", "MdR", "MnR")]
+        cells += [_fmt(s[k]) if k in s else "-" for k in ("temporal_R1", "twin_accuracy", "heldout_R1")]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"Mean ± standard deviation over {seeds} training seeds." if seeds > 1 else "One training seed.")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def write_figure(path: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    if "full" not in methods:
+        return
+    base = methods["full"]["summary"]["t2v"]["R1"]["mean"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, r in methods.items():
+        if name in ("full", "zeroshot"):
+            continue
+        x = max(percent(r["counts"]), 1e-3)
+        gain = r["summary"]["t2v"]["R1"]["mean"] - base
+        err = r["summary"]["t2v"]["R1"]["std"]
+        colour = "tab:red" if name.startswith("vop") else "tab:blue"
+        ax.errorbar([x], [gain], yerr=[err] if err else None, fmt="o", color=colour, capsize=3)
+        ax.annotate(PAPER_NAMES.get(name, name), (x, gain), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(0, color="grey", lw=1, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (% of the backbone, log scale)")
+    ax.set_ylabel("t2v R@1 gain over full fine-tuning (points)")
+    ax.set_title("Synthetic world: R@1 gain vs. trainable parameters (cf. paper Fig. 1)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _strip(path: Path, frames: int) -> np.ndarray:
+    x, _ = load_frames(path, frames)  # uint8 (F, H, W, 3), test sampling: the frames the model saw
+    pad = np.full((x.shape[1], 2, 3), 255, dtype=np.uint8)
+    return np.concatenate([np.concatenate([f, pad], axis=1) for f in x], axis=1)
+
+
+def write_qualitative(out: Path, dataset, sims: dict[str, torch.Tensor], frames: int, queries: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img_dir = out / "qualitative"
+    img_dir.mkdir(exist_ok=True)
+    shown = [m for m in ("zeroshot", "vop", "vop-fc") if m in sims] or list(sims)[:2]
+    temporal = temporal_subset(dataset).tolist()
+    others = [i for i in range(len(dataset.captions)) if i not in set(temporal)]
+    picks = temporal[: max(1, queries // 2) * 2: 2][: queries - 1] + others[:1]
+    strips: dict[int, str] = {}
+
+    def strip(v: int) -> str:
+        if v not in strips:
+            name = f"v{v:04d}.png"
+            plt.imsave(img_dir / name, _strip(Path(dataset.video_paths[v]), frames))
+            strips[v] = f"qualitative/{name}"
+        return strips[v]
+
+    gt = dataset.text_to_video
+    parts = ["<!doctype html><meta charset='utf-8'><title>vop demo: qualitative results</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}img{height:48px;display:block}"
+             ".hit{outline:3px solid #1a9641}.row{display:flex;gap:8px;align-items:center;margin:3px 0}"
+             ".rank{width:2em;text-align:right;color:#666}.score{width:4em;color:#666;font-size:12px}"
+             "h3{margin-bottom:4px}.method{font-weight:bold;margin-top:8px}</style>",
+             "<h1>Top-5 retrieved videos</h1><p>Frames left to right in time. The correct video has a green "
+             "outline. Temporal-order queries have a time-reversed or event-swapped twin in the gallery.</p>"]
+    for q in picks:
+        parts.append(f"<h3>“{html.escape(dataset.captions[q])}”{' (temporal-order subset)' if q in temporal else ''}</h3>")
+        for m in shown:
+            scores = sims[m][q]
+            top = torch.topk(scores, min(5, scores.numel())).indices.tolist()
+            parts.append(f"<div class='method'>{html.escape(m)}</div>")
+            for rank, v in enumerate(top, 1):
+                cls = " class='hit'" if v == int(gt[q]) else ""
+                parts.append(f"<div class='row'><span class='rank'>{rank}</span><span class='score'>{scores[v]:.3f}</span>"
+                             f"<img{cls} src='{strip(v)}' alt='{html.escape(dataset.videos[v])}' title='{html.escape(dataset.videos[v])}'></div>")
+    (out / "qualitative.html").write_text("\n".join(parts), encoding="utf-8")
+
+
+def write_report(out: Path, results: dict[str, Any], dataset, sims: dict[str, torch.Tensor]) -> None:
+    s = results["settings"]
+    md = [
+        "# vop demo: synthetic world results",
+        "",
+        f"Backbone `{s['backbone']}`, world `{s['world_size']}` (seed {s['world_seed']}), {s['frames']} frames at "
+        f"{s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}; test split: "
+        f"{len(dataset.videos)} videos, {len(dataset.captions)} captions. Checkpoints selected on the validation split.",
+        f"Run on {results['date']} ({results['machine']['cpus']} CPUs, torch {results['machine']['torch']}): "
+        f"{results['wall_seconds']:.0f} s, peak memory {results['peak_rss_mib']:.0f} MiB.",
+        "",
+        table_md(results),
+        "temporal R@1: t2v R@1 over captions whose gallery contains their time-reversed or event-swapped twin. "
+        "twin acc.: how often the caption scores its own video above its twin (chance 50%). held-out R@1: "
+        "captions of attribute-event compositions never seen in training.",
+        "",
+        "![R@1 gain over full fine-tuning](figure1.png)",
+        "",
+        "Qualitative results: [qualitative.html](qualitative.html)",
+    ]
+    write_figure(out / "figure1.png", results)
+    write_qualitative(out, dataset, sims, s["frames"])
+    (out / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
