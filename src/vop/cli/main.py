@@ -21,10 +21,12 @@ def _register() -> None:
     from vop.cli import data as _data
     from vop.cli import demo as _demo
     from vop.cli import train as _train
+    from vop.cli import search as _search
 
     _params.register(app)
     _data.register(app)
     _train.register(app)
+    _search.register(app)
     _demo.register(app)
 
 

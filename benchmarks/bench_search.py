@@ -1,0 +1,444 @@
+"""Search benchmarks: query latency (text encoding + search) at 10k / 100k / 1M videos, exact vs FAISS
+with recall@10, index build throughput, HTTP load on 127.0.0.1, memory of one vs two prompt sets.
+
+    python benchmarks/bench_search.py [--sizes 10000 100000 1000000] [--json docs/bench/bench_search.json]
+
+Sections (each can be skipped with --skip NAME):
+
+- ``encode``: text-encoding latency of one query (ViT-B/32 with VoP-F prompts, random weights: the cost
+  does not depend on the values; and the tiny backbone).
+- ``search``: random L2-normalised embeddings of dimension ``--dim`` (512 = ViT-B/32; ``--data clustered``
+  for vectors in 1000 clusters, closer to real embeddings than the uniform default). Per size: exact
+  search (one streamed matrix product + top-k) and FAISS IVF-Flat (nlist = sqrt(N), nprobe 8/32/128)
+  and HNSW-Flat (M 32, ef_construction 200, ef_search 64/128/256; up to ``--hnsw-max`` vectors), with
+  build time and recall@10 against exact, for two query kinds: ``near`` (a stored vector plus noise,
+  cosine ~0.7 to it: a query that has a true match) and ``uniform`` (random directions: the worst
+  case, where the 10 nearest neighbours are barely nearer than the rest).
+- ``build``: ``vop.retrieval.build_index`` throughput (videos/s) on generated 320x240, 5 s clips with
+  ViT-B/32 + VoP-F at 224 px, 12 frames; and on the synthetic world with the tiny backbone.
+- ``load``: ``vop serve`` in a subprocess on 127.0.0.1 with two prompt sets (tiny backbone); N queries
+  at concurrency C (alternating prompt sets), plus malformed requests; p50/p99 latency, errors.
+- ``memory``: resident memory of a process serving one vs two ViT-B/32 prompt sets (shared backbone),
+  and two prompt sets each with its own backbone (what sharing saves).
+
+Everything runs on this machine only; the load test talks to 127.0.0.1 and stops by itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+import vop  # noqa: E402
+from vop.retrieval import build_index, checkpoint_info, write_index  # noqa: E402
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs) * 1000, q))
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def random_unit(n, d, seed):
+    g = np.random.default_rng(seed)
+    out = np.empty((n, d), np.float32)
+    for s in range(0, n, 100_000):  # in blocks: no float64 copy of the whole matrix
+        x = g.standard_normal((min(100_000, n - s), d), dtype=np.float32)
+        out[s:s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def clustered_unit(n, d, seed, clusters=1000):
+    """Unit vectors in ``clusters`` groups (cosine about 0.8 to their group's centre): closer to real
+    embeddings, which are far from uniform on the sphere."""
+    g = np.random.default_rng(seed)
+    centres = random_unit(clusters, d, seed + 1)
+    out = np.empty((n, d), np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        x = centres[g.integers(0, clusters, m)] + (0.75 / np.sqrt(d)) * g.standard_normal((m, d), dtype=np.float32)
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def make_ckpt(out: Path, method: str, backbone: str, seed: int, frames: int = 12) -> Path:
+    torch.manual_seed(seed)
+    m = vop.create_model(method, backbone, frames=frames)
+    with torch.no_grad():  # not the initial values: a "trained" prompt set
+        for p in m.trainable_parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return vop.save_checkpoint(m, out, extra={"backbone": backbone})
+
+
+# -------------------------------------------------------------------------------------------------
+def bench_encode(args, tmp: Path) -> dict:
+    from vop.retrieval.search import encode_queries
+
+    out = {}
+    default = torch.get_num_threads()
+    for bb, method in (("ViT-B-32", "vop-f"), ("tiny", "vop-fc")):
+        model = vop.create_model(method, bb, frames=12).eval()
+        tok = model.tokenizer(32)
+        for threads in sorted({1, default}):
+            torch.set_num_threads(threads)
+            qs = [f"a person number {i} slices a red tomato on a wooden board" for i in range(args.encode_queries + 3)]
+            lat = []
+            for i, q in enumerate(qs):
+                t = time.perf_counter()
+                encode_queries(model, [q], tokenizer=tok)
+                if i >= 3:
+                    lat.append(time.perf_counter() - t)
+            r = out[f"{bb}/threads{threads}"] = {"method": method, "threads": threads, "queries": len(lat),
+                                                 "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+            log(f"encode {bb} ({method}), {threads} thread(s): p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms")
+        del model
+    torch.set_num_threads(default)
+    return out
+
+
+def _recall(exact_rows, rows):
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(a) for a, b in zip(exact_rows, rows)]))
+
+
+def bench_search(args, tmp: Path) -> dict:
+    import faiss
+
+    from vop.retrieval.ann import build_faiss
+    from vop.retrieval.index import exact_search
+
+    d, k, nq = args.dim, 10, args.search_queries
+    out = {}
+    for n in args.sizes:
+        log(f"--- {n:,} x {d}, {args.data} ---")
+        t = time.perf_counter()
+        emb = random_unit(n, d, seed=n) if args.data == "uniform" else clustered_unit(n, d, seed=n)
+        g = np.random.default_rng(1)
+        picks = g.integers(0, n, nq)
+        noise = g.standard_normal((nq, d), dtype=np.float32)
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        near = emb[picks] + 1.0 * noise  # cosine to its source about 0.7
+        near /= np.linalg.norm(near, axis=1, keepdims=True)
+        queries = {"near": near.astype(np.float32), "uniform": random_unit(nq, d, seed=7)}
+        log(f"generated in {time.perf_counter() - t:.1f} s")
+        r: dict = {"n": n, "dim": d, "queries": nq}
+        emb_t = torch.from_numpy(emb)
+        truth = {}
+        default = torch.get_num_threads()
+        for threads in sorted({1, default}, reverse=True):
+            torch.set_num_threads(threads)
+            lat = []
+            for kind, q in queries.items():
+                rows = []
+                for i in range(nq):
+                    t = time.perf_counter()
+                    _, rr = exact_search(emb_t, torch.from_numpy(q[i:i + 1]), k)
+                    lat.append(time.perf_counter() - t)
+                    rows.append(rr[0])
+                truth[kind] = np.stack(rows)
+            r[f"exact/threads{threads}"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+            log(f"exact, {threads} thread(s): p50 {pct(lat, 50):.2f} ms  p99 {pct(lat, 99):.2f} ms")
+        torch.set_num_threads(default)
+        if not args.no_faiss:
+            t = time.perf_counter()
+            index, params = build_faiss(emb, "ivf", {})
+            r["ivf"] = {"build_s": time.perf_counter() - t, "nlist": params["nlist"], "by_nprobe": {}}
+            log(f"ivf nlist {params['nlist']}: built in {r['ivf']['build_s']:.1f} s")
+            for nprobe in (8, 32, 128):
+                index.nprobe = nprobe
+                res = {}
+                for kind, q in queries.items():
+                    lat, rows = [], []
+                    for i in range(nq):
+                        t = time.perf_counter()
+                        _, rr = index.search(q[i:i + 1], k)
+                        lat.append(time.perf_counter() - t)
+                        rows.append(rr[0])
+                    res[kind] = {"recall10": _recall(truth[kind], np.stack(rows)), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+                    if kind == "near":
+                        res[kind]["match_found"] = float(np.mean([p in rr for p, rr in zip(picks, rows)]))
+                r["ivf"]["by_nprobe"][nprobe] = res
+                log(f"  nprobe {nprobe}: near R@10 {res['near']['recall10']:.3f} (match {res['near']['match_found']:.2f}) p50 {res['near']['p50_ms']:.2f} ms | "
+                    f"uniform R@10 {res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.2f} ms")
+            del index
+            if n <= args.hnsw_max:
+                t = time.perf_counter()
+                index, params = build_faiss(emb, "hnsw", {})
+                r["hnsw"] = {"build_s": time.perf_counter() - t, "M": params["M"], "ef_construction": params["ef_construction"],
+                             "by_ef": {}}
+                log(f"hnsw: built in {r['hnsw']['build_s']:.1f} s")
+                for ef in (64, 128, 256):
+                    index.hnsw.efSearch = ef
+                    res = {}
+                    for kind, q in queries.items():
+                        lat, rows = [], []
+                        for i in range(nq):
+                            t = time.perf_counter()
+                            _, rr = index.search(q[i:i + 1], k)
+                            lat.append(time.perf_counter() - t)
+                            rows.append(rr[0])
+                        res[kind] = {"recall10": _recall(truth[kind], np.stack(rows)), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+                        if kind == "near":
+                            res[kind]["match_found"] = float(np.mean([p in rr for p, rr in zip(picks, rows)]))
+                    r["hnsw"]["by_ef"][ef] = res
+                    log(f"  ef {ef}: near R@10 {res['near']['recall10']:.3f} (match {res['near']['match_found']:.2f}) p50 {res['near']['p50_ms']:.2f} ms | "
+                        f"uniform R@10 {res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.2f} ms")
+                del index
+            else:
+                r["hnsw"] = {"skipped": f"above --hnsw-max {args.hnsw_max}"}
+        out[str(n) if args.data == "uniform" else f"{args.data}/{n}"] = r
+        del emb, emb_t
+    out["faiss_version"] = faiss.__version__ if not args.no_faiss else None
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+def make_clips(folder: Path, n: int, seconds: int = 5, fps: int = 30, w: int = 320, h: int = 240) -> None:
+    """Natural-looking h264 clips: moving gradients and a disc, light noise, keyframe every second."""
+    import av
+
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for c in range(n):
+        g = np.random.default_rng(c)
+        col = g.uniform(40, 215, 3)
+        with av.open(str(folder / f"clip{c:03d}.mp4"), "w") as out:
+            s = out.add_stream("libx264", rate=Fraction(fps))
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            s.options = {"g": str(fps), "preset": "veryfast", "threads": "1"}
+            for t in range(seconds * fps):
+                ph = t / fps
+                img = np.empty((h, w, 3), np.float32)
+                for ch in range(3):
+                    img[..., ch] = col[ch] + 40 * np.sin(xx / 40 + ph * (ch + 1)) * np.cos(yy / 50 - ph)
+                cx, cy = (w / 2 + 100 * np.sin(ph + c)), (h / 2 + 60 * np.cos(ph * 1.3))
+                img[(xx - cx) ** 2 + (yy - cy) ** 2 < 30 ** 2] = (250, 240, 30)
+                img += g.normal(0, 3, img.shape)
+                frame = av.VideoFrame.from_ndarray(np.clip(img, 0, 255).astype(np.uint8), format="rgb24")
+                for p in s.encode(frame):
+                    out.mux(p)
+            for p in s.encode():
+                out.mux(p)
+
+
+def bench_build(args, tmp: Path) -> dict:
+    out = {}
+    clips = tmp / "clips"
+    t = time.perf_counter()
+    make_clips(clips, args.build_videos)
+    log(f"generated {args.build_videos} clips in {time.perf_counter() - t:.1f} s")
+    ck = make_ckpt(tmp / "b32-vop-f.safetensors", "vop-f", "ViT-B-32", 0)
+    for workers in args.build_workers:
+        r = build_index(clips, ck, tmp / f"b32-index-{workers}", batch_size=8, num_workers=workers, progress=False)
+        out[f"ViT-B-32/vop-f/224px/12f/workers{workers}"] = {"videos": r.encoded, "seconds": r.seconds,
+                                                             "videos_per_s": r.videos_per_second}
+        log(f"build ViT-B/32 vop-f, 12 frames 224 px, {workers} workers: {r.videos_per_second:.2f} videos/s "
+            f"({r.encoded} in {r.seconds:.1f} s, model load included)")
+    from vop.data import generate_world
+
+    world = tmp / "world"
+    generate_world(world, size="small")
+    ck = make_ckpt(tmp / "tiny-vop-fc.safetensors", "vop-fc", "tiny", 0, frames=12)
+    for workers in args.build_workers:
+        r = build_index(world / "captions.jsonl", ck, tmp / f"tiny-index-{workers}", split="all", batch_size=32,
+                        num_workers=workers, progress=False)
+        out[f"tiny/vop-fc/32px/12f/synthetic-small/workers{workers}"] = {"videos": r.encoded, "seconds": r.seconds,
+                                                                         "videos_per_s": r.videos_per_second}
+        log(f"build tiny vop-fc on the synthetic world ({r.encoded} videos, 64x64), {workers} workers: "
+            f"{r.videos_per_second:.1f} videos/s")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def bench_load(args, tmp: Path) -> dict:
+    import httpx
+
+    from vop.data import generate_world, get_dataset
+
+    world = tmp / "load-world"
+    generate_world(world, size="smoke")
+    ia, ib = tmp / "load-A", tmp / "load-B"
+    build_index(world / "captions.jsonl", make_ckpt(tmp / "la.safetensors", "vop-fc", "tiny", 1, 4), ia, image_size=32,
+                progress=False)
+    build_index(world / "captions.jsonl", make_ckpt(tmp / "lb.safetensors", "vop-f", "tiny", 2, 4), ib, image_size=32,
+                progress=False)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    server_log = open(tmp / "serve.log", "wb")  # a file, not a pipe: an unread pipe would block the server's logging
+    proc = subprocess.Popen([sys.executable, "-m", "vop.cli.main", "serve", f"A={ia}", f"B={ib}", "--port", str(port)],
+                            stdout=server_log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/api/indexes", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("vop serve did not start: " + (tmp / "serve.log").read_text()[-2000:])
+            time.sleep(0.2)
+        caps = get_dataset("collection", world, "all", frames=4, size=32).captions
+        queries = [(f"{caps[i % len(caps)]} {i}", "AB"[i % 2]) for i in range(args.load_queries)]
+        lat, codes = [], []
+
+        def one(client, q, ix):
+            t = time.perf_counter()
+            r = client.get("/api/search", params={"q": q, "k": 10, "index": ix})
+            lat.append(time.perf_counter() - t)
+            codes.append(r.status_code)
+
+        t0 = time.perf_counter()
+        with httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=args.concurrency)) as client:
+            with ThreadPoolExecutor(args.concurrency) as pool:
+                list(pool.map(lambda a: one(client, *a), queries))
+            wall = time.perf_counter() - t0
+            bad = {"empty": "/api/search?q=", "10k chars": "/api/search?q=" + "a" * 10_000,
+                   "invalid utf-8": "/api/search?q=%FF%FE", "unknown index": "/api/search?q=x&index=nope",
+                   "traversal": "/video/A/..%2F..%2F..%2Fetc%2Fpasswd", "bad row": "/thumb/A/999999"}
+            bad_codes = {name: client.get(path).status_code for name, path in bad.items()}
+        res = {"queries": len(queries), "concurrency": args.concurrency, "errors": sum(c != 200 for c in codes),
+               "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "throughput_qps": len(queries) / wall,
+               "bad_requests": bad_codes, "backbone": "tiny", "index_videos": 36}
+        log(f"load: {len(queries)} queries at concurrency {args.concurrency}: {res['errors']} errors, p50 {res['p50_ms']:.1f} ms, "
+            f"p99 {res['p99_ms']:.1f} ms, {res['throughput_qps']:.0f} queries/s; bad requests -> {bad_codes}")
+        return res
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        server_log.close()
+
+
+# -------------------------------------------------------------------------------------------------
+_MEM_CHILD = r"""
+import json, sys, gc
+sys.path.insert(0, {src!r})
+import torch
+from pathlib import Path
+def rss():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+mode, specs = sys.argv[1], sys.argv[2:]
+import vop
+from vop.retrieval import SearchService, Searcher
+from vop.retrieval.service import Loaded
+base = rss()
+if mode == "shared":
+    svc = SearchService.load(specs)
+else:  # each prompt set with its own backbone (what a naive server does)
+    svc = SearchService([Loaded(s.split("=")[0], Searcher.open(s.split("=")[1])) for s in specs])
+for n in svc.indexes:
+    svc.search("a dog runs on the beach", 5, n)
+gc.collect()
+print(json.dumps({{"rss_mb": rss(), "import_rss_mb": base, "backbones": len({{id(m.clip) for m in svc.models()}})}}))
+"""
+
+
+def bench_memory(args, tmp: Path) -> dict:
+    from vop.backbone.config import get_arch
+
+    out = {}
+    specs = []
+    for name, seed in (("A", 1), ("B", 2)):
+        ck = make_ckpt(tmp / f"mem-{name}.safetensors", "vop-f", "ViT-B-32", seed)
+        info = checkpoint_info(ck)  # records the backbone fingerprint the prompts were made on
+        emb = random_unit(args.memory_videos, get_arch("ViT-B-32").embed_dim, seed)
+        entries = [{"id": f"v{i}.mp4", "path": f"/nowhere/v{i}.mp4"} for i in range(len(emb))]
+        write_index(tmp / f"mem-{name}", emb, entries, {"model": info, "settings": {"frames": 12, "image_size": 224,
+                                                                                    "max_words": 32}})
+        specs.append(f"{name}={tmp / f'mem-{name}'}")
+    child = _MEM_CHILD.format(src=str(ROOT / "src"))
+    for label, mode, sp in (("one prompt set", "shared", specs[:1]), ("two prompt sets, shared backbone", "shared", specs),
+                            ("two prompt sets, separate backbones", "separate", specs)):
+        p = subprocess.run([sys.executable, "-c", child, mode, *sp], capture_output=True, text=True, timeout=600)
+        if p.returncode:
+            raise RuntimeError(p.stderr[-2000:])
+        out[label] = json.loads(p.stdout.strip().splitlines()[-1])
+        log(f"memory, {label}: RSS {out[label]['rss_mb']:.0f} MB ({out[label]['backbones']} backbone(s))")
+    out["videos_per_index"] = args.memory_videos
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--data", choices=["uniform", "clustered"], default="uniform",
+                    help="stored vectors: uniform on the sphere (the worst case for FAISS) or in 1000 clusters")
+    ap.add_argument("--search-queries", type=int, default=100)
+    ap.add_argument("--encode-queries", type=int, default=30)
+    ap.add_argument("--hnsw-max", type=int, default=100_000, help="largest size with an HNSW build (slow on 2 cores)")
+    ap.add_argument("--no-faiss", action="store_true")
+    ap.add_argument("--build-videos", type=int, default=24)
+    ap.add_argument("--build-workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--load-queries", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--memory-videos", type=int, default=10_000)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["encode", "search", "build", "load", "memory"])
+    ap.add_argument("--json", default=str(ROOT / "docs" / "bench" / "bench_search.json"), help="where to write the numbers")
+    args = ap.parse_args(argv)
+    res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version(), "loadavg_start": list(os.getloadavg())}
+    try:
+        res["cpu"] = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                          if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        tmp = Path(tmp)
+        for name, fn in (("encode", bench_encode), ("memory", bench_memory), ("load", bench_load), ("build", bench_build),
+                         ("search", bench_search)):
+            if name in args.skip:
+                continue
+            t = time.perf_counter()
+            res[name] = fn(args, tmp)
+            log(f"[{name}: {time.perf_counter() - t:.0f} s]")
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=2))
+    res["loadavg_end"] = list(os.getloadavg())
+    Path(args.json).write_text(json.dumps(res, indent=2))
+    log(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

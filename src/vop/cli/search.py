@@ -1,0 +1,134 @@
+"""`vop index`, `vop search` and `vop serve`: search your own videos with a trained checkpoint."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def index_cmd(
+    videos: Path = typer.Option(..., "--videos", help="A folder of videos (searched recursively) or a collection annotation file (.csv/.jsonl)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Prompt checkpoint (.safetensors) written by vop train."),
+    out: Path = typer.Option(..., "--out", help="Index folder (created; re-running updates it)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights (default: the one recorded in the checkpoint)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Videos per forward pass."),
+    split: str = typer.Option("all", "--split", help="Annotation files: which split's videos (default all)."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Annotation files: folder the video paths are relative to (default: the file's folder)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames per video (default: the checkpoint's)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Model input size (default: the backbone's)."),
+    workers: int = typer.Option(2, "--workers", "-j", help="Decoding worker processes."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda."),
+    content_hash: bool = typer.Option(False, "--hash", help="Detect changed videos by SHA-256 of their bytes (default: size + mtime)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Re-encode every video (e.g. after changing the checkpoint)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the videos that could not be read last time."),
+    faiss: Optional[str] = typer.Option(None, "--faiss", help="Also build an approximate index: ivf or hnsw (none removes it; default: keep)."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default sqrt(N))."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists scanned per query (default 32)."),
+    hnsw_m: Optional[int] = typer.Option(None, "--hnsw-m", help="HNSW links per node (default 32)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth (default 128)."),
+    thumb_frames: int = typer.Option(5, "--thumb-frames", help="Frames in each thumbnail strip."),
+    thumb_height: int = typer.Option(96, "--thumb-height", help="Height of the thumbnail strips in pixels."),
+    max_words: int = typer.Option(32, "--max-words", help="Query token budget used by search (as vop eval)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Encode every video of a folder or annotation file into a searchable index (resumable; run it
+    again to add new or changed videos). Under torchrun, the ranks share the encoding."""
+    from vop.retrieval.index import build_index
+
+    params = {"nlist": nlist, "nprobe": nprobe, "M": hnsw_m, "ef_search": ef_search}
+    params = {k: v for k, v in params.items() if v is not None}
+    r = build_index(videos, checkpoint, out, backbone=backbone, batch_size=batch_size, split=split, root=root, frames=frames,
+                    image_size=image_size, max_words=max_words, num_workers=workers, device=device, content_hash=content_hash,
+                    rebuild=rebuild, retry_failed=retry_failed, faiss=faiss, faiss_params=params or None,
+                    thumb_frames=thumb_frames, thumb_height=thumb_height, progress=not quiet)
+    if not r.merged:
+        return
+    speed = f", {r.videos_per_second:.1f} videos/s" if r.encoded else ""
+    typer.echo(f"{out}: {r.total} videos ({r.encoded} encoded, {r.reused} unchanged, {r.removed} removed, "
+               f"{len(r.failed)} unreadable, {len(r.missing)} missing) in {r.seconds:.1f} s{speed}")
+    if r.faiss:
+        typer.echo(f"  FAISS {r.faiss['kind']}: {json.dumps(r.faiss['params'])}")
+    for vid, err in list(r.failed.items())[:10]:
+        typer.echo(f"  unreadable: {err}")
+    for vid, err in list(r.missing.items())[:10]:
+        typer.echo(f"  missing: {err}")
+
+
+def search_cmd(
+    index: Path = typer.Argument(..., help="Index folder written by vop index."),
+    query: Optional[str] = typer.Argument(None, help="What to look for, e.g. \"a dog jumps into a pool\"."),
+    k: int = typer.Option(5, "-k", "--top", help="Results per query."),
+    json_out: bool = typer.Option(False, "--json", help="JSON output (JSON lines with --queries)."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="A text file of queries, one per line."),
+    exact: bool = typer.Option(False, "--exact", help="Exact search even if the index has FAISS."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: lists scanned (recall vs speed)."),
+    ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: search breadth (recall vs speed)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights, if not where the index recorded them."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The index's checkpoint, if it moved."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads (0: PyTorch's default)."),
+) -> None:
+    """Rank the videos of an index for a text query."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    from vop.errors import ConfigError
+    from vop.retrieval.search import Searcher
+
+    if (query is None) == (queries is None):
+        raise ConfigError("give a query or --queries FILE (one of them)")
+    if k < 1:
+        raise ConfigError("-k must be at least 1")
+    texts = [query] if query is not None else [ln.strip() for ln in queries.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if any(not t.strip() for t in texts):
+        raise ConfigError("empty query")
+    s = Searcher.open(index, backbone=backbone, checkpoint=checkpoint)
+    results = []
+    for i in range(0, len(texts), 256):
+        results.extend(s.search(texts[i:i + 256], k, exact=exact or None, nprobe=nprobe, ef_search=ef_search))
+    mode = "exact" if exact or not s.index.faiss_kind else s.index.faiss_kind
+    for text, hits in zip(texts, results):
+        if json_out:
+            typer.echo(json.dumps({"query": text, "index": str(index), "search": mode, "results": hits}, ensure_ascii=False,
+                                  indent=None if queries else 2))
+            continue
+        if len(texts) > 1:
+            typer.echo(f"\n{text}")
+        for h in hits:
+            dur = f"{h['duration']:6.1f}s" if h.get("duration") is not None else ""
+            typer.echo(f"{h['rank']:>3}  {h['score']:.4f}  {dur}  {h['id']}")
+
+
+def serve_cmd(
+    indexes: List[str] = typer.Argument(..., help="Index folders (PATH or NAME=PATH); one prompt set each."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+    port: int = typer.Option(8000, "--port"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights, if not where the indexes recorded them."),
+    device: str = typer.Option("cpu", "--device"),
+    threads: int = typer.Option(1, "--threads", help="CPU threads per query (1 keeps latency steady on a busy or small machine)."),
+) -> None:
+    """A web page and JSON API (GET /api/search?q=...&k=...&index=...) over one or more indexes."""
+    import torch
+
+    from vop.retrieval.service import SearchService
+    from vop.retrieval.web import _require, serve
+
+    _require()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    svc = SearchService.load(indexes, backbone=backbone, device=device)
+    for d in svc.describe()["indexes"]:
+        typer.echo(f"{d['name']}: {d['videos']} videos, {d['method']} ({d['checkpoint']}), "
+                   f"{'shared' if d['shared_backbone'] else 'own'} backbone, {d['search']} search")
+    typer.echo(f"http://{host if ':' not in host else '[' + host + ']'}:{port}/")
+    serve(svc, host, port)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index")(index_cmd)
+    app.command("search")(search_cmd)
+    app.command("serve")(serve_cmd)

@@ -1,0 +1,661 @@
+"""A video index: one L2-normalised embedding per video, its metadata and a thumbnail strip.
+
+Layout of an index folder::
+
+    INDEX/index.json            format, model (checkpoint path + SHA-256 + metadata, backbone), settings,
+                                counts, failed/missing videos, FAISS settings, current file names
+    INDEX/embeddings-<g>.npy    float32 (N, D), row i = line i of videos-<g>.jsonl
+    INDEX/videos-<g>.jsonl      id, path, size, mtime_ns[, sha256], duration, num_frames, fps, width,
+                                height, frame_indices, thumb[, captions]
+    INDEX/thumbs/*.jpg          frame strips (PNG where FFmpeg has no JPEG encoder)
+    INDEX/faiss-<g>.index       optional approximate index (see vop.retrieval.ann)
+    INDEX/parts/                encoded batches of a run in progress (picked up by the next run)
+
+``<g>`` is a generation number: a run writes new files, then replaces ``index.json`` atomically, then
+removes the old generation, so a reader never sees embeddings and metadata of different runs and a
+run killed at any point leaves a usable index. Encoded batches are flushed to ``parts/`` as they
+are done, so re-running after a crash or Ctrl-C encodes only what is left; re-running on a changed
+folder encodes new and changed videos (size + mtime, or SHA-256 with ``content_hash``) and drops
+the removed ones.
+
+Frames are sampled and resized exactly as the evaluation engine does (test sampling: the middle
+frame of each of F segments; short side resized to the model's input size, centre crop), so an
+index of a dataset split ranks videos exactly as ``vop eval`` does.
+
+Several processes can share the encoding (``torchrun --nproc_per_node N -m vop.cli.main index ...``):
+each rank encodes every N-th remaining video and writes its own parts; rank 0 merges.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from vop.errors import CheckpointError, ConfigError, DataError
+from vop.retrieval.sources import Source, file_signature, list_sources, same_file
+
+__all__ = ["FORMAT", "VideoIndex", "build_index", "BuildReport", "checkpoint_info", "load_index_model",
+           "write_index", "sha256_file"]
+
+FORMAT = "vop-index/1"
+log = logging.getLogger("vop.retrieval")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(arr, dtype=np.float32))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the model an index is built with
+
+
+def _resolve_backbone_name(backbone: str | None) -> str | None:
+    """Existing paths become absolute (the index may be used from another folder); shipped names and
+    architecture names stay as they are."""
+    if backbone is None:
+        return None
+    p = Path(backbone)
+    return str(p.resolve()) if p.exists() else str(backbone)
+
+
+def checkpoint_info(checkpoint: str | os.PathLike, backbone: str | None = None) -> dict[str, Any]:
+    """What an index records about its model: enough to rebuild it and to notice a changed file."""
+    import vop
+
+    path = Path(checkpoint)
+    meta = vop.read_checkpoint_meta(path)
+    bb = backbone or meta.get("extra", {}).get("backbone")
+    if bb is None and meta["method"] != "full":
+        raise ConfigError(f"{path}: records no backbone; pass --backbone (the CLIP weights the prompts were trained on)")
+    return {
+        "checkpoint": str(path.resolve()),
+        "checkpoint_sha256": sha256_file(path),
+        "method": meta["method"],
+        "options": meta["options"],
+        "frames": meta["frames"],
+        "arch_name": meta.get("arch_name"),
+        "backbone": _resolve_backbone_name(bb) if meta["method"] != "full" else None,
+        "backbone_fingerprint": meta.get("backbone_fingerprint"),
+        "checkpoint_meta": meta,
+    }
+
+
+def load_index_model(info: dict[str, Any], *, backbone: Any = None, checkpoint: str | os.PathLike | None = None,
+                     device: torch.device | str = "cpu", check_sha: bool = True):
+    """Rebuild the model of ``checkpoint_info`` (optionally with another path for a moved checkpoint
+    or backbone). The checkpoint must be the very file that was indexed (same SHA-256)."""
+    import vop
+
+    ckpt = Path(checkpoint or info["checkpoint"])
+    if not ckpt.is_file():
+        raise CheckpointError(f"{ckpt}: the index's prompt checkpoint is missing; pass --checkpoint with its new location")
+    if check_sha and sha256_file(ckpt) != info["checkpoint_sha256"]:
+        raise CheckpointError(
+            f"{ckpt}: differs from the checkpoint this index was built with (SHA-256 {info['checkpoint_sha256'][:12]}...): "
+            "its video embeddings would not match; re-run `vop index` with this checkpoint (into a new --out or with --rebuild)")
+    bb = backbone if backbone is not None else info.get("backbone")
+    model = vop.load_checkpoint(ckpt, bb)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# reading an index
+
+
+@dataclass
+class VideoIndex:
+    """A loaded index: ``emb`` (N, D) float32, ``entries`` (N dicts), ``meta`` (index.json)."""
+
+    path: Path
+    meta: dict[str, Any]
+    emb: np.ndarray
+    entries: list[dict[str, Any]]
+    _faiss: Any = field(default=None, repr=False)
+    _emb_t: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "VideoIndex":
+        path = Path(path)
+        meta = read_meta(path)
+        if meta is None:
+            raise DataError(f"{path}: not a vop index (no index.json); build one with `vop index --videos DIR --checkpoint CKPT --out {path}`")
+        files = meta["files"]
+        try:
+            emb = np.load(path / files["embeddings"])
+            with open(path / files["videos"], encoding="utf-8") as f:
+                entries = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: index files unreadable ({e}); re-run `vop index` to repair it") from None
+        if emb.ndim != 2 or emb.shape[0] != len(entries) or emb.shape[1] != meta["dim"]:
+            raise DataError(f"{path}: {files['embeddings']} holds {emb.shape} but {files['videos']} lists {len(entries)} "
+                            f"videos of dim {meta['dim']}; re-run `vop index` to repair it")
+        return cls(path, meta, np.ascontiguousarray(emb, dtype=np.float32), entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        return self.meta["model"]
+
+    @property
+    def faiss_kind(self) -> str | None:
+        f = self.meta.get("faiss")
+        return f["kind"] if f else None
+
+    def faiss_index(self, **search_params: Any):
+        """The FAISS index (loaded once), with optional search parameters (nprobe, ef_search)."""
+        from vop.retrieval.ann import load_faiss, set_search_params
+
+        f = self.meta.get("faiss")
+        if not f:
+            raise ConfigError(f"{self.path}: has no FAISS index; build it with `vop index ... --faiss ivf|hnsw`")
+        if self._faiss is None:
+            self._faiss = load_faiss(self.path / f["file"], f["kind"], f["params"])
+        if any(v is not None for v in search_params.values()):
+            set_search_params(self._faiss, f["kind"], {**f["params"], **{k: v for k, v in search_params.items() if v is not None}})
+        return self._faiss
+
+    def search(self, queries: np.ndarray | torch.Tensor, k: int = 5, *, exact: bool | None = None,
+               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows for each L2-normalised query (Q, D): ``(scores (Q, k'), rows (Q, k'))``, best first,
+        ``k' = min(k, N)``. Exact (one matrix product) unless the index has FAISS and ``exact`` is not True.
+        Ties are ordered by row."""
+        q = queries.detach().cpu().float().numpy() if torch.is_tensor(queries) else np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dim {q.shape[1]}, the index {self.dim}")
+        k = max(0, min(int(k), len(self)))
+        if k == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        use_faiss = self.faiss_kind is not None and exact is not True
+        if use_faiss:
+            from vop.retrieval.ann import faiss_search
+
+            scores, rows = faiss_search(self.faiss_index(nprobe=nprobe, ef_search=ef_search), q, k)
+            return scores, rows.astype(np.int64)
+        return exact_search(self.emb_tensor, torch.from_numpy(q), k)
+
+    @property
+    def emb_tensor(self) -> torch.Tensor:
+        if self._emb_t is None:
+            self._emb_t = torch.from_numpy(self.emb)
+        return self._emb_t
+
+
+@torch.no_grad()
+def exact_search(emb: torch.Tensor, q: torch.Tensor, k: int, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product of ``q`` (Q, D) against ``emb`` (N, D), streamed over ``chunk`` rows
+    (so 1M x Q scores never sit in memory at once). Best first; equal scores ordered by row."""
+    n = emb.shape[0]
+    k = min(k, n)
+    best_s = torch.full((q.shape[0], 0), float("-inf"))
+    best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
+    for s in range(0, n, chunk):
+        scores = q @ emb[s:s + chunk].T  # (Q, c): the same product as vop.engine.metrics.similarity_chunked
+        kk = min(k, scores.shape[1])
+        v, i = scores.topk(kk, dim=1)
+        best_s = torch.cat([best_s, v], 1)
+        best_i = torch.cat([best_i, i + s], 1)
+        if best_s.shape[1] > k:
+            v, j = best_s.topk(k, dim=1)
+            best_s, best_i = v, best_i.gather(1, j)
+    # deterministic order: score descending, then row ascending
+    order = np.lexsort((best_i.numpy(), -best_s.numpy().astype(np.float64)), axis=1)
+    return np.take_along_axis(best_s.numpy(), order, 1), np.take_along_axis(best_i.numpy(), order, 1)
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    f = path / "index.json"
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DataError(f"{f}: not valid JSON ({e}); delete the folder and rebuild the index") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{f}: unknown index format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# encoding
+
+
+@dataclass
+class _Settings:
+    frames: int
+    image_size: int
+    thumb_frames: int
+    thumb_height: int
+    content_hash: bool
+
+
+class _IndexItems(Dataset):
+    """One item per video: model frames (test sampling, resized + cropped), info and a thumbnail strip."""
+
+    def __init__(self, sources: Sequence[Source], s: _Settings, thumb_dir: Path):
+        self.sources, self.s, self.thumb_dir = list(sources), s, thumb_dir
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> dict:
+        from vop.data.decode import VideoReader, sample_indices
+        from vop.data.transforms import resize_center_crop
+        from vop.retrieval.images import encode_image, pick_thumb_frames, thumbnail_strip
+
+        src, s = self.sources[i], self.s
+        out: dict[str, Any] = {"id": src.id, "path": str(src.path.resolve()), "i": i}
+        try:
+            out["signature"] = file_signature(src.path, s.content_hash)
+            with VideoReader(src.path) as r:
+                info = r.info
+                idx = sample_indices(info.num_frames, s.frames)
+                frames = r.get(idx)  # (F, H, W, 3) uint8, exactly as vop.data's test sampling
+        except DataError as e:
+            out["error"] = str(e)
+            return out
+        except Exception as e:  # one bad file never stops a long indexing run; it is listed as failed
+            out["error"] = f"{src.path}: {type(e).__name__}: {e}"
+            return out
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+        out["video"] = resize_center_crop(x, s.image_size).contiguous()
+        strip = thumbnail_strip(frames[pick_thumb_frames(len(frames), s.thumb_frames)], s.thumb_height)
+        data, ext = encode_image(strip)
+        key = hashlib.sha1(json.dumps([src.id, out["signature"]], sort_keys=True).encode()).hexdigest()[:20]
+        name = f"{key}{ext}"
+        _atomic_write(self.thumb_dir / name, data)
+        out.update(thumb=name, duration=info.duration, num_frames=info.num_frames, fps=info.fps, width=info.width,
+                   height=info.height, codec=info.codec, frame_indices=[int(v) for v in idx])
+        return out
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+@dataclass
+class BuildReport:
+    path: Path
+    total: int = 0           # videos in the index after this run
+    encoded: int = 0         # encoded by this run (all ranks)
+    reused: int = 0          # already in the index and unchanged
+    removed: int = 0         # in the index but no longer in the source
+    failed: dict[str, str] = field(default_factory=dict)    # unreadable videos {id: error}
+    missing: dict[str, str] = field(default_factory=dict)   # listed by the annotations but absent
+    seconds: float = 0.0
+    rank: int = 0
+    merged: bool = True      # False on ranks other than 0 (they only encode)
+    faiss: dict | None = None
+
+    @property
+    def videos_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+
+def _dist_env():
+    from vop.engine.distributed import DistEnv
+
+    return DistEnv.from_env()
+
+
+def _entry(item: dict, src: Source) -> dict[str, Any]:
+    e = {"id": item["id"], "path": item["path"], **item["signature"]}
+    for k in ("duration", "num_frames", "fps", "width", "height", "codec", "frame_indices", "thumb"):
+        e[k] = item[k]
+    if src.captions:
+        e["captions"] = src.captions
+    return e
+
+
+def _write_part(parts: Path, rank: int, emb: list[np.ndarray], entries: list[dict], failed: list[dict]) -> None:
+    name = f"r{rank}-{time.time_ns()}-{uuid.uuid4().hex[:6]}.npz"
+    tmp = parts / f".{name}.tmp"
+    arr = np.concatenate(emb) if emb else np.zeros((0, 0), np.float32)
+    with open(tmp, "wb") as f:
+        np.savez(f, emb=arr, entries=np.frombuffer(json.dumps(entries).encode(), np.uint8),
+                 failed=np.frombuffer(json.dumps(failed).encode(), np.uint8))
+    os.replace(tmp, parts / name)
+
+
+def _read_parts(parts: Path) -> list[tuple[np.ndarray, list[dict], list[dict]]]:
+    out = []
+    for p in sorted(parts.glob("r*.npz"), key=lambda p: (int(p.name.split("-")[1]), p.name)):
+        try:
+            with np.load(p) as z:
+                out.append((z["emb"].astype(np.float32), json.loads(z["entries"].tobytes()), json.loads(z["failed"].tobytes())))
+        except Exception as e:  # a part is written atomically; anything else in there is not ours
+            log.warning("ignoring unreadable part %s (%s)", p, e)
+    return out
+
+
+def _check_compatible(path: Path, old: dict, new: dict) -> None:
+    om, nm = old["model"], new["model"]
+    diffs = []
+    if om["checkpoint_sha256"] != nm["checkpoint_sha256"]:
+        diffs.append(f"checkpoint {om['checkpoint']} (SHA-256 {om['checkpoint_sha256'][:12]}) vs {nm['checkpoint']} "
+                     f"({nm['checkpoint_sha256'][:12]})")
+    if om.get("backbone_fingerprint") != nm.get("backbone_fingerprint"):
+        diffs.append(f"backbone weights {om.get('backbone_fingerprint')} vs {nm.get('backbone_fingerprint')}")
+    for k in ("frames", "image_size"):
+        if old["settings"][k] != new["settings"][k]:
+            diffs.append(f"{k} {old['settings'][k]} vs {new['settings'][k]}")
+    if diffs:
+        raise ConfigError(f"{path}: was built with different settings ({'; '.join(diffs)}); its embeddings cannot be "
+                          "mixed with new ones: pass --rebuild to re-encode every video, or choose another --out")
+
+
+def build_index(
+    videos: str | os.PathLike,
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backbone: str | None = None,
+    batch_size: int = 16,
+    split: str = "all",
+    root: str | os.PathLike | None = None,
+    frames: int | None = None,
+    image_size: int | None = None,
+    max_words: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+    content_hash: bool = False,
+    rebuild: bool = False,
+    retry_failed: bool = False,
+    faiss: str | None = None,
+    faiss_params: dict[str, Any] | None = None,
+    thumb_frames: int = 5,
+    thumb_height: int = 96,
+    flush_videos: int = 256,
+    flush_seconds: float = 60.0,
+    progress: bool = True,
+    _stop_after_parts: int | None = None,
+) -> BuildReport:
+    """Encode every video of ``videos`` (a folder, or a collection annotation file) with the model of
+    ``checkpoint`` into the index folder ``out``; resumable and incremental (see the module docstring).
+
+    ``faiss``: None keeps the index's current FAISS setting (none for a new index), ``"none"`` removes
+    it, ``"ivf"``/``"hnsw"`` (re)build it with ``faiss_params`` (nlist, nprobe / M, ef_construction,
+    ef_search). Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 merges and returns the
+    full report.
+    """
+    import torch.distributed as dist
+
+    from vop.engine.evaluate import autocast_dtype
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    env = _dist_env()
+    own_group = False
+    if env.enabled and not dist.is_initialized():
+        dist.init_process_group("gloo")  # CPU collectives (barriers) also when ranks encode on GPUs
+        own_group = True
+    try:
+        if batch_size < 1 or thumb_frames < 1 or thumb_height < 2:
+            raise ConfigError("batch size, thumbnail frames and height must be positive")
+        if faiss not in (None, "none", "ivf", "hnsw"):
+            raise ConfigError(f"--faiss must be none, ivf or hnsw, got {faiss!r}")
+        if faiss in ("ivf", "hnsw"):
+            from vop.retrieval.ann import require_faiss
+
+            require_faiss()  # fail before encoding anything
+        info = checkpoint_info(checkpoint, backbone)
+        dev = env.device(device) if env.enabled else torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        model = load_index_model(info, device=dev, check_sha=False)
+        info["backbone_fingerprint"] = model.backbone_fingerprint
+        settings = _Settings(frames or model.frames, image_size or model.clip.cfg.vision.image_size, thumb_frames,
+                             thumb_height, content_hash)
+        if settings.frames != model.frames:
+            model.frames = settings.frames
+        new_meta = {"model": info, "settings": {"frames": settings.frames, "image_size": settings.image_size,
+                                                "max_words": max_words, "thumb_frames": thumb_frames,
+                                                "thumb_height": thumb_height, "content_hash": content_hash}}
+        old = read_meta(out) if out.exists() else None
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{out}: exists and is not an index folder")
+        if old is None and out.is_dir() and any(p.name not in ("parts", "thumbs") for p in out.iterdir()):
+            raise ConfigError(f"{out}: is a folder that holds other files; give a new or empty folder for the index")
+        if old is not None and not rebuild:
+            _check_compatible(out, old, new_meta)
+        sources, missing = list_sources(videos, split=split, root=root, exclude=[out])
+        by_id = {s.id: s for s in sources}
+        if len(by_id) != len(sources):
+            raise DataError(f"{videos}: the same video id appears twice")
+
+        # what is already done: the current generation, plus parts of interrupted runs
+        parts_dir, thumb_dir = out / "parts", out / "thumbs"
+        if env.is_main:
+            parts_dir.mkdir(parents=True, exist_ok=True)
+            thumb_dir.mkdir(parents=True, exist_ok=True)
+            if rebuild:
+                for p in parts_dir.glob("*"):
+                    p.unlink()
+        if env.enabled:
+            dist.barrier()
+        base_entries, base_emb, base_failed = [], None, []
+        if old is not None and not rebuild:
+            idx = VideoIndex.open(out)
+            base_entries, base_emb, base_failed = idx.entries, idx.emb, old.get("failed", [])
+        parts = _read_parts(parts_dir)
+
+        current = {s.id: file_signature(s.path, False) for s in sources}
+
+        def done(src: Source, entry: dict) -> bool:
+            sig = current[src.id]
+            if content_hash and "sha256" in entry and (entry.get("size") != sig["size"] or entry.get("mtime_ns") != sig["mtime_ns"]):
+                sig = file_signature(src.path, True)
+            return same_file(entry, sig)
+
+        done_ids: set[str] = set()
+        for e in base_entries:
+            if e["id"] in by_id and done(by_id[e["id"]], e):
+                done_ids.add(e["id"])
+        for _, entries, failed in parts:
+            for e in entries:
+                if e["id"] in by_id and done(by_id[e["id"]], e):
+                    done_ids.add(e["id"])
+            if not retry_failed:
+                for e in failed:
+                    if e["id"] in by_id and done(by_id[e["id"]], e):
+                        done_ids.add(e["id"])
+        if not retry_failed:
+            for e in base_failed:
+                if e["id"] in by_id and done(by_id[e["id"]], e):
+                    done_ids.add(e["id"])
+        todo = [s for s in sources if s.id not in done_ids]
+        mine = todo[env.rank::env.world_size]
+
+        # encode this rank's share, flushing parts as we go
+        report = BuildReport(out, rank=env.rank, missing=missing)
+        encoded = 0
+        if mine:
+            model.eval()
+            dtype = autocast_dtype(dev)
+            ds = _IndexItems(mine, settings, thumb_dir)
+            loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                                worker_init_fn=_worker_init if num_workers > 0 else None)
+            p_emb: list[np.ndarray] = []
+            p_entries: list[dict] = []
+            p_failed: list[dict] = []
+            last_flush, n_parts = time.monotonic(), 0
+            bar = tqdm(total=len(mine), desc="index", unit="video", disable=not (progress and env.is_main))
+            for items in loader:
+                good = [it for it in items if "error" not in it]
+                for it in items:
+                    if "error" in it:
+                        log.warning("skipped unreadable video %s (%s)", it["id"], it["error"])
+                        p_failed.append({"id": it["id"], "path": it["path"], "error": it["error"], **it.get("signature", {})})
+                if good:
+                    from vop.data.transforms import to_model_input
+
+                    x = to_model_input(torch.stack([it["video"] for it in good]).to(dev))
+                    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                        v = F.normalize(model.encode_video(x).float(), dim=-1).cpu().numpy()
+                    p_emb.append(v)
+                    p_entries.extend(_entry(it, by_id[it["id"]]) for it in good)
+                    encoded += len(good)
+                bar.update(len(items))
+                if len(p_entries) + len(p_failed) >= flush_videos or time.monotonic() - last_flush > flush_seconds:
+                    _write_part(parts_dir, env.rank, p_emb, p_entries, p_failed)
+                    p_emb, p_entries, p_failed, last_flush = [], [], [], time.monotonic()
+                    n_parts += 1
+                    if _stop_after_parts is not None and n_parts >= _stop_after_parts:
+                        os._exit(3)  # tests: an abrupt kill after some work was saved
+            if p_entries or p_failed:
+                _write_part(parts_dir, env.rank, p_emb, p_entries, p_failed)
+            bar.close()
+        report.encoded = encoded
+        counts = [encoded]
+        if env.enabled:
+            dist.barrier()  # every rank's parts are on disk
+            counts = [None] * env.world_size
+            dist.all_gather_object(counts, encoded)
+            report.encoded = sum(counts)
+        if not env.is_main:
+            report.merged = False
+            report.seconds = time.perf_counter() - t0
+            if env.enabled:
+                dist.barrier()
+            return report
+
+        # rank 0: merge the current generation and every part into the next generation
+        parts = _read_parts(parts_dir)
+        rows: dict[str, tuple[np.ndarray, dict]] = {}
+        failed: dict[str, dict] = {}
+        if base_emb is not None:
+            for e, v in zip(base_entries, base_emb):
+                if e["id"] in by_id and done(by_id[e["id"]], e):
+                    rows[e["id"]] = (v, e)
+            for e in base_failed:
+                if e["id"] in by_id and done(by_id[e["id"]], e) and e["id"] not in rows and not retry_failed:
+                    failed[e["id"]] = e
+        for emb, entries, fails in parts:  # in the order they were written: later wins
+            for e, v in zip(entries, emb):
+                if e["id"] in by_id and done(by_id[e["id"]], e):
+                    rows[e["id"]] = (v, e)
+                    failed.pop(e["id"], None)
+            for e in fails:
+                if e["id"] in by_id and done(by_id[e["id"]], e):
+                    rows.pop(e["id"], None)
+                    failed[e["id"]] = e
+        order = [s.id for s in sources if s.id in rows]  # source order: a resumed build equals a fresh one
+        emb = np.stack([rows[i][0] for i in order]) if order else np.zeros((0, model.clip.cfg.embed_dim), np.float32)
+        entries = [rows[i][1] for i in order]
+        report.total = len(entries)
+        report.reused = len(done_ids & set(rows))
+        report.removed = sum(1 for e in base_entries if e["id"] not in by_id)
+        report.failed = {i: e["error"] for i, e in failed.items()}
+
+        faiss_meta = old.get("faiss") if (old is not None and faiss is None) else None
+        if faiss in ("ivf", "hnsw"):
+            faiss_meta = {"kind": faiss, "params": dict(faiss_params or {})}
+        elif faiss_meta is not None and faiss_params:
+            faiss_meta = {"kind": faiss_meta["kind"], "params": {**faiss_meta["params"], **faiss_params}}
+        changed = (old is None or rebuild or bool(parts) or report.removed > 0 or faiss is not None
+                   or len(entries) != old.get("count") or bool(faiss_params))
+        if changed:
+            meta = write_index(out, emb, entries, {
+                **new_meta, "source": {"videos": str(Path(videos).resolve()), "split": split},
+                "failed": list(failed.values()), "missing": [{"id": k, "error": v} for k, v in missing.items()],
+                "faiss": faiss_meta, "last_run": {"world_size": env.world_size, "encoded_per_rank": counts,
+                                                  "device": str(dev), "batch_size": batch_size}}, old=old)
+            report.faiss = meta.get("faiss")
+            for p in parts_dir.glob("r*.npz"):
+                p.unlink()
+        else:
+            report.faiss = old.get("faiss")
+        report.seconds = time.perf_counter() - t0
+        if env.enabled:
+            dist.barrier()
+        return report
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], meta: dict[str, Any],
+                old: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a new generation of ``out`` (embeddings, entries, optional FAISS index), switch ``index.json``
+    to it, then remove the previous generation and thumbnails nothing refers to any more.
+
+    ``meta`` needs ``model`` and ``settings`` (see :func:`build_index`); ``faiss`` = None or
+    ``{"kind": "ivf"|"hnsw", "params": {...}}``. Also used by the benchmark to write synthetic indexes.
+    """
+    from vop import __version__
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    old = old if old is not None else read_meta(out)
+    gen = int(old.get("generation", 0)) + 1 if old else 1
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != len(entries):
+        raise ValueError(f"{emb.shape[0]} embeddings for {len(entries)} entries")
+    files = {"embeddings": f"embeddings-{gen}.npy", "videos": f"videos-{gen}.jsonl"}
+    _atomic_save_npy(out / files["embeddings"], emb)
+    _atomic_write(out / files["videos"], "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
+    faiss_meta = meta.get("faiss")
+    if faiss_meta:
+        from vop.retrieval.ann import build_faiss, save_faiss
+
+        index, params = build_faiss(emb, faiss_meta["kind"], faiss_meta.get("params"))
+        files["faiss"] = f"faiss-{gen}.index"
+        save_faiss(index, out / files["faiss"])
+        faiss_meta = {"kind": faiss_meta["kind"], "params": params, "file": files["faiss"]}
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    full = {"format": FORMAT, "generation": gen, "vop_version": __version__, "created": (old or {}).get("created", now),
+            "updated": now, "dim": int(emb.shape[1]), "count": len(entries), **meta, "faiss": faiss_meta, "files": files}
+    _atomic_write(out / "index.json", json.dumps(full, indent=2, ensure_ascii=False).encode("utf-8"))
+    # the old generation and unreferenced thumbnails go only after index.json points at the new one
+    keep = set(files.values())
+    for p in out.glob("*"):
+        if p.is_file() and p.name != "index.json" and p.name.split("-")[0] in ("embeddings", "videos", "faiss") and p.name not in keep:
+            p.unlink()
+    thumbs = out / "thumbs"
+    if thumbs.is_dir():
+        used = {e.get("thumb") for e in entries}
+        for p in thumbs.iterdir():
+            if p.name not in used and not p.name.startswith("."):
+                p.unlink()
+    return full
