@@ -20,6 +20,7 @@ def _register() -> None:
     from vop.cli import params as _params
     from vop.cli import data as _data
     from vop.cli import demo as _demo
+    from vop.cli import pretrain as _pretrain
     from vop.cli import train as _train
     from vop.cli import search as _search
 
@@ -28,6 +29,7 @@ def _register() -> None:
     _train.register(app)
     _search.register(app)
     _demo.register(app)
+    _pretrain.register(app)
 
 
 _register()

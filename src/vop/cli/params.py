@@ -7,7 +7,8 @@ from typing import Optional
 import typer
 
 
-def params_table(backbone: str, frames: int) -> list[dict]:
+def params_table(backbone, frames: int) -> list[dict]:
+    """One row per method; ``backbone`` is an architecture name or a CLIPConfig."""
     from vop.methods import count_parameters, list_methods
 
     rows = []

@@ -1,0 +1,70 @@
+"""`vop pretrain`: train the tiny CLIP contrastively on synthetic stills (docs/pretrain.md)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pretrain")(pretrain_cmd)
+
+
+def pretrain_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Weights file to write (.safetensors, OpenAI names)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the init and of the still stream (same seed: same weights)."),
+    steps: int = typer.Option(1500, "--steps", help="Optimiser steps."),
+    batch_size: int = typer.Option(256, "--batch-size", "-b", help="Image-caption pairs per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
+    warmup: int = typer.Option(100, "--warmup", help="Linear warmup steps, then cosine decay to 0."),
+    weight_decay: float = typer.Option(0.1, "--weight-decay", help="AdamW weight decay (weight matrices only)."),
+    arch: str = typer.Option("tiny-synthetic", "--arch", "-a", help="Architecture name (src/vop/backbone/archs)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Model input size in px (default: the architecture's)."),
+    canvas: int = typer.Option(64, "--canvas", help="Size the stills are drawn at (the synthetic videos' canvas)."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads (fixed, so the weights do not depend on the core count)."),
+    fp32: bool = typer.Option(False, "--fp32", help="Save float32 weights (default float16: half the file size)."),
+    eval_stills: int = typer.Option(2000, "--eval-stills", help="Held-out stills for the zero-shot report (0: skip)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the run's numbers as JSON here."),
+) -> None:
+    """Pretrain a tiny CLIP on still images with captions (it never sees a video)."""
+    import torch
+
+    from vop.backbone.checkpoint import save_clip
+    from vop.backbone.config import arch_name
+    from vop.engine.pretrain import PretrainConfig, pretrain, zero_shot_stills
+    from vop.errors import ConfigError
+
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1 (got {threads})")
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = PretrainConfig(arch=arch, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
+                         weight_decay=weight_decay, seed=seed, canvas=canvas, image_size=size, threads=threads)
+    clip_cfg = cfg.clip_config()  # clear errors before any work
+    result = pretrain(cfg, progress=True)
+    dtype = torch.float32 if fp32 else torch.float16
+    save_clip(result.model, out, dtype=dtype)
+    mb = out.stat().st_size / 1e6
+    n_params = sum(p.numel() for p in result.model.parameters())
+    tail = result.losses[-min(50, len(result.losses)):]
+    typer.echo(f"{arch_name(clip_cfg) or arch}: {n_params:,} parameters, {steps} steps of {batch_size} stills in "
+               f"{result.seconds:.0f} s; final loss {sum(tail) / len(tail):.3f}")
+    typer.echo(f"wrote {out} ({mb:.1f} MB, {'fp32' if fp32 else 'fp16'})")
+    numbers: dict = {"arch": arch_name(clip_cfg) or arch, "config": clip_cfg.to_dict(), "seed": seed, "steps": steps,
+                     "batch_size": batch_size, "lr": lr, "warmup": warmup, "threads": threads,
+                     "seconds": round(result.seconds, 1), "file_mb": round(mb, 2), "parameters": n_params,
+                     "final_loss": sum(tail) / len(tail)}
+    if eval_stills > 0:
+        from vop.backbone.checkpoint import load_clip
+
+        z = zero_shot_stills(load_clip(out), eval_stills, threads=threads)  # what was saved (fp16 included)
+        numbers["zero_shot_stills"] = z
+        typer.echo(f"zero-shot on {eval_stills} held-out stills: image->text top-1 {z['i2t_top1']:.1f}% "
+                   f"(chance {z['i2t_chance']:.1f}), text->image top-1 {z['t2i_top1']:.1f}% "
+                   f"(chance {z['t2i_chance']:.1f}); colour {z.get('colour', float('nan')):.1f}%, "
+                   f"shape {z.get('shape', float('nan')):.1f}%, motion {z.get('motion_still', float('nan')):.1f}% "
+                   f"('moving left') / {z.get('motion_video', float('nan')):.1f}% ('moves left')")
+    if report is not None:
+        report.write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")

@@ -1,0 +1,56 @@
+"""`vop demo --smoke` end to end: artefacts complete and consistent."""
+import json
+import re
+
+import pytest
+
+import vop
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    from vop.cli.main import main
+
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_artefacts_complete(demo_out):
+    for f in ("results.json", "results.md", "figure1.png", "qualitative.html"):
+        assert (demo_out / f).stat().st_size > 0, f
+    assert (demo_out / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_method_and_counts_match_params(demo_out):
+    from vop.cli.params import params_table
+
+    res = json.loads((demo_out / "results.json").read_text())
+    methods = res["methods"]
+    assert list(methods) == ["zeroshot", "full", "vop", "vop-p", "vop-f", "vop-fc"]
+    clip = vop.load_clip(res["settings"]["backbone"])
+    table = {r["method"]: r for r in params_table(clip.cfg, res["settings"]["frames"])}
+    md = (demo_out / "results.md").read_text()
+    for m, r in methods.items():
+        assert r["counts"]["trainable"] == table[m]["trainable"], m
+        pct = 100 * r["counts"]["trainable"] / r["counts"]["backbone"]
+        assert pct == pytest.approx(table[m]["percent"])
+        assert f"{r['counts']['trainable']:,} | {pct:.3f}" in md
+        for run in r["runs"]:
+            for d in ("t2v", "v2t"):
+                m_ = run["test"][d]
+                assert all(0 <= m_[k] <= 100 for k in ("R1", "R5", "R10"))
+                assert m_["R1"] <= m_["R5"] <= m_["R10"]
+                assert 1 <= m_["MdR"] <= 16 and 1 <= m_["MnR"] <= 16
+            assert 0 <= run["diagnostics"]["temporal_R1"] <= 100
+            assert 0 <= run["diagnostics"]["twin_accuracy"] <= 100
+    assert res["wall_seconds"] > 0 and res["peak_rss_mib"] > 0
+
+
+def test_html_references_existing_images(demo_out):
+    html = (demo_out / "qualitative.html").read_text()
+    srcs = re.findall(r"src='([^']+)'", html)
+    assert len(srcs) >= 5
+    for s in srcs:
+        assert (demo_out / s).is_file(), s
+    assert "class='hit'" in html or "class=\"hit\"" in html
