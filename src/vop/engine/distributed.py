@@ -48,6 +48,7 @@ class DistEnv:
 
     def teardown(self) -> None:
         if self.enabled and dist.is_initialized():
+            dist.barrier()  # every rank leaves its collectives before the group goes (gloo aborts otherwise)
             dist.destroy_process_group()
 
 
