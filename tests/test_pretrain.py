@@ -17,10 +17,11 @@ from vop.data.synth import make_stills
 from vop.engine.pretrain import (SHIPPED_ARCH, SHIPPED_NAME, PretrainConfig, contrastive_loss, pretrain, trim_tokens,
                                  zero_shot_stills)
 
-# Measured on the shipped file with zero_shot_stills(model, 2000) (docs/pretrain.md); the test
-# recomputes them on the first 500 held-out stills and allows for the smaller sample.
-SHIPPED = {"i2t_top1": 50.1, "t2i_top1": 50.0, "colour": 93.1, "shape": 63.7, "motion_video": 57.7}
-TOLERANCE = 8.0  # percentage points
+# The shipped file's zero-shot numbers on the first 500 held-out stills, zero_shot_stills(model, 500)
+# (docs/pretrain.md; on 2000 stills i2t/t2i are lower because there are 4x more captions to pick
+# from). The tolerance only absorbs float differences between CPUs.
+SHIPPED = {"i2t_top1": 67.8, "t2i_top1": 69.0, "colour": 93.3, "shape": 69.3, "motion_video": 53.5}
+TOLERANCE = 5.0  # percentage points
 
 
 def small(**kw) -> PretrainConfig:
@@ -121,5 +122,5 @@ def test_shipped_zero_shot_accuracy(shipped):
         assert z[key] >= documented - TOLERANCE, (key, z[key], documented)
     # far above chance, and a random model of the same architecture is not
     assert z["colour"] > 3 * z["colour_chance"] and z["i2t_top1"] > 10 * z["i2t_chance"]
-    rand = zero_shot_stills(build_clip(SHIPPED_ARCH, seed=0), 500, threads=2)
+    rand = zero_shot_stills(build_clip(SHIPPED_ARCH, seed=0), 300, threads=2)
     assert rand["colour"] < SHIPPED["colour"] - 30 and rand["i2t_top1"] < SHIPPED["i2t_top1"] / 3

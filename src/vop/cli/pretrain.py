@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
 def pretrain_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Weights file to write (.safetensors, OpenAI names)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the init and of the still stream (same seed: same weights)."),
-    steps: int = typer.Option(1500, "--steps", help="Optimiser steps."),
+    steps: int = typer.Option(1200, "--steps", help="Optimiser steps."),
     batch_size: int = typer.Option(256, "--batch-size", "-b", help="Image-caption pairs per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
     warmup: int = typer.Option(100, "--warmup", help="Linear warmup steps, then cosine decay to 0."),
@@ -24,6 +24,8 @@ def pretrain_cmd(
     size: Optional[int] = typer.Option(None, "--size", help="Model input size in px (default: the architecture's)."),
     canvas: int = typer.Option(64, "--canvas", help="Size the stills are drawn at (the synthetic videos' canvas)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (fixed, so the weights do not depend on the core count)."),
+    text_buckets: int = typer.Option(1, "--text-buckets", help="Encode captions in N length groups (faster; "
+                                     "changes float rounding, so not bitwise equal to the default 1)."),
     fp32: bool = typer.Option(False, "--fp32", help="Save float32 weights (default float16: half the file size)."),
     eval_stills: int = typer.Option(2000, "--eval-stills", help="Held-out stills for the zero-shot report (0: skip)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the run's numbers as JSON here."),
@@ -41,7 +43,8 @@ def pretrain_cmd(
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     cfg = PretrainConfig(arch=arch, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
-                         weight_decay=weight_decay, seed=seed, canvas=canvas, image_size=size, threads=threads)
+                         weight_decay=weight_decay, seed=seed, canvas=canvas, image_size=size, threads=threads,
+                         text_buckets=text_buckets)
     clip_cfg = cfg.clip_config()  # clear errors before any work
     result = pretrain(cfg, progress=True)
     dtype = torch.float32 if fp32 else torch.float16

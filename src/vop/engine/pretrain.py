@@ -37,7 +37,7 @@ from vop.data.transforms import normalize, resize_center_crop
 from vop.errors import ConfigError
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "contrastive_loss", "still_batch", "encode_captions",
-           "encode_stills", "zero_shot_stills", "canonical_caption", "deterministic", "EVAL_SEED", "SHIPPED_NAME", "SHIPPED_ARCH"]
+           "encode_stills", "encode_text_bucketed", "trim_tokens", "zero_shot_stills", "canonical_caption", "deterministic", "EVAL_SEED", "SHIPPED_NAME", "SHIPPED_ARCH"]
 
 #: the still stream used for held-out evaluation (training streams use the run's ``seed``)
 EVAL_SEED = 999_001
@@ -49,7 +49,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 @dataclass(frozen=True)
 class PretrainConfig:
     arch: str | CLIPConfig = SHIPPED_ARCH
-    steps: int = 1500
+    steps: int = 1200
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
@@ -67,6 +67,10 @@ class PretrainConfig:
     #: core count); None leaves the current setting
     threads: int | None = 2
     device: str = "cpu"
+    #: encode captions in this many groups of similar length (see :func:`encode_text_bucketed`):
+    #: less padding to compute, the same model up to float rounding (so not bitwise equal to a run
+    #: with 1, which is how the shipped weights were made)
+    text_buckets: int = 1
 
     def clip_config(self) -> CLIPConfig:
         cfg = get_arch(self.arch) if isinstance(self.arch, str) else self.arch
@@ -205,33 +209,35 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), *, progress: bool = False,
         pool = ThreadPoolExecutor(max_workers=1)
         fetch = lambda k: pool.submit(still_batch, k, cfg, tokenizer, clip_cfg.vision.image_size)  # noqa: E731
         pending = fetch(0)
-        for step in range(cfg.steps):
-            images, tokens, captions = pending.result()
-            if step + 1 < cfg.steps:
-                pending = fetch(step + 1)
-            images, tokens = images.to(device), tokens.to(device)
-            img, txt = model.encode_image(images), encode_text_bucketed(model, tokens)
-            loss = contrastive_loss(img, txt, model.logit_scale, captions)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            value = float(loss.detach())
-            losses.append(value)
-            if not math.isfinite(value):
-                raise FloatingPointError(f"pretraining diverged at step {step} (loss {value}); lower --lr")
-            if callback is not None:
-                callback(step, value, model)
-            if bar is not None:
-                ema = value if ema is None else 0.95 * ema + 0.05 * value
-                bar.set_postfix(loss=f"{ema:.3f}", scale=f"{model.logit_scale.exp().item():.1f}",
-                                lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
-                bar.update(1)
-        pool.shutdown()
+        try:
+            for step in range(cfg.steps):
+                images, tokens, captions = pending.result()
+                if step + 1 < cfg.steps:
+                    pending = fetch(step + 1)
+                images, tokens = images.to(device), tokens.to(device)
+                img, txt = model.encode_image(images), encode_text_bucketed(model, tokens, cfg.text_buckets)
+                loss = contrastive_loss(img, txt, model.logit_scale, captions)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                value = float(loss.detach())
+                losses.append(value)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"pretraining diverged at step {step} (loss {value}); lower --lr")
+                if callback is not None:
+                    callback(step, value, model)
+                if bar is not None:
+                    ema = value if ema is None else 0.95 * ema + 0.05 * value
+                    bar.set_postfix(loss=f"{ema:.3f}", scale=f"{model.logit_scale.exp().item():.1f}",
+                                    lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+                    bar.update(1)
+        finally:
+            pool.shutdown(cancel_futures=True)
         if bar is not None:
             bar.close()
     model = model.eval().cpu()
