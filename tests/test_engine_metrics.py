@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import numpy as np
@@ -17,24 +18,44 @@ from vop.engine.metrics import (
 
 # --- independent reference: plain loops, counting only (no sorting, no numpy ranking) ----------
 
+def _tie_expectation(higher, tied_wrong, tied_own, ks=(1, 5, 10)):
+    """Enumerate every equally likely placement of the ``tied_own`` correct items in a shuffled
+    block of ``tied_own + tied_wrong`` tied items: P(first correct within k) and its expected rank."""
+    n = tied_own + tied_wrong
+    placements = list(itertools.combinations(range(n), tied_own))
+    firsts = [higher + 1 + min(c) for c in placements]
+    return {k: sum(f <= k for f in firsts) / len(firsts) for k in ks}, sum(firsts) / len(firsts)
+
+
 def brute_force(sim, text_to_video=None):
+    """Plain loops and counting. Returns (expected metrics, optimistic t2v ranks, optimistic v2t ranks)."""
     sim = [[float(x) for x in row] for row in np.asarray(sim)]
     n_text, n_video = len(sim), len(sim[0])
     t2v = list(range(n_text)) if text_to_video is None else [int(v) for v in text_to_video]
-    t2v_ranks_ = []
+    t2v_ranks_, t2v_exp = [], []
     for i in range(n_text):
         gt = sim[i][t2v[i]]
-        t2v_ranks_.append(1 + sum(1 for j in range(n_video) if sim[i][j] > gt))
-    v2t_ranks_ = []
+        higher = sum(1 for j in range(n_video) if sim[i][j] > gt)
+        tied = sum(1 for j in range(n_video) if j != t2v[i] and sim[i][j] == gt)
+        t2v_ranks_.append(1 + higher)
+        t2v_exp.append(_tie_expectation(higher, tied, 1))
+    v2t_ranks_, v2t_exp = [], []
     for v in range(n_video):
         best = max(sim[i][v] for i in range(n_text) if t2v[i] == v)
-        v2t_ranks_.append(1 + sum(1 for i in range(n_text) if sim[i][v] > best))
-    return {"t2v": summarise(t2v_ranks_), "v2t": summarise(v2t_ranks_)}, t2v_ranks_, v2t_ranks_
+        higher = sum(1 for i in range(n_text) if sim[i][v] > best)
+        own = sum(1 for i in range(n_text) if t2v[i] == v and sim[i][v] == best)
+        wrong = sum(1 for i in range(n_text) if t2v[i] != v and sim[i][v] == best)
+        v2t_ranks_.append(1 + higher)
+        v2t_exp.append(_tie_expectation(higher, wrong, own))
+    return {"t2v": summarise(t2v_exp), "v2t": summarise(v2t_exp)}, t2v_ranks_, v2t_ranks_
 
 
-def summarise(ranks):
-    n = len(ranks)
-    out = {f"R{k}": 100.0 * sum(1 for r in ranks if r <= k) / n for k in (1, 5, 10)}
+def summarise(queries):
+    """``queries``: (hit probabilities by k, expected rank) per query, or plain integer ranks."""
+    queries = [q if isinstance(q, tuple) else ({k: float(q <= k) for k in (1, 5, 10)}, q) for q in queries]
+    n = len(queries)
+    out = {f"R{k}": 100.0 * sum(hit[k] for hit, _ in queries) / n for k in (1, 5, 10)}
+    ranks = [r for _, r in queries]
     ordered = []  # selection by counting: the m-th smallest is the r with #{< r} <= m < #{<= r}
     for m in range(n):
         ordered.append(next(r for r in ranks if sum(x < r for x in ranks) <= m < sum(x <= r for x in ranks)))
@@ -75,22 +96,51 @@ def test_hand_computed_3x3():
 def test_hand_computed_multi_caption_and_ties():
     # 4 captions, 2 videos: captions 0,1 describe video 0; captions 2,3 describe video 1.
     sim = torch.tensor([[0.2, 0.9],   # caption 0: its video 0 is second -> rank 2
-                        [0.7, 0.7],   # caption 1: tie with the wrong video -> rank 1 (strictly higher only)
+                        [0.7, 0.7],   # caption 1: tied with the wrong video -> rank 1 or 2, a coin flip
                         [0.1, 0.3],   # caption 2: rank 1
                         [0.8, 0.4]])  # caption 3: rank 2
     idx = [0, 0, 1, 1]
-    assert t2v_ranks(sim, idx).tolist() == [2, 1, 1, 2]
+    assert t2v_ranks(sim, idx).tolist() == [2, 1, 1, 2]  # optimistic ranks
+    ranks, tied = t2v_ranks(sim, idx, ties=True)
+    assert tied.tolist() == [0, 1, 0, 0]
     # video 0 column [0.2, 0.7, 0.1, 0.8]: best own caption 0.7 (caption 1), caption 3's 0.8 above -> 2.
     # video 1 column [0.9, 0.7, 0.3, 0.4]: best own caption 0.4, captions 0 and 1 above -> 3.
     assert v2t_ranks(sim, idx).tolist() == [2, 3]
     m = retrieval_metrics(sim, np.array(idx))
-    assert m["t2v"]["MdR"] == 1.5 and m["t2v"]["R1"] == 50.0
+    # t2v expected ranks [2, 1.5, 1, 2]: R@1 = (0 + 0.5 + 1 + 0) / 4
+    assert m["t2v"] == pytest.approx({"R1": 37.5, "R5": 100.0, "R10": 100.0, "MdR": 1.75, "MnR": 1.625})
     assert m["v2t"] == pytest.approx({"R1": 0.0, "R5": 100.0, "R10": 100.0, "MdR": 2.5, "MnR": 2.5})
 
 
-def test_constant_matrix_ranks_everything_first():
+def test_constant_matrix_is_chance_not_perfect():
+    # a collapsed model scores everything equally: every metric is what random ranking would give
     m = retrieval_metrics(torch.zeros(5, 5))
-    assert m["t2v"]["R1"] == m["v2t"]["R1"] == 100.0 and m["t2v"]["MnR"] == 1.0
+    assert m["t2v"] == pytest.approx({"R1": 20.0, "R5": 100.0, "R10": 100.0, "MdR": 3.0, "MnR": 3.0})
+    assert m["v2t"] == m["t2v"]
+    assert t2v_ranks(torch.zeros(5, 5)).tolist() == [1] * 5
+
+
+def test_identical_twins_are_a_coin_flip():
+    # two gallery videos a model cannot tell apart (a video and its reversed copy under frame
+    # averaging): each of their captions scores both the same -> R@1 50%, not 100%
+    sim = torch.tensor([[0.9, 0.9, 0.1], [0.8, 0.8, 0.2], [0.1, 0.2, 0.7]])
+    m = retrieval_metrics(sim)
+    assert m["t2v"]["R1"] == pytest.approx(100 * (0.5 + 0.5 + 1) / 3)
+    # a model that separates them, even by a hair, gets exact ranks
+    sim[0, 1] = 0.89
+    sim[1, 0] = 0.79
+    assert retrieval_metrics(sim)["t2v"]["R1"] == 100.0
+
+
+def test_multi_caption_tie_probability():
+    # video 0 has 2 captions tied with 3 captions of other videos at its best score: P(hit@1) = 2/5,
+    # P(hit@2) = 1 - C(3,2)/C(5,2) = 0.7; expected rank 1 + 3/3 = 2
+    sim = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.5], [1.0, 0.5], [1.0, 0.9]])
+    idx = [0, 0, 1, 1, 1]
+    ranks, tied, own = v2t_ranks(sim, idx, ties=True)
+    assert (ranks[0], tied[0], own[0]) == (1, 3, 2)
+    m = rank_metrics(ranks[:1], (1, 2), tied[:1], own[:1])
+    assert m == pytest.approx({"R1": 40.0, "R2": 70.0, "MdR": 2.0, "MnR": 2.0})
 
 
 @pytest.mark.parametrize("seed", range(3))

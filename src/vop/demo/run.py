@@ -57,11 +57,11 @@ class DemoSettings:
 def diagnostics(out, dataset) -> dict[str, Any]:
     """Metrics on the temporal-order subset and on held-out compositions, from the test scores."""
     sim, gt = out.sim, dataset.text_to_video
-    ranks = t2v_ranks(sim, gt)
+    ranks, tied = t2v_ranks(sim, gt, ties=True)
     res: dict[str, Any] = {}
     temporal = temporal_subset(dataset)
     if len(temporal):
-        res["temporal_R1"] = rank_metrics(ranks[temporal])["R1"]
+        res["temporal_R1"] = rank_metrics(ranks[temporal], tied=tied[temporal])["R1"]
         index = {v: i for i, v in enumerate(dataset.videos)}
         twins = dataset.meta_column("twin")
         wins = []
@@ -75,7 +75,7 @@ def diagnostics(out, dataset) -> dict[str, Any]:
         res["temporal_captions"] = len(temporal)
     held = heldout_subset(dataset)
     if len(held):
-        res["heldout_R1"] = rank_metrics(ranks[held])["R1"]
+        res["heldout_R1"] = rank_metrics(ranks[held], tied=tied[held])["R1"]
         res["heldout_captions"] = len(held)
     return res
 

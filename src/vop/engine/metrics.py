@@ -7,13 +7,18 @@ Conventions
 - ``text_to_video[i]`` is the index of caption ``i``'s video. Default: the identity (a square
   matrix, one caption per video). Several captions per video are allowed; every video must have at
   least one caption.
-- Tie policy (deterministic, independent of gallery order): the rank of a ground truth is
-  ``1 + (number of candidates scoring strictly higher)``. Candidates with exactly the same score
-  as the ground truth do not push it down; this is the optimistic convention, so a degenerate
-  model that scores everything equally gets rank 1 everywhere (watch for collapsed embeddings).
+- Tie policy (deterministic, independent of gallery order): exact ties are broken uniformly at
+  random *in expectation*. A ground truth with ``b`` candidates scoring strictly higher and ``t``
+  other candidates scoring exactly the same has an optimistic rank ``b + 1`` (what the rank
+  functions return) and a uniformly random position in the tied block; R@K is the probability of
+  landing within K, MnR / MdR use the expected rank ``b + 1 + t / 2``. So a degenerate model that
+  scores everything equally gets chance-level R@1 (100 / gallery size), and two gallery items a
+  model cannot tell apart (e.g. a video and its time-reversed copy under frame averaging) are a
+  coin flip, not a double hit. Without ties this is the usual ``1 + #strictly higher`` rank.
 - t2v: each caption is a query; its rank is that of its video among all videos.
 - v2t: each video is a query; it is correct as soon as any of its captions is retrieved, so its
-  rank is ``1 + (number of captions scoring strictly higher than its best-scoring caption)``.
+  rank is ``1 + (number of captions scoring strictly higher than its best-scoring caption)``; with
+  ties, the first of its ``g`` tied captions lands after ``t / (g + 1)`` tied others on average.
 - R@K is in percent; MdR is ``np.median`` of the ranks (the mean of the two middle ranks for an
   even number of queries, so it can be x.5); MnR is the mean rank.
 
@@ -85,63 +90,107 @@ def _check_index(sim: torch.Tensor, text_to_video) -> torch.Tensor:
     return idx
 
 
-def t2v_ranks(sim, text_to_video=None, chunk: int = 1024) -> torch.Tensor:
-    """Rank (1-based, tie policy above) of each caption's video among all videos: shape (texts,)."""
+def t2v_ranks(sim, text_to_video=None, chunk: int = 1024, *, ties: bool = False):
+    """Optimistic rank (1 + number of videos scoring strictly higher) of each caption's video:
+    shape (texts,). With ``ties=True`` also returns how many *other* videos score exactly the same
+    (pass both to :func:`rank_metrics` for the tie-aware metrics)."""
     sim = _check_sim(sim)
-    return _t2v_ranks(sim, _check_index(sim, text_to_video), chunk)
+    ranks, tied = _t2v_ranks(sim, _check_index(sim, text_to_video), chunk)
+    return (ranks, tied) if ties else ranks
 
 
-def _t2v_ranks(sim: torch.Tensor, idx: torch.Tensor, chunk: int) -> torch.Tensor:
+def _t2v_ranks(sim: torch.Tensor, idx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     ranks = torch.empty(sim.shape[0], dtype=torch.long)
+    tied = torch.empty(sim.shape[0], dtype=torch.long)
     for s in range(0, sim.shape[0], chunk):
         block = sim[s:s + chunk]
         gt = block.gather(1, idx[s:s + chunk, None])  # (b, 1)
         ranks[s:s + chunk] = ((block > gt).sum(1) + 1).cpu()
-    return ranks
+        tied[s:s + chunk] = ((block == gt).sum(1) - 1).cpu()  # minus the ground truth itself
+    return ranks, tied
 
 
-def v2t_ranks(sim, text_to_video=None, chunk: int = 1024) -> torch.Tensor:
-    """Rank of each video's best-scoring caption among all captions: shape (videos,)."""
+def v2t_ranks(sim, text_to_video=None, chunk: int = 1024, *, ties: bool = False):
+    """Optimistic rank of each video's best-scoring caption among all captions: shape (videos,).
+    With ``ties=True`` also returns (other videos' captions tied with it, its own captions tied at
+    that score)."""
     sim = _check_sim(sim)
-    return _v2t_ranks(sim, _check_index(sim, text_to_video), chunk)
+    ranks, tied, own = _v2t_ranks(sim, _check_index(sim, text_to_video), chunk)
+    return (ranks, tied, own) if ties else ranks
 
 
-def _v2t_ranks(sim: torch.Tensor, idx: torch.Tensor, chunk: int) -> torch.Tensor:
+def _v2t_ranks(sim: torch.Tensor, idx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_text, n_video = sim.shape
     gt = sim[torch.arange(n_text, device=sim.device), idx]  # score of each caption with its video
     best = torch.full((n_video,), float("-inf"), dtype=gt.dtype if gt.is_floating_point() else torch.float64,
                       device=sim.device)
     best = best.scatter_reduce(0, idx, gt.to(best.dtype), reduce="amax")
+    own = torch.zeros(n_video, dtype=torch.long, device=sim.device)
+    own.index_add_(0, idx, (gt.to(best.dtype) == best[idx]).long())  # own captions at the best score
     above = torch.zeros(n_video, dtype=torch.long, device=sim.device)
+    level = torch.zeros(n_video, dtype=torch.long, device=sim.device)
     for s in range(0, n_text, chunk):
-        above += (sim[s:s + chunk] > best).sum(0)
-    return (above + 1).cpu()
+        block = sim[s:s + chunk]
+        above += (block > best).sum(0)
+        level += (block == best).sum(0)
+    return (above + 1).cpu(), (level - own).cpu(), own.cpu()
 
 
-def rank_metrics(ranks, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """R@K (percent) for each K, MdR (np.median semantics) and MnR from 1-based ranks."""
+def rank_metrics(ranks, ks: Sequence[int] = (1, 5, 10), tied=None, own=None) -> dict[str, float]:
+    """R@K (percent) for each K, MdR (np.median semantics) and MnR from 1-based optimistic ranks.
+
+    ``tied`` (optional, per query): other candidates scoring exactly like the ground truth;
+    ``own`` (optional, v2t): the query's own correct candidates in that tied block (default 1).
+    With them every metric is its expectation under uniformly random tie-breaking (module docstring);
+    without them there are no ties and the ranks are exact.
+    """
     r = np.asarray(ranks.cpu() if torch.is_tensor(ranks) else ranks, dtype=np.float64)
     if r.size == 0:
         raise ValueError("no ranks to summarise (empty gallery or no queries)")
-    out = {f"R{k}": float(100.0 * np.mean(r <= k)) for k in ks}
-    out["MdR"] = float(np.median(r))
-    out["MnR"] = float(np.mean(r))
+    t = np.zeros_like(r) if tied is None else np.asarray(tied.cpu() if torch.is_tensor(tied) else tied, dtype=np.float64)
+    g = np.ones_like(r) if own is None else np.asarray(own.cpu() if torch.is_tensor(own) else own, dtype=np.float64)
+    if t.shape != r.shape or g.shape != r.shape:
+        raise ValueError(f"ranks, tied and own must have the same shape, got {r.shape}, {t.shape}, {g.shape}")
+    out = {f"R{k}": float(100.0 * np.mean(_hit_probability(r, t, g, k))) for k in ks}
+    expected = r + t / (g + 1.0)  # expected rank of the first correct item in a random tie order
+    out["MdR"] = float(np.median(expected))
+    out["MnR"] = float(np.mean(expected))
     return out
+
+
+def _lgamma(x: np.ndarray) -> np.ndarray:
+    return torch.lgamma(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+
+
+def _hit_probability(r: np.ndarray, t: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
+    """P(one of ``g`` correct items is among the first ``m = k - r + 1`` places of a uniformly
+    shuffled block of ``g + t`` tied items) = 1 - C(t, m) / C(t + g, m)."""
+    m = k - r + 1
+    p = np.zeros_like(r)
+    sure = m > t  # more places than wrong items: certain hit
+    p[sure] = 1.0
+    mid = (m >= 1) & ~sure
+    if mid.any():
+        mm, tt, gg = m[mid], t[mid], g[mid]
+        log_ratio = (_lgamma(tt + 1) - _lgamma(tt - mm + 1)) - (_lgamma(tt + gg + 1) - _lgamma(tt + gg - mm + 1))
+        p[mid] = 1.0 - np.exp(log_ratio)
+    return p
 
 
 def retrieval_metrics(sim, text_to_video=None, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
     """Text-to-video and video-to-text metrics of a (texts x videos) score matrix.
 
     Returns ``{"t2v": {...}, "v2t": {...}}``, each with ``R1, R5, R10`` (percent), ``MdR`` and
-    ``MnR`` (floats). Rank of a ground truth = 1 + number of candidates scoring *strictly* higher
-    (ties never count against it). MdR uses ``np.median`` (even count: mean of the two middle
+    ``MnR`` (floats). Rank of a ground truth = 1 + number of candidates scoring strictly higher,
+    exact ties broken uniformly at random in expectation (module docstring). MdR uses ``np.median`` (even count: mean of the two middle
     ranks). v2t uses each video's best-ranked caption. Raises ValueError for NaN scores, a bad
     ``text_to_video`` or a video without captions.
     """
     sim = _check_sim(sim)
     idx = _check_index(sim, text_to_video)
-    return {"t2v": rank_metrics(_t2v_ranks(sim, idx, chunk), ks),
-            "v2t": rank_metrics(_v2t_ranks(sim, idx, chunk), ks)}
+    ranks, tied = _t2v_ranks(sim, idx, chunk)
+    v_ranks, v_tied, v_own = _v2t_ranks(sim, idx, chunk)
+    return {"t2v": rank_metrics(ranks, ks, tied), "v2t": rank_metrics(v_ranks, ks, v_tied, v_own)}
 
 
 def similarity_chunked(text_emb, video_emb, chunk: int = 1024) -> torch.Tensor:
