@@ -43,7 +43,11 @@ def test_every_method_and_counts_match_params(demo_out):
                 assert m_["R1"] <= m_["R5"] <= m_["R10"]
                 assert 1 <= m_["MdR"] <= 16 and 1 <= m_["MnR"] <= 16
             assert 0 <= run["diagnostics"]["temporal_R1"] <= 100
-            assert 0 <= run["diagnostics"]["twin_accuracy"] <= 100
+            diag = run["diagnostics"]
+            assert 0 <= diag["twin_accuracy"] <= 100
+            # smoke world: 4 reversed pairs (8 captions) and 2 swapped pairs (4 captions)
+            assert 0 <= diag["twin_accuracy_reversed"] <= 100 and 0 <= diag["twin_accuracy_swapped"] <= 100
+            assert (8 * diag["twin_accuracy_reversed"] + 4 * diag["twin_accuracy_swapped"]) / 12 == pytest.approx(diag["twin_accuracy"])
     assert res["wall_seconds"] > 0 and res["peak_rss_mib"] > 0
 
 

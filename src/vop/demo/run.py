@@ -63,15 +63,20 @@ def diagnostics(out, dataset) -> dict[str, Any]:
     if len(temporal):
         res["temporal_R1"] = rank_metrics(ranks[temporal], tied=tied[temporal])["R1"]
         index = {v: i for i, v in enumerate(dataset.videos)}
-        twins = dataset.meta_column("twin")
-        wins = []
+        twins, kinds = dataset.meta_column("twin"), dataset.meta_column("temporal_kind")
+        wins: dict[str, list[float]] = {"all": [], "reversed": [], "swapped": []}
         for i in temporal.tolist():
             j = index.get(twins[i])
             if j is None:
                 continue
             own, other = sim[i, gt[i]].item(), sim[i, j].item()
-            wins.append(1.0 if own > other else 0.5 if own == other else 0.0)
-        res["twin_accuracy"] = 100.0 * sum(wins) / max(1, len(wins))
+            win = 1.0 if own > other else 0.5 if own == other else 0.0
+            wins["all"].append(win)
+            wins.setdefault(kinds[i], []).append(win)
+        res["twin_accuracy"] = 100.0 * sum(wins["all"]) / max(1, len(wins["all"]))
+        for kind in ("reversed", "swapped"):  # reversed twins hold the same frames: order-blind ~ 50% (ties)
+            if wins[kind]:
+                res[f"twin_accuracy_{kind}"] = 100.0 * sum(wins[kind]) / len(wins[kind])
         res["temporal_captions"] = len(temporal)
     held = heldout_subset(dataset)
     if len(held):
@@ -89,7 +94,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for d in ("t2v", "v2t"):
         out[d] = {k: _mean_std([r["test"][d][k] for r in runs]) for k in ("R1", "R5", "R10", "MdR", "MnR")}
-    for k in ("temporal_R1", "twin_accuracy", "heldout_R1"):
+    for k in ("temporal_R1", "twin_accuracy", "twin_accuracy_reversed", "twin_accuracy_swapped", "heldout_R1"):
         if k in runs[0]["diagnostics"]:
             out[k] = _mean_std([r["diagnostics"][k] for r in runs])
     return out
