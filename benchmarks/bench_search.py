@@ -126,6 +126,22 @@ def _recall(exact_rows, rows):
     return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(a) for a, b in zip(exact_rows, rows)]))
 
 
+def _time_index(index, queries, truth, picks, nq, k):
+    """One query at a time through a FAISS index: recall@10 against the exact top-k and latency per query kind."""
+    res = {}
+    for kind, q in queries.items():
+        lat, rows = [], []
+        for i in range(nq):
+            t = time.perf_counter()
+            _, rr = index.search(q[i:i + 1], k)
+            lat.append(time.perf_counter() - t)
+            rows.append(rr[0])
+        res[kind] = {"recall10": _recall(truth[kind], np.stack(rows)), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+        if kind == "near":
+            res[kind]["match_found"] = float(np.mean([p in rr for p, rr in zip(picks, rows)]))
+    return res
+
+
 def bench_search(args, tmp: Path) -> dict:
     import faiss
 
@@ -171,17 +187,7 @@ def bench_search(args, tmp: Path) -> dict:
             log(f"ivf nlist {params['nlist']}: built in {r['ivf']['build_s']:.1f} s")
             for nprobe in (8, 32, 128):
                 index.nprobe = nprobe
-                res = {}
-                for kind, q in queries.items():
-                    lat, rows = [], []
-                    for i in range(nq):
-                        t = time.perf_counter()
-                        _, rr = index.search(q[i:i + 1], k)
-                        lat.append(time.perf_counter() - t)
-                        rows.append(rr[0])
-                    res[kind] = {"recall10": _recall(truth[kind], np.stack(rows)), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
-                    if kind == "near":
-                        res[kind]["match_found"] = float(np.mean([p in rr for p, rr in zip(picks, rows)]))
+                res = _time_index(index, queries, truth, picks, nq, k)
                 r["ivf"]["by_nprobe"][nprobe] = res
                 log(f"  nprobe {nprobe}: near R@10 {res['near']['recall10']:.3f} (match {res['near']['match_found']:.2f}) p50 {res['near']['p50_ms']:.2f} ms | "
                     f"uniform R@10 {res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.2f} ms")
@@ -194,17 +200,7 @@ def bench_search(args, tmp: Path) -> dict:
                 log(f"hnsw: built in {r['hnsw']['build_s']:.1f} s")
                 for ef in (64, 128, 256):
                     index.hnsw.efSearch = ef
-                    res = {}
-                    for kind, q in queries.items():
-                        lat, rows = [], []
-                        for i in range(nq):
-                            t = time.perf_counter()
-                            _, rr = index.search(q[i:i + 1], k)
-                            lat.append(time.perf_counter() - t)
-                            rows.append(rr[0])
-                        res[kind] = {"recall10": _recall(truth[kind], np.stack(rows)), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
-                        if kind == "near":
-                            res[kind]["match_found"] = float(np.mean([p in rr for p, rr in zip(picks, rows)]))
+                    res = _time_index(index, queries, truth, picks, nq, k)
                     r["hnsw"]["by_ef"][ef] = res
                     log(f"  ef {ef}: near R@10 {res['near']['recall10']:.3f} (match {res['near']['match_found']:.2f}) p50 {res['near']['p50_ms']:.2f} ms | "
                         f"uniform R@10 {res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.2f} ms")
