@@ -264,3 +264,31 @@ def test_vit_b32_shapes_and_joint_sequence():
     h.remove()
     assert v.shape == (1, 512) and t.shape == (1, 512)
     assert seen == [(1, 12 * (1 + 49) + 8, 768)]
+
+
+def test_vop_f_frame_position_std_option(tiny_clip, tmp_path):
+    default = create_model("vop-f", tiny_clip, frames=8, ks=1).video_prompts.frame_position
+    wide = create_model("vop-f", tiny_clip, frames=8, ks=1, frame_position_std=1.0)
+    assert 0.01 < default.std().item() < 0.04 and 0.8 < wide.video_prompts.frame_position.std().item() < 1.2
+    back = vop.load_checkpoint(vop.save_checkpoint(wide, tmp_path / "f.safetensors"), tiny_clip)
+    assert back.opts.frame_position_std == 1.0
+    assert torch.equal(back.video_prompts.frame_position, wide.video_prompts.frame_position)
+
+
+def test_checkpoint_without_a_newer_option_loads_with_its_default(tmp_path, tiny_clip):
+    """A file written before an option existed (here VoP^F's frame_position_std) still loads."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    m = create_model("vop-f", tiny_clip, frames=4, ks=1)
+    path = vop.save_checkpoint(m, tmp_path / "new.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["vop"])
+    del meta["options"]["frame_position_std"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={"vop": json.dumps(meta)})
+    back = vop.load_checkpoint(old, tiny_clip)
+    assert back.opts.frame_position_std == 0.02
+    assert torch.equal(back.video_prompts.frame_position, m.video_prompts.frame_position)

@@ -170,11 +170,12 @@ class FunctionVideoPrompts(nn.Module):
     one sequence [F CLS tokens, n video-level prompts, F*M patches] per video. Read-out: the F CLS.
     """
 
-    def __init__(self, shallow: FrameTokens | None, layers: int, ks: int, frames: int, n_deep: int, width: int):
+    def __init__(self, shallow: FrameTokens | None, layers: int, ks: int, frames: int, n_deep: int, width: int,
+                 position_std: float = 0.02):
         super().__init__()
         self.shallow, self.layers, self.ks, self.frames, self.n_deep = shallow, layers, ks, frames, n_deep
         if ks < layers:
-            self.frame_position = prompt_param(frames, width)
+            self.frame_position = prompt_param(frames, width, std=position_std)
             self.deep = prompt_param(layers - ks, n_deep, width)
 
     def forward(self, x: torch.Tensor, run: Run, B: int, F: int) -> torch.Tensor:

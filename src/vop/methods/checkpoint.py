@@ -7,6 +7,7 @@ different backbone or method fails with a clear message. For ``full`` the file i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -134,9 +135,10 @@ def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[st
     meta = meta or read_checkpoint_meta(path)
     if meta["method"] != model.name:
         raise CheckpointError(f"{path}: is a {meta['method']!r} checkpoint, the model is {model.name!r}")
-    if meta["options"] != model.options_dict() or meta["frames"] != model.frames:
+    saved = {**dataclasses.asdict(model.Options()), **meta["options"]}  # options added since the file: defaults
+    if saved != model.options_dict() or meta["frames"] != model.frames:
         raise CheckpointError(
-            f"{path}: options {meta['options']} / frames {meta['frames']} differ from the model's "
+            f"{path}: options {saved} / frames {meta['frames']} differ from the model's "
             f"{model.options_dict()} / {model.frames}"
         )
     if CLIPConfig.from_dict(meta["arch"]) != model.clip.cfg:

@@ -26,6 +26,7 @@ class VoPFOptions:
     n_text: int = 8
     n_video: int = 8
     ks: int | None = None  # None: round(2/3 * layers) -> 8 on ViT-B
+    frame_position_std: float = 0.02  # init of the frame position embedding (the ablation in docs/results.md)
 
 
 @dataclass
@@ -50,7 +51,8 @@ class _Function:
         if not 0 <= ks <= layers:
             raise ValueError(f"ks must be in 0..{layers}, got {ks}")
         shallow = self.frame_tokens(ks) if (ks and self.opts.n_video) else None
-        self.video_prompts = FunctionVideoPrompts(shallow, layers, ks, self.frames, self.opts.n_video, self.clip.cfg.vision.width)
+        self.video_prompts = FunctionVideoPrompts(shallow, layers, ks, self.frames, self.opts.n_video,
+                                                 self.clip.cfg.vision.width, self.opts.frame_position_std)
 
 
 @register("vop-f")
