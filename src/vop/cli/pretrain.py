@@ -24,7 +24,7 @@ def pretrain_cmd(
     size: Optional[int] = typer.Option(None, "--size", help="Model input size in px (default: the architecture's)."),
     canvas: int = typer.Option(64, "--canvas", help="Size the stills are drawn at (the synthetic videos' canvas)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads (fixed, so the weights do not depend on the core count)."),
-    text_buckets: int = typer.Option(1, "--text-buckets", help="Encode captions in N length groups (faster; "
+    text_buckets: int = typer.Option(1, "--text-buckets", help="Encode captions in N length groups (less padding; "
                                      "changes float rounding, so not bitwise equal to the default 1)."),
     fp32: bool = typer.Option(False, "--fp32", help="Save float32 weights (default float16: half the file size)."),
     eval_stills: int = typer.Option(2000, "--eval-stills", help="Held-out stills for the zero-shot report (0: skip)."),

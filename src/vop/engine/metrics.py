@@ -182,8 +182,8 @@ def retrieval_metrics(sim, text_to_video=None, ks: Sequence[int] = (1, 5, 10), c
 
     Returns ``{"t2v": {...}, "v2t": {...}}``, each with ``R1, R5, R10`` (percent), ``MdR`` and
     ``MnR`` (floats). Rank of a ground truth = 1 + number of candidates scoring strictly higher,
-    exact ties broken uniformly at random in expectation (module docstring). MdR uses ``np.median`` (even count: mean of the two middle
-    ranks). v2t uses each video's best-ranked caption. Raises ValueError for NaN scores, a bad
+    exact ties broken uniformly at random in expectation (module docstring). MdR uses
+    ``np.median`` (even count: mean of the two middle ranks). v2t uses each video's best-ranked caption. Raises ValueError for NaN scores, a bad
     ``text_to_video`` or a video without captions.
     """
     sim = _check_sim(sim)
