@@ -1,6 +1,7 @@
 """`vop demo --smoke` end to end: artefacts complete and consistent."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,23 @@ def test_html_references_existing_images(demo_out):
     for s in srcs:
         assert (demo_out / s).is_file(), s
     assert "class='hit'" in html or "class=\"hit\"" in html
+
+
+def test_temporal_analysis_script(demo_out):
+    """scripts/temporal_analysis.py (the numbers of docs/results.md) runs on a demo folder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("temporal_analysis", Path(__file__).parents[1] / "scripts" / "temporal_analysis.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    report = mod.main([str(demo_out)])
+    rows = {r["method"]: r for r in report["methods"]}
+    assert set(rows) == {"zeroshot", "full", "vop", "vop-p", "vop-f", "vop-fc"}
+    for name, r in rows.items():
+        assert r["R1"] <= r["R1_optimistic"] + 1e-9, name  # random tie-breaking never beats optimistic
+        assert r["distance_random"] > 0.01
+    for name in ("zeroshot", "full", "vop"):  # frame averaging: a reversed twin gets the same embedding
+        assert abs(rows[name]["distance_reversed"]) < 1e-5, name
+    assert rows["vop-f"]["reversed_exact_ties"] == 0
+    assert report["frame_position"]["position_rms"] > 0 and report["frame_position"]["token_norm"] > 0
+    assert 0 <= report["inverse_partner"]["p_partner"] <= 1
