@@ -129,7 +129,8 @@ class PortVoP(nn.Module):
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         B, Fr = video.shape[:2]
-        return self.encode_frames(video.reshape(B * Fr, *video.shape[2:])).reshape(B, Fr, -1).mean(dim=1)
+        frames = self.encode_frames(video.reshape(B * Fr, *video.shape[2:])).reshape(B, Fr, -1)
+        return (frames / frames.norm(dim=-1, keepdim=True)).mean(dim=1)  # meanP
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         c = self.clip

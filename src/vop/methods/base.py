@@ -3,7 +3,8 @@
 Every method is a subclass that adds trainable pieces in ``build`` (prompt modules, adapters) or
 unfreezes part of CLIP. The pipeline itself is the paper's and is the same for all:
 
-- video (B, F, 3, H, W): every frame through the image tower, [CLS] -> ln_post -> proj, mean over F;
+- video (B, F, 3, H, W): every frame through the image tower, [CLS] -> ln_post -> proj, each frame
+  embedding L2-normalised, then the mean over F (CLIP4Clip's meanP, as in the authors' code and DGL);
 - text (B, T) token ids: the text tower, read at [EOT], projected;
 - score: cosine similarity times CLIP's logit scale.
 """
@@ -20,6 +21,12 @@ from torch.utils.checkpoint import checkpoint
 from vop.backbone.clip import CLIP
 from vop.backbone.tokenizer import CLIPTokenizer
 from vop.methods.blocks import FrameVideoPrompts, FunctionVideoPrompts, Run, TextPrompts
+
+
+def pool_frames(frames: torch.Tensor) -> torch.Tensor:
+    """(..., F, D) per-frame embeddings -> (..., D): the field's meanP (CLIP4Clip, the authors' port,
+    DGL): every frame embedding L2-normalised, then averaged over frames."""
+    return F.normalize(frames, dim=-1).mean(dim=-2)
 
 
 @dataclasses.dataclass
@@ -114,8 +121,10 @@ class VideoTextModel(nn.Module):
         return self.clip.visual.head(cls).view(B, F, -1)
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, F, 3, H, W) -> (B, D): the mean of the frame embeddings (unnormalised)."""
-        return self.encode_frames(video).mean(dim=1)
+        """(B, F, 3, H, W) -> (B, D): meanP, the mean of the L2-normalised frame embeddings.
+
+        The result is not unit length (normalise it, or use :meth:`similarity`, for the cosine)."""
+        return pool_frames(self.encode_frames(video))
 
     @property
     def logit_scale(self) -> torch.Tensor:
