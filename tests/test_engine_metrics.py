@@ -304,3 +304,63 @@ def test_qb_norm_refuses_test_queries_as_bank():
         qb_norm(sim, torch.rand(3, 5))
     with pytest.raises(ValueError, match="k must"):
         qb_norm(sim, torch.rand(3, 4), k=0)
+
+
+# --- the tie tolerance -----------------------------------------------------------------------------
+
+def test_rounding_level_differences_are_ties():
+    """A video and its time-reversed copy under frame averaging get scores that differ by float
+    rounding only (measured on the demo world: 0 to 1.2e-7); whether they come out bit-identical
+    depends on thread count and summation order. Either way they are one tie, a coin flip."""
+    from vop.engine.metrics import TIE_RTOL, tie_tolerance
+
+    base = torch.tensor([[0.31, 0.31, 0.1], [0.28, 0.28, 0.2], [0.1, 0.2, 0.7]], dtype=torch.float32)
+    nudged = base.clone()
+    nudged[0, 1] = torch.nextafter(nudged[0, 1], torch.tensor(1.0))  # 1 ulp above the ground truth
+    nudged[1, 0] = nudged[1, 0] + 1.2e-7                               # ~4 ulps above
+    want = 100 * (0.5 + 0.5 + 1) / 3
+    for sim in (base, nudged):
+        assert retrieval_metrics(sim)["t2v"]["R1"] == pytest.approx(want)
+        assert retrieval_metrics(100 * sim)["t2v"]["R1"] == pytest.approx(want)  # scale-invariant
+    # exact equality (tie_rtol=0) flips on rounding: the old, machine-dependent behaviour
+    assert retrieval_metrics(nudged, tie_rtol=0)["t2v"]["R1"] == pytest.approx(100 * (0 + 0 + 1) / 3)
+    assert tie_tolerance(base) == pytest.approx(TIE_RTOL * 0.7)
+    # v2t: video 0's captions are 0 and 1; caption 1's score for video 0 sits a rounding error
+    # above caption 0's best -> the two captions of video 0 tie with each other, not a miss
+    assert t2v_ranks(nudged, ties=True)[1].tolist() == [1, 1, 0]
+    # a real margin is never a tie
+    far = base.clone()
+    far[0, 1] = 0.3101
+    assert t2v_ranks(far, ties=True)[1].tolist()[0] == 0
+
+
+def test_tolerance_ignores_infinite_scores():
+    from vop.engine.metrics import tie_tolerance
+
+    sim = torch.tensor([[0.5, float("-inf")], [0.2, 0.4]])
+    assert tie_tolerance(sim) == pytest.approx(1e-6 * 0.5)
+    assert retrieval_metrics(sim)["t2v"]["R1"] == 100.0
+    with pytest.raises(ValueError, match="tie_rtol"):
+        retrieval_metrics(sim, tie_rtol=-1)
+
+
+@pytest.mark.parametrize("captions_per_video,noise", [(1, 3.0), (1, 4.0), (5, 3.0), (5, 5.0)])
+def test_tolerance_changes_nothing_on_real_data_like_matrices(captions_per_video, noise):
+    """CLIP-like float32 cosines (512-d unit embeddings, captions = their video + noise, max score
+    ~0.4, spread 0.04, R@1 13-55%) at MSR-VTT's test size: the tolerance changes no R@K and no MdR,
+    and MnR by far less than the 0.1 anyone reports (a handful of scores closer than 1e-6 x max
+    are rounding-level and become coin flips)."""
+    gen = torch.Generator().manual_seed(captions_per_video)
+    n_video, dim = 1000, 512
+    shared = torch.randn(dim, generator=gen)  # a common direction: CLIP scores are not centred at 0
+    videos = torch.nn.functional.normalize(torch.randn(n_video, dim, generator=gen) + 2.0 * shared, dim=-1)
+    idx = torch.arange(n_video).repeat_interleave(captions_per_video)
+    texts = videos[idx] + noise * torch.randn(len(idx), dim, generator=gen) / dim**0.5
+    texts = torch.nn.functional.normalize(texts + 0.3 * torch.randn(dim, generator=gen) / dim**0.5, dim=-1)
+    sim = texts @ videos.t()
+    m_tol = retrieval_metrics(sim, idx)
+    m_exact = retrieval_metrics(sim, idx, tie_rtol=0)
+    for d in ("t2v", "v2t"):
+        assert {k: m_tol[d][k] for k in ("R1", "R5", "R10", "MdR")} == {k: m_exact[d][k] for k in ("R1", "R5", "R10", "MdR")}
+        assert m_tol[d]["MnR"] == pytest.approx(m_exact[d]["MnR"], abs=0.005)
+    assert 10 < m_tol["t2v"]["R1"] < 70  # a realistic, non-degenerate regime

