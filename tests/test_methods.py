@@ -21,7 +21,7 @@ B32_COUNTS = {
     "adapter-attn": (1_982_976, 0),
     "adapter-ffn": (1_982_976, 0),
     "partial": (7_745_792, 0),  # last image block + both heads: the paper's 7.7M
-    "bias": (124_928, 0),  # BitFit, every bias incl. LayerNorm: the paper's 0.1M
+    "bias": (124_928, 0),  # BitFit as the paper counts it (Linear + LayerNorm biases): 0.1M
     "zeroshot": (0, 0),
     "full": (151_277_313, 0),
 }
@@ -35,6 +35,29 @@ def test_vit_b32_counts(method):
     assert c["uncounted"] == uncounted
     assert c["trainable"] == counted + uncounted
     assert c["backbone"] == 151_277_313
+
+
+def test_bias_selects_exactly_the_documented_biases():
+    """Default: the bias of every Linear/LayerNorm (attention out-proj, MLP, LayerNorms), 124,928 on
+    ViT-B/32 = the paper's 0.1M; the fused q/k/v in_proj_bias (12 x 2 blocks: 24 tensors, 46,080
+    values) only with attention_qkv=True (171,008, every bias of CLIP)."""
+    with torch.device("meta"):
+        clip = vop.build_clip("ViT-B-32")
+        model = create_model("bias", clip)
+    names = {n.removeprefix("clip.") for n, _ in model.named_trainable_parameters()}
+    per_block = {"attn.out_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias", "ln_1.bias", "ln_2.bias"}
+    want = {f"{tower}resblocks.{i}.{leaf}" for tower in ("transformer.", "visual.transformer.")
+            for i in range(12) for leaf in per_block}
+    want |= {"visual.ln_pre.bias", "visual.ln_post.bias", "ln_final.bias"}
+    assert names == want
+    # hand count: text 12 x (512 + 2048 + 512 + 2 x 512) + image 12 x (768 + 3072 + 768 + 2 x 768)
+    #             + ln_pre, ln_post (768 each) + ln_final (512)
+    assert 12 * (512 + 2048 + 512 + 1024) + 12 * (768 + 3072 + 768 + 1536) + 768 * 2 + 512 == 124_928
+    assert count_parameters("bias")["trainable"] == 124_928
+    full = count_parameters("bias", attention_qkv=True)["trainable"]
+    assert full == 124_928 + 12 * 3 * 512 + 12 * 3 * 768 == 171_008
+    with pytest.raises(ConfigError, match="true or false"):
+        create_model("bias", "tiny", attention_qkv="yes")
 
 
 def test_registry_complete_and_ablation_counts():

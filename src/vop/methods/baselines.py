@@ -20,13 +20,28 @@ class Full(VideoTextModel):
         self.clip.requires_grad_(True)
 
 
+@dataclass
+class BiasOptions:
+    attention_qkv: bool = False  # also the fused q/k/v biases (in_proj_bias): BitFit in full
+
+
 @register("bias")
 class Bias(VideoTextModel):
-    """BitFit: every bias of both towers (attention, MLP and LayerNorm biases)."""
+    """BitFit as the paper counts it (0.1M): the bias vector of every ``nn.Linear``/``nn.LayerNorm``
+    module of both towers, i.e. attention output projections, both MLP layers and every LayerNorm
+    (ln_1, ln_2, ln_pre, ln_post, ln_final): 124,928 on ViT-B/32.
+
+    The fused query/key/value bias of each attention block (``attn.in_proj_bias``, 46,080 on
+    ViT-B/32) is frozen by default: with it the count is 171,008 (0.17M), which does not match the
+    paper's 0.1M. ``attention_qkv=True`` trains it too (every bias of CLIP, the original BitFit).
+    """
+
+    Options = BiasOptions
 
     def build(self) -> None:
+        suffixes = (".bias", ".in_proj_bias") if self.opts.attention_qkv else (".bias",)
         for name, p in self.clip.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith(suffixes):
                 p.requires_grad_(True)
 
 

@@ -47,6 +47,8 @@ def parse_options(method: str, options_cls: type, options: dict[str, Any]) -> An
             raise ConfigError(f"method {method!r} has no option {k!r}{hint}; its options: {valid}")
         if v is not None and fields[k].type in ("int", "int | None") and (isinstance(v, bool) or not isinstance(v, int)):
             raise ConfigError(f"option {k!r} of method {method!r} must be an integer, got {v!r}")
+        if fields[k].type == "bool" and not isinstance(v, bool):
+            raise ConfigError(f"option {k!r} of method {method!r} must be true or false, got {v!r}")
         if isinstance(v, int) and not isinstance(v, bool) and v < 0:
             raise ConfigError(f"option {k!r} of method {method!r} must be >= 0, got {v}")
     return options_cls(**options)
