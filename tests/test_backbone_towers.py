@@ -10,7 +10,7 @@ from vop.backbone.checkpoint import weights_fingerprint
 from vop.backbone.config import get_arch, infer_config
 from vop.errors import CheckpointError
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="pip install -e '.[dev]' (Hugging Face transformers, the parity reference)")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_every_format_loads_identically(hf_dir, tmp_path):
 def test_infer_config_real_sizes():
     from vop.backbone.clip import CLIP
 
-    for arch in ("ViT-B-32", "ViT-B-16", "ViT-L-14-336"):
+    for arch in ("ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-336-quickgelu"):  # OpenAI's: no option needed
         cfg = get_arch(arch)
         with torch.device("meta"):
             sd = CLIP(cfg).state_dict()

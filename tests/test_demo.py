@@ -79,3 +79,18 @@ def test_temporal_analysis_script(demo_out):
     assert rows["vop-f"]["reversed_exact_ties"] == 0
     assert report["frame_position"]["position_rms"] > 0 and report["frame_position"]["token_norm"] > 0
     assert 0 <= report["inverse_partner"]["p_partner"] <= 1
+
+
+def test_eta_from_measured_progress():
+    """The training phase's remaining time: a method's later seeds take what its first took;
+    methods not run yet take the mean of those measured."""
+    from vop.demo.run import _Eta
+
+    eta = _Eta(["full", "vop", "vop-c"], seeds=2)
+    assert eta.left == 6
+    eta.done("full", 100.0)
+    assert eta.remaining_seconds() == 500.0  # 1 full (100) + 2 vop + 2 vop-c at the mean (100)
+    eta.done("full", 120.0)
+    eta.done("vop", 50.0)
+    assert eta.remaining_seconds() == 50.0 + 2 * (270.0 / 3)
+    assert "3/6 trainings done" in eta.report() and "min left" in eta.report()

@@ -221,7 +221,7 @@ def test_similarity_chunked_equals_matmul():
         similarity_chunked(t, torch.randn(4, 8))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path of similarity_chunked)")
 def test_similarity_chunked_from_gpu_returns_cpu():
     t, v = torch.randn(300, 64), torch.randn(70, 64)
     got = similarity_chunked(t.cuda(), v.cuda(), chunk=64)

@@ -203,7 +203,7 @@ def test_exact_search_streams_and_orders_ties(tmp_path):
 
 
 def test_faiss_ivf_and_hnsw(tmp_path):
-    pytest.importorskip("faiss")
+    pytest.importorskip("faiss", reason="pip install -e '.[index]' (faiss-cpu)")
     emb = _random_index(tmp_path / "ivf", 2000, 32, {"kind": "ivf", "params": {"nlist": 16, "nprobe": 16}})
     _random_index(tmp_path / "hnsw", 2000, 32, {"kind": "hnsw", "params": {}})
     q = emb[:50] + 0.05 * np.random.default_rng(1).standard_normal((50, 32)).astype(np.float32)

@@ -56,8 +56,8 @@ def service(setup):
 @pytest.fixture(scope="module")
 def server(service):
     """uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
-    uvicorn = pytest.importorskip("uvicorn")
-    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn", reason="pip install -e '.[serve]'")
+    pytest.importorskip("fastapi", reason="pip install -e '.[serve]'")
     from vop.retrieval.web import create_app
 
     sock = socket.socket()

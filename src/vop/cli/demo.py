@@ -15,6 +15,7 @@ def demo(
     smoke: bool = typer.Option(False, "--smoke", help="The same path at toy size (under a minute)."),
     backbone: str = typer.Option("tiny-clip", "--backbone", help="CLIP weights (default: the shipped tiny CLIP)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader worker processes."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (the tables do not depend on it)."),
 ) -> None:
     """Run the paper's comparison on the synthetic world and write a report."""
     import vop
@@ -31,6 +32,10 @@ def demo(
         kw["epochs"] = epochs
     if workers is not None:
         kw["num_workers"] = workers
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     settings = DemoSettings.smoke(**kw) if smoke else DemoSettings(**kw)
     run_demo(out, settings, progress=True, say=lambda m: typer.echo(m, err=False))
 

@@ -130,6 +130,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
     _say_row(say, "zeroshot", results["methods"]["zeroshot"]["summary"])
 
     say(f"[3/4] adapting {len(s.methods)} method(s) x {s.seeds} seed(s), {s.epochs} epoch(s) each")
+    eta = _Eta([m for m in s.methods if m != "zeroshot"], s.seeds)
     for method in s.methods:
         if method == "zeroshot":
             continue
@@ -157,8 +158,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
                          "test": {k: ev.metrics[k] for k in ("t2v", "v2t")}, "diagnostics": diagnostics(ev, test),
                          "train_seconds": seconds})
             counts = model.parameter_counts()
+            eta.done(method, time.perf_counter() - t0)
         results["methods"][method] = {"counts": counts, "runs": runs, "summary": aggregate(runs)}
         _say_row(say, method, results["methods"][method]["summary"], runs)
+        if eta.left:
+            say(f"      {eta.report()}")
 
     results["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": __import__("os").cpu_count(),
                           "processor": platform.processor() or platform.machine(),
@@ -174,6 +178,37 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
     say(f"done in {results['wall_seconds']:.0f} s (peak memory {results['peak_rss_mib']:.0f} MiB): "
         f"{out / 'results.md'}, {out / 'figure1.png'}, {out / 'qualitative.html'}")
     return results
+
+
+class _Eta:
+    """Remaining time of the training phase from measured progress: a method's seeds take what its
+    first seed took; methods not run yet take the mean of those measured so far."""
+
+    def __init__(self, methods: list[str], seeds: int):
+        self.todo = {m: seeds for m in methods}
+        self.took: dict[str, list[float]] = {}
+
+    def done(self, method: str, seconds: float) -> None:
+        self.todo[method] -= 1
+        self.took.setdefault(method, []).append(seconds)
+
+    @property
+    def left(self) -> int:
+        return sum(self.todo.values())
+
+    def remaining_seconds(self) -> float:
+        measured = [t for ts in self.took.values() for t in ts]
+        mean = statistics.fmean(measured) if measured else 0.0
+        return sum(n * (statistics.fmean(self.took[m]) if m in self.took else mean) for m, n in self.todo.items())
+
+    def report(self) -> str:
+        total = sum(len(ts) for ts in self.took.values()) + self.left
+        return (f"{total - self.left}/{total} trainings done; about {_minutes(self.remaining_seconds())} left "
+                "for the rest of this phase, then a few seconds for the report")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _say_row(say: Callable[[str], None], method: str, summary: dict[str, Any], runs: list | None = None) -> None:
