@@ -12,6 +12,7 @@ Accepted:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,8 @@ from typing import Any, Mapping
 import torch
 
 from vop.backbone.clip import CLIP
-from vop.backbone.config import CLIPConfig, TextConfig, VisionConfig, get_arch, infer_config, is_arch
+from vop.backbone.config import (CLIPConfig, TextConfig, VisionConfig, arch_name, check_supported, get_arch,
+                                infer_config, is_arch, same_tensors)
 from vop.errors import CheckpointError
 
 FORMATS = (
@@ -197,20 +199,40 @@ def _hf_config(c: dict[str, Any]) -> CLIPConfig:
 
 
 def to_openai(sd: dict[str, torch.Tensor], meta: dict[str, Any], act: str | None = None,
-              heads: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
-    """Normalise keys to OpenAI names and work out the architecture."""
+              heads: tuple[int, int] | None = None,
+              arch: str | CLIPConfig | None = None) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
+    """Normalise keys to OpenAI names and work out the architecture: ``arch`` if given (the file's
+    own record, if any, must agree), else the file's record (our metadata, a Hugging Face config),
+    else inferred from the tensors."""
     sd = _strip_prefixes(sd)
     for k in ("input_resolution", "context_length", "vocab_size"):  # scalars in OpenAI's archive
         sd.pop(k, None)
+    recorded = None
     if any(k.startswith(("vision_model.", "text_model.")) for k in sd):
         sd = convert_hf(sd)
         if "hf_config" in meta:
-            cfg = _hf_config(meta["hf_config"])
-            return sd, cfg if act is None else CLIPConfig(cfg.embed_dim, cfg.vision, cfg.text, act)  # type: ignore[arg-type]
-    if _META_KEY in meta:
-        cfg = CLIPConfig.from_dict(json.loads(meta[_META_KEY]))
-        return sd, cfg if act is None else CLIPConfig(cfg.embed_dim, cfg.vision, cfg.text, act)  # type: ignore[arg-type]
-    return sd, infer_config(sd, act=act or "quick_gelu", heads=heads)  # type: ignore[arg-type]
+            recorded = _hf_config(meta["hf_config"])
+    if recorded is None and _META_KEY in meta:
+        recorded = CLIPConfig.from_dict(json.loads(meta[_META_KEY]))
+    check_supported(sd)
+    if arch is not None:
+        if heads is not None:
+            raise CheckpointError("give arch= or heads=, not both: the architecture fixes the head counts")
+        cfg = get_arch(arch) if isinstance(arch, str) else arch
+        if recorded is not None and not same_tensors(recorded, cfg):
+            raise CheckpointError(f"the file records a {_describe(recorded)}, not the {_describe(cfg)} named by arch=")
+    elif recorded is not None:
+        cfg = recorded
+    else:
+        return sd, infer_config(sd, act=act, heads=heads)  # type: ignore[arg-type]
+    return sd, cfg if act is None else dataclasses.replace(cfg, act=act)  # type: ignore[arg-type]
+
+
+def _describe(cfg: CLIPConfig) -> str:
+    v, t = cfg.vision, cfg.text
+    name = arch_name(cfg)
+    return (f"{name + ' ' if name else ''}({v.width}-wide {v.layers}-layer image tower with {v.heads} heads, "
+            f"patch {v.patch_size}, {v.image_size} px; {t.width}-wide {t.layers}-layer text tower with {t.heads} heads)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,13 +255,17 @@ def _shipped(name: str) -> Path | None:
     return Path(str(f)) if f.is_file() else None
 
 
-def load_clip(path_or_name: str | os.PathLike, *, act: str | None = None,
+def load_clip(path_or_name: str | os.PathLike, *, arch: str | CLIPConfig | None = None, act: str | None = None,
               heads: tuple[int, int] | None = None) -> CLIP:
     """Load CLIP weights from any supported format (see the module docstring), or a shipped name.
 
-    ``act`` overrides the activation (released OpenAI weights use QuickGELU; most LAION open_clip
-    weights use GELU and cannot be told apart from the tensors). ``heads`` overrides the head
-    counts inferred as width // 64 for files without an architecture record.
+    ``arch`` names the architecture (``"ViT-H-14"``, see ``list_archs()``, or a CLIPConfig); the
+    tensors must then fit it exactly. Without it, the file's own record is used (our safetensors
+    metadata, a Hugging Face config.json), else the architecture is inferred from the tensors (see
+    ``infer_config``): a CheckpointError says when the head counts cannot be known. ``act`` overrides
+    the activation (released OpenAI weights use QuickGELU; most LAION open_clip weights use GELU and
+    cannot be told apart from the tensors). ``heads=(vision_heads, text_heads)`` sets the head counts
+    of a file without an architecture record.
     """
     p = Path(path_or_name)
     if not p.exists() and isinstance(path_or_name, str):
@@ -252,21 +278,26 @@ def load_clip(path_or_name: str | os.PathLike, *, act: str | None = None,
                 f"(nothing is downloaded), or use vop.build_clip({path_or_name!r}) for random weights"
             )
     raw, meta = read_state_dict(p)
-    sd, cfg = to_openai(raw, meta, act=act, heads=heads)
-    model = CLIP(cfg)
+    try:
+        sd, cfg = to_openai(raw, meta, act=act, heads=heads, arch=arch)
+    except CheckpointError as e:
+        raise CheckpointError(f"{p}: {e}") from None
     sd = {k: v for k, v in sd.items() if k != "attn_mask"}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
+    with torch.device("meta"):
+        expected = CLIP(cfg).state_dict()
+    missing = [k for k in expected if k not in sd]
+    bad = next((k for k in expected if k not in sd or sd[k].shape != expected[k].shape), None)
+    if bad is not None:
+        got = "missing" if bad not in sd else f"of shape {tuple(sd[bad].shape)}"
         raise CheckpointError(
-            f"{p}: does not match a CLIP ViT ({len(missing)} missing keys, e.g. {missing[:3]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}); expected {FORMATS}"
+            f"{p}: does not fit the architecture {_describe(cfg)}{' named by arch=' if arch is not None else ''}: "
+            f"{bad} is {got}, expected {tuple(expected[bad].shape)} ({len(missing)} tensors missing in all)"
         )
-    bad = [k for k in expected if expected[k].shape != sd[k].shape]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(f"{p}: shape of {k} is {tuple(sd[k].shape)}, expected {tuple(expected[k].shape)} for the inferred architecture")
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{p}: does not match a CLIP ViT ({len(unexpected)} unexpected tensors, e.g. "
+                              f"{unexpected[:3]}); expected {FORMATS}")
+    model = CLIP(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model
 

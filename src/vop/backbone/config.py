@@ -1,12 +1,16 @@
 """CLIP architectures as data: dataclasses plus a registry filled from `archs/*.json`.
 
-Names follow open_clip (``ViT-B-32``); ``ViT-B/32`` and any case are accepted too.
+Names follow open_clip (``ViT-B-32``), any case. OpenAI's slash names (``ViT-B/32``, ``ViT-B/16``,
+``ViT-L/14``, ``ViT-L/14@336px``) mean OpenAI's released models, i.e. open_clip's ``-quickgelu`` configs. The registry holds
+every open_clip ViT config our towers express, with open_clip's values and activation (its names
+without ``-quickgelu`` use GELU); docs/methods.md ("Backbones") lists the ones refused and why.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -33,6 +37,10 @@ class VisionConfig:
     def num_patches(self) -> int:
         return self.grid**2
 
+    @property
+    def mlp_width(self) -> int:
+        return int(round(self.width * self.mlp_ratio))
+
 
 @dataclass(frozen=True)
 class TextConfig:
@@ -42,6 +50,10 @@ class TextConfig:
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+
+    @property
+    def mlp_width(self) -> int:
+        return int(round(self.width * self.mlp_ratio))
 
 
 @dataclass(frozen=True)
@@ -66,19 +78,52 @@ class CLIPConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+#: OpenAI's own names (``clip.load("ViT-B/32")``) mean OpenAI's released models, which use QuickGELU:
+#: open_clip calls them ``ViT-B-32-quickgelu`` ...; open_clip's dash names keep open_clip's meaning (GELU).
+_OPENAI_NAMES = {"vit-b/32": "vit-b-32-quickgelu", "vit-b/16": "vit-b-16-quickgelu", "vit-l/14": "vit-l-14-quickgelu",
+                 "vit-l/14@336px": "vit-l-14-336-quickgelu", "vit-l/14-336": "vit-l-14-336-quickgelu"}
+
+
 def _canonical(name: str) -> str:
-    return name.strip().replace("/", "-").lower()
+    name = name.strip().lower()
+    return _OPENAI_NAMES.get(name, name.replace("/", "-"))
 
 
 def _load_registry() -> dict[str, CLIPConfig]:
     out: dict[str, CLIPConfig] = {}
-    for entry in resources.files("vop.backbone").joinpath("archs").iterdir():
+    for entry in sorted(resources.files("vop.backbone").joinpath("archs").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
             out[entry.name[: -len(".json")]] = CLIPConfig.from_dict(json.loads(entry.read_text()))
     return out
 
 
 _REGISTRY = _load_registry()
+
+#: open_clip configs our towers cannot express (checked on the canonical name, in order): what they need
+_REFUSED = (
+    (r"worldwide", "a multilingual tokenizer (xlm-v-base or mt5-base, not CLIP's BPE) and text pooling at its "
+                   "EOS id (pool_type='eos')"),
+    (r"siglip", "a timm image tower (timm_model_name, 'map' attention pooling) and a text tower with its own "
+                "tokenizer, no causal mask, last-token pooling and a biased projection"),
+    (r"clipa", "no LayerNorm before the image transformer (no_ln_pre), average pooling then LayerNorm "
+               "(pool_type='avg', final_ln_after_pool) and a BERT-tokenizer text tower without causal mask"),
+    (r"^vit-m-16-alt$", "layer scale in the image tower (ls_init_value)"),
+    (r"^coca", "CoCa's attentional pooler and text decoder"),
+    (r"roberta|mt5|nllb|bert|moderntext|gte-", "a Hugging Face or modern text tower"),
+    (r"^(clap|naflex)", "audio or variable-resolution (NaFlex) towers"),
+    (r"^rn\d", "a ResNet image tower"),
+    (r"^(convnext|swin|vit_|vitamin|eva|mobileclip|pe-core)", "a timm or other non-CLIP image tower"),
+)
+
+#: tensors of towers we do not have: key prefix -> the feature
+_FOREIGN_TENSORS = (
+    ("visual.trunk.", "a timm image tower (visual.trunk.*; open_clip's SigLIP and timm configs)"),
+    ("visual.layer1.", "a ResNet image tower (visual.layer1.*; open_clip's RN50 ... configs)"),
+    ("visual.attn_pool.", "an attentional pooler (visual.attn_pool.*; CoCa)"),
+    ("text.", "a Hugging Face or custom text tower (text.*)"),
+    ("text_projection.weight", "a text projection with a bias (proj_bias; the SigLIP configs)"),
+)
+CLIP_VOCAB = 49408
 
 
 def list_archs() -> list[str]:
@@ -89,10 +134,24 @@ def is_arch(name: str) -> bool:
     return any(_canonical(k) == _canonical(name) for k in _REGISTRY)
 
 
+def refused_reason(name: str) -> str | None:
+    """For an open_clip config name our towers cannot express: what it needs that they lack."""
+    for pattern, reason in _REFUSED:
+        if re.search(pattern, _canonical(name)):
+            return reason
+    return None
+
+
 def get_arch(name: str) -> CLIPConfig:
     for k, v in _REGISTRY.items():
         if _canonical(k) == _canonical(name):
             return v
+    reason = refused_reason(name)
+    if reason is not None:
+        raise CheckpointError(
+            f"{name!r} is an open_clip architecture vop does not support: it needs {reason}, which vop's "
+            "OpenAI-style CLIP towers do not have (docs/methods.md, Backbones, lists what is covered)"
+        )
     raise CheckpointError(
         f"unknown architecture {name!r}; known: {', '.join(list_archs())} "
         "(or give a path to a weights file)"
@@ -107,30 +166,100 @@ def arch_name(cfg: CLIPConfig) -> str | None:
     return None
 
 
-def infer_config(sd: dict[str, Any], act: Act = "quick_gelu", heads: tuple[int, int] | None = None) -> CLIPConfig:
+def shapes(cfg: CLIPConfig) -> tuple[int, ...]:
+    """All an architecture's tensors show: everything but the head counts and the activation."""
+    v, t = cfg.vision, cfg.text
+    return (cfg.embed_dim, v.image_size, v.patch_size, v.width, v.layers, v.mlp_width,
+            t.context_length, t.vocab_size, t.width, t.layers, t.mlp_width)
+
+
+def same_tensors(a: CLIPConfig, b: CLIPConfig) -> bool:
+    """Whether weights of ``a`` load into ``b`` and compute the same (up to the activation)."""
+    return shapes(a) == shapes(b) and (a.vision.heads, a.text.heads) == (b.vision.heads, b.text.heads)
+
+
+def unsupported_feature(sd: dict[str, Any]) -> str | None:
+    """A feature of an OpenAI-named state dict that vop's towers lack (layer scale, timm towers ...)."""
+    for k in sd:
+        if ".ls_1." in k or ".ls_2." in k:
+            return f"layer scale ({k}; open_clip's ls_init_value, e.g. ViT-M-16-alt)"
+    for prefix, feature in _FOREIGN_TENSORS:
+        if any(k.startswith(prefix) for k in sd):
+            return feature
+    if "visual.conv1.weight" in sd and "visual.ln_pre.weight" not in sd:
+        return "no LayerNorm before the image transformer (no_ln_pre; the CLIPA configs)"
+    emb = sd.get("token_embedding.weight")
+    if emb is not None and emb.shape[0] != CLIP_VOCAB:
+        return (f"a {emb.shape[0]}-token text vocabulary, not CLIP's BPE ({CLIP_VOCAB}), the only tokenizer vop has "
+                "(e.g. open_clip's -worldwide configs: a multilingual tokenizer pooled at its EOS id)")
+    return None
+
+
+def check_supported(sd: dict[str, Any]) -> None:
+    feature = unsupported_feature(sd)
+    if feature is not None:
+        raise CheckpointError(f"the weights use {feature}, which vop's CLIP towers do not have")
+
+
+_NAME_IT = ("name the architecture: load_clip(..., arch='ViT-H-14'), model.backbone_arch in a run config or "
+            "vop eval --backbone-arch; or give the head counts: load_clip(..., heads=(vision_heads, text_heads))")
+
+
+def _tower_heads(kind: str, width: int, layers: int, mlp_width: int) -> int:
+    """Heads of a tower from the shipped towers of the same sizes, else width // 64 where that is safe."""
+    towers = [getattr(c, kind) for c in _REGISTRY.values()]
+    same = {t.heads for t in towers if (t.width, t.layers, t.mlp_width) == (width, layers, mlp_width)}
+    if len(same) == 1:
+        return same.pop()
+    name = "image" if kind == "vision" else "text"
+    if same:
+        raise CheckpointError(f"the {width}-wide {layers}-layer {name} tower matches shipped towers with "
+                              f"{' or '.join(map(str, sorted(same)))} heads: the tensors cannot tell which; {_NAME_IT}")
+    other = sorted({f"{t.heads} heads of {t.width // t.heads}" for t in towers if t.width == width and t.heads * 64 != width})
+    if width % 64 or other:
+        why = f"a {width}-wide shipped {name} tower has {', '.join(other)}" if other else f"{width} is not a multiple of 64"
+        raise CheckpointError(
+            f"the attention head count of the {width}-wide {layers}-layer {name} tower cannot be read from the "
+            f"tensors: it matches no shipped architecture, and width // 64 is not safe ({why}); {_NAME_IT}"
+        )
+    return width // 64
+
+
+def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, int] | None = None) -> CLIPConfig:
     """Infer the architecture from an OpenAI/open_clip-named state dict (as OpenAI's build_model does).
 
-    Head counts are not stored in the weights: they default to width // 64 (true for every released
-    CLIP) unless given as ``heads=(vision_heads, text_heads)``.
+    The tensors give every size but the head counts and the activation. Heads: ``heads=(vision_heads,
+    text_heads)`` if given; else those of the shipped towers of the same width, depth and MLP width;
+    else width // 64 (open_clip's default head width) where no shipped tower of that width has other
+    heads; else a CheckpointError asks for ``arch=`` or ``heads=``. Activation: ``act`` if given; GELU
+    if every shipped architecture with these exact shapes is a GELU one (open_clip's ViT-H-16,
+    ViT-g-14 ...); else QuickGELU (OpenAI's released models; LAION's need ``act="gelu"``).
     """
+    check_supported(sd)
     try:
         conv = sd["visual.conv1.weight"]
         vwidth, patch = conv.shape[0], conv.shape[-1]
         vlayers = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
         grid = round(math.sqrt(sd["visual.positional_embedding"].shape[0] - 1))
-        vmlp = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vwidth
+        vhidden = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         embed_dim = sd["text_projection"].shape[1]
         context = sd["positional_embedding"].shape[0]
         vocab = sd["token_embedding.weight"].shape[0]
         twidth = sd["ln_final.weight"].shape[0]
         tlayers = len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")})
-        tmlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / twidth
+        thidden = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except KeyError as e:
         raise CheckpointError(f"not a CLIP ViT state dict: missing key {e.args[0]!r}") from None
-    vheads, theads = heads or (max(1, vwidth // 64), max(1, twidth // 64))
-    return CLIPConfig(
+    if heads is None:
+        heads = (_tower_heads("vision", vwidth, vlayers, vhidden), _tower_heads("text", twidth, tlayers, thidden))
+    cfg = CLIPConfig(
         embed_dim=embed_dim,
-        vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=vwidth, layers=vlayers, heads=vheads, mlp_ratio=vmlp),
-        text=TextConfig(context_length=context, vocab_size=vocab, width=twidth, heads=theads, layers=tlayers, mlp_ratio=tmlp),
-        act=act,
+        vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=vwidth, layers=vlayers, heads=heads[0],
+                            mlp_ratio=vhidden / vwidth),
+        text=TextConfig(context_length=context, vocab_size=vocab, width=twidth, heads=heads[1], layers=tlayers,
+                        mlp_ratio=thidden / twidth),
     )
+    known = [c for c in _REGISTRY.values() if same_tensors(c, cfg)]
+    if act is None:
+        act = "gelu" if known and all(c.act == "gelu" for c in known) else "quick_gelu"
+    return dataclasses.replace(known[0] if known else cfg, act=act)

@@ -11,7 +11,7 @@ import typer
 
 def index_cmd(
     videos: Path = typer.Option(..., "--videos", help="A folder of videos (searched recursively) or a collection annotation file (.csv/.jsonl)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Prompt checkpoint (.safetensors) written by vop train."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Prompt checkpoint (.safetensors) written by vop train, or the authors' ModelScope model folder."),
     out: Path = typer.Option(..., "--out", help="Index folder (created; re-running updates it)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights (default: the one recorded in the checkpoint)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Videos per forward pass."),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import List, Optional
 
 import typer
@@ -30,9 +31,10 @@ def train_cmd(
 
 
 def eval_cmd(
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Prompt checkpoint (.safetensors) written by vop train."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Prompt checkpoint (.safetensors) written by vop train, or the authors' ModelScope model folder."),
     method: Optional[str] = typer.Option(None, "--method", help="Evaluate an untrained method instead (e.g. zeroshot)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights (default: the one recorded in the checkpoint)."),
+    backbone_arch: Optional[str] = typer.Option(None, "--backbone-arch", help="Architecture of the --method backbone's weights (ViT-H-14 ...; default: the file's record or inferred)."),
     dataset: str = typer.Option(..., "--dataset", help="msrvtt, didemo, activitynet, lsmdc or collection."),
     root: str = typer.Option(..., "--root", help="Dataset folder."),
     split: str = typer.Option("test", "--split"),
@@ -56,8 +58,12 @@ def eval_cmd(
 
     if (checkpoint is None) == (method is None):
         raise ConfigError("give exactly one of --checkpoint or --method")
+    if checkpoint and backbone_arch:
+        raise ConfigError("--backbone-arch is for --method: a checkpoint records its backbone's architecture")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    if checkpoint:
+    if checkpoint and os.path.isdir(checkpoint):  # the authors' ModelScope folder: its backbone is inside
+        model = vop.load_checkpoint(checkpoint, backbone)
+    elif checkpoint:
         meta = vop.read_checkpoint_meta(checkpoint)
         bb = backbone or meta.get("extra", {}).get("backbone")
         if bb is None and meta["method"] != "full":
@@ -66,7 +72,9 @@ def eval_cmd(
     else:
         if backbone is None:
             raise ConfigError("--method needs --backbone")
-        model = vop.create_model(method, backbone, frames=frames or 12)
+        from vop.methods import resolve_backbone
+
+        model = vop.create_model(method, resolve_backbone(backbone, arch=backbone_arch), frames=frames or 12)
     frames = frames or model.frames
     if frames != model.frames:
         model.frames = frames

@@ -258,6 +258,7 @@ def save_config(obj, path: str | Path) -> None:
 class ModelConfig:
     method: str = "vop"              # a name in the method registry (vop, vop-f, full, zeroshot, ...)
     backbone: str = "ViT-B/32"       # an architecture name or a weights file
+    backbone_arch: str | None = None  # the weights file's architecture (ViT-H-14 ...); None: its record or inferred
     frames: int = 12                 # frames sampled per video (the data pipeline reads it here)
     image_size: int | None = None    # None: the backbone's native resolution
     options: dict[str, Any] = field(default_factory=dict)  # method options: n_text, n_video, ks, depth...

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vop.backbone.config import get_arch, is_arch
 from vop.data import build_loader, get_dataset, to_model_input
 from vop.data.dataset import VideoTextDataset
 from vop.engine.config import RunConfig, config_to_dict, load_config, save_config
@@ -36,7 +37,7 @@ from vop.engine.distributed import DistEnv, all_reduce_mean
 from vop.engine.evaluate import autocast_dtype, evaluate
 from vop.engine.loss import accumulated_backward, contrastive_loss
 from vop.engine.optim import cosine_with_warmup, param_groups
-from vop.errors import ConfigError, DataError
+from vop.errors import CheckpointError, ConfigError, DataError
 from vop.methods import create_model, get_method, resolve_backbone
 from vop.methods.checkpoint import load_trainable, save_checkpoint
 from vop.methods.registry import parse_options
@@ -83,6 +84,14 @@ def check_config(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("data.root is empty: give the dataset folder (data.root=DIR)")
     if cfg.optim.select_metric != "rsum" and "." not in cfg.optim.select_metric:
         raise ConfigError(f"optim.select_metric must be rsum or like t2v.R1, got {cfg.optim.select_metric!r}")
+    if cfg.model.backbone_arch is not None:
+        if is_arch(cfg.model.backbone) and not os.path.exists(cfg.model.backbone):
+            raise ConfigError(f"model.backbone_arch names the architecture of a weights file, but model.backbone="
+                              f"{cfg.model.backbone} is an architecture already (random weights)")
+        try:
+            get_arch(cfg.model.backbone_arch)
+        except CheckpointError as e:
+            raise ConfigError(f"model.backbone_arch: {e}") from None
 
 
 def _dataset(cfg: RunConfig, split: str, size: int, train: bool) -> VideoTextDataset:
@@ -166,7 +175,7 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
     main = env.is_main
 
     torch.manual_seed(cfg.seed)
-    clip = resolve_backbone(cfg.model.backbone)
+    clip = resolve_backbone(cfg.model.backbone, arch=cfg.model.backbone_arch)
     size = cfg.model.image_size or clip.cfg.vision.image_size
     data = build_datasets(cfg, size)
     test = _dataset(cfg, cfg.data.test_split, size, False)

@@ -22,20 +22,21 @@ from vop.methods.registry import get_method, list_methods, parse_options, regist
 __all__ = ["create_model", "list_methods", "get_method", "register", "VideoTextModel", "resolve_backbone"]
 
 
-def resolve_backbone(backbone: CLIP | CLIPConfig | str | os.PathLike) -> CLIP:
-    """A CLIP instance as is; a weights path or shipped name loaded; an architecture name (or
-    config) built with random weights drawn with seed 0 (for shapes, counts and tests: the same
-    "random backbone" every time, so its prompt checkpoints load again)."""
+def resolve_backbone(backbone: CLIP | CLIPConfig | str | os.PathLike, arch: str | CLIPConfig | None = None) -> CLIP:
+    """A CLIP instance as is; a weights path or shipped name loaded (``arch``: its architecture, see
+    ``load_clip``; used for weights only); an architecture name (or config) built with random weights
+    drawn with seed 0 (for shapes, counts and tests: the same "random backbone" every time, so its
+    prompt checkpoints load again)."""
     if isinstance(backbone, CLIP):
         return backbone
     if isinstance(backbone, CLIPConfig):
         return build_clip(backbone, seed=0)
     if isinstance(backbone, str) and is_arch(backbone) and not os.path.exists(backbone):
         return build_clip(backbone, seed=0)
-    return load_clip(backbone)
+    return load_clip(backbone, arch=arch)
 
 
-def create_model(method: str, backbone: CLIP | CLIPConfig | str | os.PathLike = "ViT-B-32", frames: int = 12,
+def create_model(method: str, backbone: CLIP | CLIPConfig | str | os.PathLike = "ViT-B/32", frames: int = 12,
                  **options: Any) -> VideoTextModel:
     """Build ``method`` on ``backbone``: everything frozen except what the method trains.
 

@@ -89,13 +89,16 @@ class VideoTextModel(nn.Module):
 
         return run
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids, T <= ``max_text_tokens`` -> (B, D) unnormalised embeddings."""
+    def check_text_length(self, tokens: torch.Tensor) -> None:
         if tokens.shape[1] > self.max_text_tokens:
             raise ValueError(
                 f"{tokens.shape[1]} text tokens but this model takes at most {self.max_text_tokens} "
                 f"({self.text_prompt_tokens} of CLIP's context are prompts): use model.tokenizer()"
             )
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids, T <= ``max_text_tokens`` -> (B, D) unnormalised embeddings."""
+        self.check_text_length(tokens)
         x = self.clip.embed_text(tokens)
         run = self._runner("text")
         if self.text_prompts is not None:

@@ -66,6 +66,35 @@ class TextPrompts(nn.Module):
         return run_prompted(x, run, range(self.layers), at)
 
 
+class SplitTextPrompts(nn.Module):
+    """Deep text prompts laid out as in the authors' released code (``semantics="modelscope"``).
+
+    Every layer gets its own ``n_prefix`` tokens right after [SOT] and ``n_suffix`` tokens before the
+    *last* position of the zero-padded sequence, replacing the previous layer's. ``forward`` takes the
+    token embeddings *without* positions: CLIP's positional embedding is added after layer 0's prompts
+    are inserted (prompts take positions, words shift by ``n_prefix``). The slots stay in after the
+    last layer; the read-out index accounts for them.
+    """
+
+    def __init__(self, layers: int, n_prefix: int, n_suffix: int, width: int):
+        super().__init__()
+        self.layers = self.depth = layers
+        self.n_prefix, self.n_suffix, self.n = n_prefix, n_suffix, n_prefix + n_suffix
+        self.tokens = prompt_param(layers, self.n, width)
+
+    def forward(self, x: torch.Tensor, run: Run, positional: torch.Tensor) -> torch.Tensor:
+        B, p, s = x.shape[0], self.n_prefix, self.n_suffix
+        for i in range(self.layers):
+            tokens = self.tokens[i].expand(B, -1, -1)
+            cur_p, cur_s = (p, s) if i else (0, 0)
+            x = write_slot(x, 1, tokens[:, :p], cur_p)
+            x = write_slot(x, x.shape[1] - 1 - cur_s, tokens[:, p:], cur_s)
+            if i == 0:
+                x = x + positional[: x.shape[1]].to(x.dtype)
+            x = run(i, x)
+        return x
+
+
 # ------------------------------------------------------------------------------------------------
 # video: sources of frame-level prompt tokens, per layer
 # ------------------------------------------------------------------------------------------------
@@ -79,17 +108,23 @@ class FrameTokens(nn.Module):
 
 
 class SharedFrameTokens(FrameTokens):
-    """Basic VoP: the same n tokens per layer for every frame of every video."""
+    """Basic VoP: the same n tokens per layer for every frame of every video.
 
-    def __init__(self, depth: int, n: int, width: int):
+    ``first_norm`` (the authors' released code, ``semantics="modelscope"``): the first layer's tokens
+    are inserted before the image tower's ``ln_pre`` and so go through it like [CLS] and the patches.
+    """
+
+    def __init__(self, depth: int, n: int, width: int, first_norm: nn.Module | None = None):
         super().__init__()
         self.depth, self.n = depth, n
         self.shared = prompt_param(depth, n, width)
+        self._first_norm = (first_norm,) if first_norm is not None else ()  # the backbone's: not registered here
 
     def tokens(self, i, x, B, F):
         if i >= self.depth or self.n == 0:
             return None
-        return self.shared[i].expand(B * F, -1, -1)
+        t = self._first_norm[0](self.shared[0]) if i == 0 and self._first_norm else self.shared[i]
+        return t.expand(B * F, -1, -1)
 
 
 class PositionFrameTokens(FrameTokens):

@@ -3,6 +3,8 @@
 Metadata (JSON under the ``vop`` key): method, options, frames, backbone architecture, a fingerprint
 of the backbone weights the prompts were trained on, library version. A prompt file loaded onto a
 different backbone or method fails with a clear message. For ``full`` the file is the whole model.
+
+A folder instead of a file is one of the authors' released ModelScope models (vop.methods.modelscope).
 """
 from __future__ import annotations
 
@@ -52,10 +54,15 @@ def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[
     return path
 
 
-def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint_meta(path: str | os.PathLike, backbone: CLIP | str | os.PathLike | None = None) -> dict[str, Any]:
+    """A checkpoint's metadata. ``backbone`` only matters for a ModelScope folder (default: its ViT-B-32.pt)."""
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        from vop.methods.modelscope import read_folder_meta
+
+        return read_folder_meta(path, backbone)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such prompt checkpoint")
     try:
@@ -109,18 +116,27 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
                     check_fingerprint: bool = True) -> VideoTextModel:
     """Rebuild a trained model: the method and options from the file, the backbone as given.
 
-    ``backbone`` may be omitted only for ``full`` checkpoints (they hold every weight).
+    ``backbone`` may be omitted only for ``full`` checkpoints (they hold every weight) and for the
+    authors' ModelScope folders (their backbone is in the folder).
     """
     from vop.methods import create_model, resolve_backbone
 
     path = Path(path)
+    if path.is_dir():
+        from vop.methods.modelscope import load_folder
+
+        return load_folder(path, backbone, check_fingerprint)
     meta = read_checkpoint_meta(path)
     if backbone is None:
         if meta["method"] != "full":
             raise CheckpointError(f"{path}: a {meta['method']!r} checkpoint holds only prompts; give the backbone weights too")
         clip = CLIP(CLIPConfig.from_dict(meta["arch"]))
     else:
-        clip = resolve_backbone(backbone)
+        try:  # weights are read as the recorded architecture (heads and activation are not in every file)
+            clip = resolve_backbone(backbone, arch=CLIPConfig.from_dict(meta["arch"]))
+        except CheckpointError as e:
+            name = meta.get("arch_name") or "the recorded architecture"
+            raise CheckpointError(f"{path}: cannot load its backbone ({name}) from {backbone}: {e}") from None
     _check_backbone(path, meta, clip, check_fingerprint)
     if backbone is not None and meta["method"] in _TRAINS_BACKBONE:
         clip = copy.deepcopy(clip)  # the file overwrites backbone tensors: leave the caller's CLIP as it was
@@ -143,6 +159,10 @@ def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[st
         )
     if CLIPConfig.from_dict(meta["arch"]) != model.clip.cfg:
         _check_backbone(path, meta, model.clip, False)
+    if path.is_dir():
+        from vop.methods.modelscope import load_folder_tensors
+
+        return load_folder_tensors(model, path)
     tensors = _read_tensors(path)
     params = dict(model.named_trainable_parameters())
     if set(tensors) != set(params):

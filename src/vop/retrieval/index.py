@@ -48,7 +48,7 @@ from vop.errors import CheckpointError, ConfigError, DataError
 from vop.retrieval.sources import Source, file_signature, list_sources, same_file
 
 __all__ = ["FORMAT", "VideoIndex", "build_index", "BuildReport", "checkpoint_info", "load_index_model",
-           "write_index", "sha256_file"]
+           "write_index", "sha256_file", "checkpoint_sha256"]
 
 FORMAT = "vop-index/1"
 log = logging.getLogger("vop.retrieval")
@@ -59,6 +59,20 @@ def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a prompt checkpoint; for the authors' ModelScope folder, of its configuration and weights."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    from vop.methods.modelscope import read_folder
+
+    folder = read_folder(path)
+    h = hashlib.sha256()
+    for f in (folder.config, folder.weights):
+        h.update(f.name.encode() + bytes.fromhex(sha256_file(f)))
     return h.hexdigest()
 
 
@@ -94,13 +108,13 @@ def checkpoint_info(checkpoint: str | os.PathLike, backbone: str | None = None) 
     import vop
 
     path = Path(checkpoint)
-    meta = vop.read_checkpoint_meta(path)
+    meta = vop.read_checkpoint_meta(path, backbone if path.is_dir() else None)
     bb = backbone or meta.get("extra", {}).get("backbone")
     if bb is None and meta["method"] != "full":
         raise ConfigError(f"{path}: records no backbone; pass --backbone (the CLIP weights the prompts were trained on)")
     return {
         "checkpoint": str(path.resolve()),
-        "checkpoint_sha256": sha256_file(path),
+        "checkpoint_sha256": checkpoint_sha256(path),
         "method": meta["method"],
         "options": meta["options"],
         "frames": meta["frames"],
@@ -118,9 +132,9 @@ def load_index_model(info: dict[str, Any], *, backbone: Any = None, checkpoint: 
     import vop
 
     ckpt = Path(checkpoint or info["checkpoint"])
-    if not ckpt.is_file():
+    if not ckpt.exists():
         raise CheckpointError(f"{ckpt}: the index's prompt checkpoint is missing; pass --checkpoint with its new location")
-    if check_sha and sha256_file(ckpt) != info["checkpoint_sha256"]:
+    if check_sha and checkpoint_sha256(ckpt) != info["checkpoint_sha256"]:
         raise CheckpointError(
             f"{ckpt}: differs from the checkpoint this index was built with (SHA-256 {info['checkpoint_sha256'][:12]}...): "
             "its video embeddings would not match; re-run `vop index` with this checkpoint (into a new --out or with --rebuild)")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vop.errors import CheckpointError
-from vop.retrieval.index import VideoIndex, load_index_model, sha256_file
+from vop.retrieval.index import VideoIndex, checkpoint_sha256, load_index_model
 
 __all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hits"]
 
@@ -51,17 +51,20 @@ class BackbonePool:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        self.clips: dict[str, Any] = {}
+        self.clips: dict[tuple[str, Any], Any] = {}
 
-    def clip(self, backbone: str):
+    def clip(self, backbone: str, arch: Any = None):
+        """``arch``: the architecture of a weights file (a name or CLIPConfig, see ``load_clip``)."""
         from vop.methods import resolve_backbone
 
-        if backbone not in self.clips:
-            self.clips[backbone] = resolve_backbone(backbone).to(self.device).eval()
-        return self.clips[backbone]
+        key = (backbone, arch)  # CLIPConfig is frozen: hashable
+        if key not in self.clips:
+            self.clips[key] = resolve_backbone(backbone, arch=arch).to(self.device).eval()
+        return self.clips[key]
 
     def model_for(self, info: dict[str, Any], *, backbone: str | None = None, checkpoint: str | os.PathLike | None = None):
         """The model of an index's ``model`` record. Returns ``(model, shared)``."""
+        from vop.backbone.config import CLIPConfig
         from vop.methods import create_model
         from vop.methods.checkpoint import _check_backbone, load_trainable
 
@@ -70,11 +73,11 @@ class BackbonePool:
         bb = backbone or info.get("backbone")
         if not shares_backbone(meta) or bb is None:
             return load_index_model(info, backbone=bb, checkpoint=ckpt, device=self.device), False
-        if not ckpt.is_file():
+        if not ckpt.exists():
             raise CheckpointError(f"{ckpt}: the index's prompt checkpoint is missing; pass its new location")
-        if sha256_file(ckpt) != info["checkpoint_sha256"]:
+        if checkpoint_sha256(ckpt) != info["checkpoint_sha256"]:
             raise CheckpointError(f"{ckpt}: differs from the checkpoint this index was built with; re-run `vop index`")
-        clip = self.clip(str(bb))
+        clip = self.clip(str(bb), arch=CLIPConfig.from_dict(meta["arch"]))
         _check_backbone(ckpt, meta, clip, True)
         model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
         load_trainable(model, ckpt, meta)
