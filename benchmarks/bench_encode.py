@@ -25,7 +25,7 @@ import _common as C  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="ViT-B-32")
+    p.add_argument("--arch", default="ViT-B/32")  # OpenAI's (QuickGELU), the paper's backbone
     p.add_argument("--videos", type=int, default=2, help="videos per batch for encode_video (default: %(default)s)")
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--image-batches", default="12,48", help="frame batch sizes for the image tower (default: %(default)s)")

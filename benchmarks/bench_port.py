@@ -40,7 +40,7 @@ def make_step(model, video, tokens, amp: bool):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="ViT-B-32")
+    p.add_argument("--arch", default="ViT-B/32")  # OpenAI's (QuickGELU), the paper's backbone
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--words", type=int, default=32)

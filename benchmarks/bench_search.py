@@ -102,7 +102,7 @@ def bench_encode(args, tmp: Path) -> dict:
 
     out = {}
     default = torch.get_num_threads()
-    for bb, method in (("ViT-B-32", "vop-f"), ("tiny", "vop-fc")):
+    for bb, method in (("ViT-B/32", "vop-f"), ("tiny", "vop-fc")):
         model = vop.create_model(method, bb, frames=12).eval()
         tok = model.tokenizer(32)
         for threads in sorted({1, default}):
@@ -248,7 +248,7 @@ def bench_build(args, tmp: Path) -> dict:
     t = time.perf_counter()
     make_clips(clips, args.build_videos)
     log(f"generated {args.build_videos} clips in {time.perf_counter() - t:.1f} s")
-    ck = make_ckpt(tmp / "b32-vop-f.safetensors", "vop-f", "ViT-B-32", 0)
+    ck = make_ckpt(tmp / "b32-vop-f.safetensors", "vop-f", "ViT-B/32", 0)
     for workers in args.build_workers:
         r = build_index(clips, ck, tmp / f"b32-index-{workers}", batch_size=8, num_workers=workers, progress=False)
         out[f"ViT-B-32/vop-f/224px/12f/workers{workers}"] = {"videos": r.encoded, "seconds": r.seconds,
@@ -374,7 +374,7 @@ def bench_memory(args, tmp: Path) -> dict:
     out = {}
     specs = []
     for name, seed in (("A", 1), ("B", 2)):
-        ck = make_ckpt(tmp / f"mem-{name}.safetensors", "vop-f", "ViT-B-32", seed)
+        ck = make_ckpt(tmp / f"mem-{name}.safetensors", "vop-f", "ViT-B/32", seed)
         info = checkpoint_info(ck)  # records the backbone fingerprint the prompts were made on
         emb = random_unit(args.memory_videos, get_arch("ViT-B-32").embed_dim, seed)
         entries = [{"id": f"v{i}.mp4", "path": f"/nowhere/v{i}.mp4"} for i in range(len(emb))]

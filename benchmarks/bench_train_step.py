@@ -104,7 +104,7 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="ViT-B-32")
+    p.add_argument("--arch", default="ViT-B/32")  # OpenAI's (QuickGELU), the paper's backbone
     p.add_argument("--methods", default="all", help="comma-separated, or all (default); full is the reference")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--frames", type=int, default=12)

@@ -555,7 +555,7 @@ def main() -> None:
         return
 
     tiny = args.tiny
-    for k, big, small in (("arch", "ViT-B-32", "tiny"), ("batch", 32, 2), ("frames", 12, 4), ("steps", 10, 2),
+    for k, big, small in (("arch", "ViT-B/32", "tiny"), ("batch", 32, 2), ("frames", 12, 4), ("steps", 10, 2),
                           ("warmup", 3, 1), ("max_batch", 4096, 8), ("budget", 420.0, 60.0)):
         if getattr(args, k) is None:
             setattr(args, k, small if tiny else big)
