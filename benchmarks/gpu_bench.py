@@ -44,7 +44,6 @@ import sys
 import tempfile
 import time
 import traceback
-import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,17 +72,27 @@ def peak_tflops(name: str) -> tuple[float | None, str]:
     return None, f"unknown device {name!r}: pass --peak-tflops for MFU"
 
 
-def ensure_importable() -> list[str]:
-    """``import vop`` needs ftfy (caption cleaning) even though this benchmark never tokenizes text
-    (it feeds token ids). GPU images often lack it: register a stand-in so the run does not stop."""
-    stubs = []
-    for name in ("ftfy",):
-        if importlib.util.find_spec(name) is None:
-            mod = types.ModuleType(name)
-            mod.fix_text = lambda s: s  # type: ignore[attr-defined]
-            sys.modules[name] = mod
-            stubs.append(name)
-    return stubs
+def optional_packages() -> dict[str, Any]:
+    """What the run found of the packages it does not need (``import vop`` and the models need only
+    torch, numpy and safetensors; captions here are token ids, no tokenizer): their versions, and
+    whether CLIP's tokenizer works (it does where benchmarks/device_prep.sh's wheels were installed)."""
+    from importlib import metadata
+
+    found: dict[str, Any] = {}
+    for module, dist in (("ftfy", "ftfy"), ("instant_clip_tokenizer", "instant-clip-tokenizer"), ("av", "av"),
+                         ("transformers", "transformers")):
+        try:
+            found[dist] = metadata.version(dist) if importlib.util.find_spec(module) else None
+        except (ImportError, ValueError, metadata.PackageNotFoundError):
+            found[dist] = None
+    try:
+        import vop
+
+        ids = vop.CLIPTokenizer(8)(["A dog jumps into a pool"])[0].tolist()
+        found["tokenizer"] = f"ok: {ids}"
+    except Exception as e:  # noqa: BLE001 - reported, never fatal
+        found["tokenizer"] = f"{type(e).__name__}: {e}"
+    return found
 
 
 class Budget:
@@ -238,10 +247,10 @@ def mfu_fields(ctx: Ctx, flops: float, step_s: float) -> dict:
     return {"tflops_achieved": achieved, "mfu": achieved / peak if peak else None}
 
 
-def device_entry(ctx: Ctx, stubs: list[str]) -> dict:
+def device_entry(ctx: Ctx) -> dict:
     torch = ctx.torch
     d: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
-                         "cuda_available": torch.cuda.is_available(), "stubbed_modules": stubs,
+                         "cuda_available": torch.cuda.is_available(), "optional": optional_packages(),
                          "python": sys.version.split()[0], "device": str(ctx.device)}
     try:
         smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30)
@@ -564,7 +573,6 @@ def main() -> None:
     if args.max_batch_methods is None:
         args.max_batch_methods = "full,vop" if tiny else args.methods
     args.min_left_per_try = 5.0 if tiny else 30.0
-    stubs = ensure_importable()
 
     import torch
 
@@ -581,7 +589,7 @@ def main() -> None:
     if ctx.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    info = run.guard("device", "info", lambda: device_entry(ctx, stubs))
+    info = run.guard("device", "info", lambda: device_entry(ctx))
     if "error" in info:
         print("device check failed; nothing else can run", file=sys.stderr)
         sys.exit(1)

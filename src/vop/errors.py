@@ -15,3 +15,8 @@ class ConfigError(VopError):
 
 class DataError(VopError):
     """A missing or malformed annotation file, or an unusable video."""
+
+
+class MissingDependencyError(VopError, ImportError):
+    """An optional package that a feature needs is not installed (or cannot be imported). The message
+    names the package and the pip command that installs it; ``import vop`` and the models never need it."""

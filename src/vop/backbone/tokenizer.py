@@ -5,6 +5,9 @@ lower-cases before BPE; instant-clip-tokenizer only lower-cases, so the cleaning
 When a method inserts ``n`` prompt tokens into the text sequence, the caption budget shrinks to
 ``context_length - n``; over-long captions are truncated keeping [SOT] first and [EOT] last, as
 ``clip.tokenize(..., truncate=True)`` does.
+
+ftfy and instant-clip-tokenizer are imported on first use (``import vop`` and the models need
+neither); without them, tokenizing raises :class:`vop.errors.MissingDependencyError` naming them.
 """
 from __future__ import annotations
 
@@ -13,15 +16,17 @@ import re
 from functools import lru_cache
 from typing import Sequence
 
-import ftfy
 import numpy as np
 import torch
 
+from vop._optional import require
+
 SOT, EOT = 49406, 49407
+_INSTALL = "ftfy instant-clip-tokenizer"  # what the tokenizer needs, named in its error
 
 
 def clean_text(text: str) -> str:
-    text = ftfy.fix_text(text)
+    text = require("ftfy", "CLIP's tokenizer (caption cleaning)", install=_INSTALL).fix_text(text)
     text = html.unescape(html.unescape(text))
     text = re.sub(r"\s+", " ", text).strip()
     return text.lower()
@@ -29,9 +34,8 @@ def clean_text(text: str) -> str:
 
 @lru_cache(maxsize=1)
 def _bpe():
-    from instant_clip_tokenizer import Tokenizer
-
-    return Tokenizer()
+    return require("instant_clip_tokenizer", "CLIP's tokenizer (BPE)", package="instant-clip-tokenizer",
+                   install=_INSTALL).Tokenizer()
 
 
 class CLIPTokenizer:
@@ -44,7 +48,8 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of one cleaned text, without [SOT]/[EOT]."""
-        return list(_bpe().encode(clean_text(text)))
+        text = clean_text(text)
+        return list(_bpe().encode(text))
 
     def decode(self, ids: Sequence[int]) -> str:
         return _bpe().decode([int(i) for i in ids if int(i) not in (0, SOT, EOT)])

@@ -29,7 +29,8 @@ Short videos (``n < F``)
 
 Errors
     A missing, empty, truncated or undecodable file raises :class:`vop.errors.DataError` naming
-    the file; decoding never substitutes a blank frame.
+    the file; decoding never substitutes a blank frame. PyAV is imported on first use: without it,
+    opening a video raises :class:`vop.errors.MissingDependencyError` (``pip install av``).
 """
 from __future__ import annotations
 
@@ -39,11 +40,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
-import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 import torch
 
+from vop._optional import require
 from vop.errors import DataError
 
 __all__ = [
@@ -106,6 +106,12 @@ def sample_indices(
     return np.minimum(((np.arange(frames) + u) * n / frames).astype(np.int64), n - 1)
 
 
+def _av():
+    av = require("av", "decoding video (PyAV)")
+    require("av.video.reformatter", "decoding video (PyAV)", package="av")
+    return av
+
+
 def _fail(path: str | os.PathLike, what: str) -> DataError:
     return DataError(f"{path}: {what}. Replace it with a working copy (or re-encode it: "
                      "ffmpeg -i IN -c:v libx264 OUT.mp4), or run `vop data verify` to leave it out.")
@@ -123,8 +129,9 @@ class VideoReader:
     """
 
     def __init__(self, path: str | os.PathLike, *, threads: int = 1):
+        av = _av()
         self.path = str(path)
-        self._rgb = VideoReformatter()  # keeps its conversion context: ~10x faster than to_ndarray(format=)
+        self._rgb = av.video.reformatter.VideoReformatter()  # keeps its conversion context: ~10x faster than to_ndarray(format=)
         p = Path(path)
         if not p.is_file():
             raise DataError(f"{path}: video file not found. Check the dataset root / videos folder.")
@@ -217,6 +224,7 @@ class VideoReader:
             else:
                 runs.append([s, e])
         cc = self._stream.codec_context
+        av = _av()
         try:
             for s, e in runs:
                 cc.flush_buffers()  # a fresh start at a keyframe (also after an earlier get())

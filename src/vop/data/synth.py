@@ -27,9 +27,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-import av
 import numpy as np
 import torch
+
+from vop._optional import require
 
 __all__ = [
     "SHAPES", "COLOURS", "HELDOUT", "WorldSize", "WORLD_SIZES", "Obj", "Event", "Clip",
@@ -326,6 +327,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, *, co
     so the bytes do not depend on the machine. ``gop``/``bframes`` set the keyframe interval and
     B-frame count (for tests of sparse keyframes).
     """
+    av = require("av", "writing video (PyAV)")
     path = Path(path)
     frames = np.asarray(frames, dtype=np.uint8)
     t, h, w, _ = frames.shape

@@ -42,7 +42,9 @@ def thumbnail_strip(frames: np.ndarray, height: int = 96) -> np.ndarray:
 def encode_jpeg(img: np.ndarray, quality: int = 4) -> bytes:
     """RGB uint8 ``(H, W, 3)`` (even sides) -> JPEG bytes via FFmpeg's mjpeg encoder.
     ``quality`` is FFmpeg's qscale, 2 (best) .. 31."""
-    import av
+    from vop._optional import require
+
+    av = require("av", "encoding JPEG thumbnails (PyAV)")
 
     h, w = img.shape[:2]
     cc = av.CodecContext.create("mjpeg", "w")
