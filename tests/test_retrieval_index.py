@@ -14,6 +14,7 @@ import torch
 import vop
 from vop.errors import ConfigError, DataError
 from vop.retrieval import VideoIndex, build_index, exact_search, list_sources, write_index
+from vop.retrieval.index import building_path
 from vop.retrieval.images import encode_png, thumbnail_strip
 
 
@@ -88,14 +89,16 @@ def test_killed_run_resumes_and_updates_incrementally(videos, ckpt, tmp_path):
             "image_size=32, batch_size=2, flush_videos=4, progress=False, _stop_after_parts=2)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]  # killed after 2 flushed parts (8 videos), no merge yet
-    assert not (out / "index.json").exists() and len(list((out / "parts").glob("*.npz"))) == 2
+    # a new index is built next to its folder, which appears only when complete
+    work = building_path(out)
+    assert not out.exists() and len(list((work / "parts").glob("*.npz"))) == 2
     r = _build(videos, ckpt, out, batch_size=4)
     assert (r.total, r.encoded, r.reused) == (16, 8, 8)
     fresh = _build(videos, ckpt, tmp_path / "fresh", batch_size=16)
     a, b = VideoIndex.open(out), VideoIndex.open(tmp_path / "fresh")
     assert [e["id"] for e in a.entries] == [e["id"] for e in b.entries] and fresh.encoded == 16
     assert np.allclose(a.emb, b.emb, atol=1e-6)
-    assert not list((out / "parts").glob("*.npz"))
+    assert not list((out / "parts").glob("*.npz")) and not work.exists()
     # nothing changed: nothing encoded, index untouched
     gen = a.meta["generation"]
     r = _build(videos, ckpt, out)

@@ -36,8 +36,10 @@ def index_cmd(
 ) -> None:
     """Encode every video of a folder or annotation file into a searchable index (resumable; run it
     again to add new or changed videos). Under torchrun, the ranks share the encoding."""
+    from vop.cli.train import parse_device
     from vop.retrieval.index import build_index
 
+    parse_device(device)  # a clear error for a bad --device, before anything is loaded
     params = {"nlist": nlist, "nprobe": nprobe, "M": hnsw_m, "ef_search": ef_search}
     params = {k: v for k, v in params.items() if v is not None}
     r = build_index(videos, checkpoint, out, backbone=backbone, batch_size=batch_size, split=split, root=root, frames=frames,
@@ -109,6 +111,7 @@ def serve_cmd(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights, if not where the indexes recorded them."),
     device: str = typer.Option("cpu", "--device"),
     threads: int = typer.Option(1, "--threads", help="CPU threads per query (1 keeps latency steady on a busy or small machine)."),
+    allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="Also answer requests for this host name (repeatable; * for any). Default: IP addresses, localhost and the --host name."),
 ) -> None:
     """A web page and JSON API (GET /api/search?q=...&k=...&index=...) over one or more indexes."""
     import torch
@@ -125,7 +128,7 @@ def serve_cmd(
         typer.echo(f"{d['name']}: {d['videos']} videos, {d['method']} ({d['checkpoint']}), "
                    f"{'shared' if d['shared_backbone'] else 'own'} backbone, {d['search']} search")
     typer.echo(f"http://{host if ':' not in host else '[' + host + ']'}:{port}/")
-    serve(svc, host, port)
+    serve(svc, host, port, allowed_hosts=allowed_host or ())
 
 
 def register(app: typer.Typer) -> None:

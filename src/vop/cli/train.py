@@ -46,21 +46,30 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device"),
     postprocess: str = typer.Option("none", "--postprocess", help="none (the paper's protocol), dsl; labelled in the output."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics here."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Score the split even if some of its videos are missing or unreadable (every number is then marked partial)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Evaluate a checkpoint (or an untrained method) on a dataset split: t2v and v2t R@1/5/10, MdR, MnR."""
-    import torch
+    """Evaluate a checkpoint (or an untrained method) on a dataset split: t2v and v2t R@1/5/10, MdR, MnR.
 
+    Refuses a split with missing or unreadable videos unless --allow-partial; the output says how many
+    captions and videos of the split were scored."""
     import vop
     from vop.data import get_dataset
-    from vop.engine.evaluate import evaluate
+    from vop.engine.evaluate import coverage_line, evaluate
     from vop.errors import ConfigError
 
     if (checkpoint is None) == (method is None):
         raise ConfigError("give exactly one of --checkpoint or --method")
     if checkpoint and backbone_arch:
         raise ConfigError("--backbone-arch is for --method: a checkpoint records its backbone's architecture")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    for name, value, least in (("--frames", frames, 1), ("--image-size", image_size, 1), ("--batch-size", batch_size, 1),
+                               ("--max-words", max_words, 3), ("--num-workers", num_workers, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{name} must be >= {least}, got {value}")
+    if postprocess not in ("none", "dsl"):
+        raise ConfigError(f"--postprocess must be none or dsl, got {postprocess!r} (QB-Norm needs training captions: "
+                          "use eval.postprocess=qbnorm in a training config)")
+    dev = parse_device(device)
     if checkpoint and os.path.isdir(checkpoint):  # the authors' ModelScope folder: its backbone is inside
         model = vop.load_checkpoint(checkpoint, backbone)
     elif checkpoint:
@@ -75,24 +84,49 @@ def eval_cmd(
         from vop.methods import resolve_backbone
 
         model = vop.create_model(method, resolve_backbone(backbone, arch=backbone_arch), frames=frames or 12)
-    frames = frames or model.frames
-    if frames != model.frames:
-        model.frames = frames
+    # before any video is decoded: can this model take that many frames? (model.frames is never changed)
+    frames = model.check_frames(frames, str(checkpoint or method))
     model.to(dev)
     ds = get_dataset(dataset, root, split, frames=frames, size=image_size or model.clip.cfg.vision.image_size, train=False)
     out = evaluate(model, ds, batch_size=batch_size, device=dev, num_workers=num_workers, max_words=max_words,
-                   postprocess=postprocess, progress=not quiet)
+                   postprocess=postprocess, progress=not quiet, allow_partial=allow_partial)
     m = out.metrics
-    result = {"checkpoint": checkpoint, "method": model.name, "dataset": dataset, "split": split, **m}
+    partial = m["partial"]
+    result = {"checkpoint": checkpoint, "method": model.name, "dataset": dataset, "split": out.dataset.split or split,
+              "frames": frames, **m, "left_out": out.dataset.dropped}
+    if partial:  # next to every number, for whoever reads only one block
+        result["t2v"], result["v2t"] = {**m["t2v"], "partial": True}, {**m["v2t"], "partial": True}
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
-    t, v = m["t2v"], m["v2t"]
-    typer.echo(f"{model.name} on {dataset}/{split} ({m['texts']} captions, {m['videos']} videos"
-               f"{', ' + str(m['skipped_videos']) + ' unreadable videos left out' if m['skipped_videos'] else ''}"
-               f"{', post-processing: ' + postprocess if postprocess != 'none' else ''})")
-    typer.echo("t2v  R@1 {R1:.1f}  R@5 {R5:.1f}  R@10 {R10:.1f}  MdR {MdR:.1f}  MnR {MnR:.1f}".format(**t))
-    typer.echo("v2t  R@1 {R1:.1f}  R@5 {R5:.1f}  R@10 {R10:.1f}  MdR {MdR:.1f}  MnR {MnR:.1f}".format(**v))
+    typer.echo(f"{model.name} on {dataset}/{result['split']}: {coverage_line(m)}"
+               f"{'; post-processing: ' + postprocess if postprocess != 'none' else ''}")
+    mark = " (partial)" if partial else ""
+    for d in ("t2v", "v2t"):
+        r = m[d]
+        typer.echo(f"{d}  " + "  ".join(f"{k} {r[key]:.1f}{mark}" for k, key in
+                                        (("R@1", "R1"), ("R@5", "R5"), ("R@10", "R10"), ("MdR", "MdR"), ("MnR", "MnR"))))
+
+
+def parse_device(device: str):
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``; a clear ConfigError otherwise."""
+    import torch
+
+    from vop.errors import ConfigError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def register(app: typer.Typer) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from vop.data.cache import cache_file, read_cached
 from vop.data.decode import load_frames
 from vop.data.transforms import resize_center_crop
-from vop.errors import DataError
+from vop.errors import ConfigError, DataError
 
 __all__ = [
     "Record",
@@ -65,7 +65,7 @@ class _Frames:
 
     def __init__(self, frames: int, size: int, train: bool, seed: int, cache_dir: str | os.PathLike | None):
         if frames < 1 or size < 1:
-            raise ValueError(f"frames and size must be >= 1, got frames={frames}, size={size}")
+            raise ConfigError(f"frames and size must be >= 1, got frames={frames}, size={size}")
         self.frames, self.size, self.train, self.seed = frames, size, train, seed
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.epoch = 0
@@ -136,6 +136,10 @@ class VideoTextDataset(_VideoBase):
         self.name, self.split = name, split
         #: videos left out when the dataset was built ({video_id: reason}), see get_dataset
         self.dropped: dict[str, str] = {}
+        #: why, in one word, for each of them: "missing", "undecodable" (verify manifest), "unreadable"
+        self.dropped_kinds: dict[str, str] = {}
+        #: samples (captions) of the split that went with the dropped videos
+        self.dropped_samples = 0
         self._frames = _Frames(frames, size, train, seed, cache_dir)
         first: dict[str, int] = {}
         paths: list[Path] = []
@@ -181,7 +185,20 @@ class VideoTextDataset(_VideoBase):
         ds = VideoTextDataset([r for r in self.records if r.video_id not in drop], frames=f.frames, size=f.size,
                               train=f.train, seed=f.seed, cache_dir=f.cache_dir, name=self.name, split=self.split)
         ds.dropped = {**self.dropped, **{v: "left out after failing to load" for v in sorted(drop)}}
+        ds.dropped_kinds = {**self.dropped_kinds, **{v: "unreadable" for v in drop}}
+        ds.dropped_samples = self.dropped_samples + len(self) - len(ds)
         return ds
+
+    def coverage(self) -> dict[str, Any]:
+        """How much of the split this dataset holds: videos and samples of the split, how many were
+        left out and why (``partial`` when any was)."""
+        why: dict[str, int] = {}
+        for v in self.dropped:
+            k = self.dropped_kinds.get(v, "left out")
+            why[k] = why.get(k, 0) + 1
+        return {"split_videos": len(self.videos) + len(self.dropped), "split_texts": len(self) + self.dropped_samples,
+                "left_out_videos": len(self.dropped), "left_out_texts": self.dropped_samples, "left_out_why": why,
+                "partial": bool(self.dropped)}
 
     def video_dataset(self) -> "VideoDataset":
         """The gallery: one item per unique video (test sampling), for encoding each video once."""

@@ -8,7 +8,7 @@ from typing import Literal
 
 from vop.data.dataset import VideoTextDataset
 from vop.data.formats import get_format, load_records
-from vop.data.verify import manifest_path, read_manifest
+from vop.data.verify import manifest_path, read_manifest, still_bad
 from vop.errors import DataError
 
 __all__ = ["get_dataset"]
@@ -49,10 +49,20 @@ def get_dataset(
         paths = [p for p in {manifest_path(root, name, s) for s in (split, "all")} if p.is_file()]
     else:
         paths = [Path(manifest)] if manifest is not None else []
-    for path in sorted(paths):
-        report = read_manifest(path)
-        for bad in report.missing + report.undecodable:
-            dropped[bad["video_id"]] = f"listed as bad in {path}: {bad.get('error') or 'missing file'}"
+    kinds: dict[str, str] = {}
+    if paths:
+        files = {r.video_id: r.video_path for r in records}
+        for path in sorted(paths):
+            report = read_manifest(path)
+            for bad in report.missing + report.undecodable:
+                vid = bad["video_id"]
+                if vid not in files or vid in dropped:
+                    continue
+                why = still_bad(bad, files[vid])  # a restored or replaced file is checked again
+                if why is None:
+                    log.info("%s: listed as bad in %s but readable now; kept", files[vid], path)
+                elif why != "missing file":  # a missing file is handled below, as `missing` says
+                    dropped[vid], kinds[vid] = f"listed as bad in {path}: {why}", "undecodable"
     if missing != "keep":
         seen: set[str] = set(dropped)
         absent: dict[str, str] = {}
@@ -61,10 +71,12 @@ def get_dataset(
                 seen.add(r.video_id)
                 if not Path(r.video_path).is_file():
                     absent[r.video_id] = f"video file not found: {r.video_path}"
+                    kinds[r.video_id] = "missing"
         if missing == "error" and absent:
             raise DataError(f"{name} {split}: {len(absent)} videos missing, e.g. {next(iter(absent.values()))}; "
                             "run `vop data verify` for the full list")
         dropped.update(absent)
+    total = len(records)
     if dropped:
         kept = [r for r in records if r.video_id not in dropped]
         log.warning("%s %s: left out %d videos (%d samples), e.g. %s", name, split, len(dropped),
@@ -72,7 +84,7 @@ def get_dataset(
         records = kept
     ds = VideoTextDataset(
         records,
-        frames=frames or fmt.frames,
+        frames=fmt.frames if frames is None else frames,  # 0 is refused, never read as "the default"
         size=size,
         train=(split in fmt.train_splits) if train is None else train,
         seed=seed,
@@ -81,4 +93,6 @@ def get_dataset(
         split=split,
     )
     ds.dropped.update(dropped)
+    ds.dropped_kinds.update({v: kinds[v] for v in dropped})
+    ds.dropped_samples = total - len(records)
     return ds

@@ -1,7 +1,8 @@
 """Check that every video of a dataset split exists and decodes; write/read the manifest.
 
 The manifest (JSON) lists the bad videos; :func:`vop.data.get_dataset` leaves them out when it
-finds one (by default at :func:`manifest_path` inside the dataset root).
+finds one (by default at :func:`manifest_path` inside the dataset root). An entry whose file has
+changed since (restored, replaced: other size or mtime) is checked again, never trusted blindly.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from vop.data.decode import check_video
 from vop.data.formats import load_records
 from vop.errors import DataError
 
-__all__ = ["VerifyReport", "verify", "manifest_path", "write_manifest", "read_manifest"]
+__all__ = ["VerifyReport", "verify", "manifest_path", "write_manifest", "read_manifest", "still_bad"]
 
 
 @dataclass
@@ -27,7 +28,7 @@ class VerifyReport:
     samples: int = 0
     videos: int = 0
     missing: list[dict] = field(default_factory=list)  # {"video_id", "path"}
-    undecodable: list[dict] = field(default_factory=list)  # {"video_id", "path", "error"}
+    undecodable: list[dict] = field(default_factory=list)  # {"video_id", "path", "error", "size", "mtime_ns"}
 
     @property
     def ok(self) -> bool:
@@ -74,15 +75,39 @@ class _Check(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[str, str, str | None, bool]:
+    def __getitem__(self, i: int) -> tuple[str, str, str | None, bool, dict]:
         vid, path = self.items[i]
         if not path.is_file():
-            return vid, str(path), None, False
+            return vid, str(path), None, False, {}
+        sig = file_signature(path)
         try:
             check_video(path)
-            return vid, str(path), None, True
+            return vid, str(path), None, True, sig
         except DataError as e:
-            return vid, str(path), str(e), True
+            return vid, str(path), str(e), True, sig
+
+
+def file_signature(path: str | os.PathLike) -> dict:
+    """Size and modification time: a manifest entry whose file no longer has them is checked again."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def still_bad(entry: dict, path: str | os.PathLike) -> str | None:
+    """Whether a manifest entry (missing or undecodable video) still holds for the file at ``path``:
+    the reason if so, None if the file has been restored or replaced by a readable one since."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing file"
+    if "error" in entry and entry.get("size") is not None:
+        sig = file_signature(path)
+        if sig == {"size": entry["size"], "mtime_ns": entry.get("mtime_ns")}:
+            return entry["error"]  # the very file that failed: no need to decode it again
+    try:  # restored, replaced, or an old manifest without a signature: check it again
+        check_video(path)
+    except DataError as e:
+        return f"{e} (checked again)"
+    return None
 
 
 def verify(
@@ -107,9 +132,9 @@ def verify(
         from tqdm import tqdm
 
         loader = tqdm(loader, total=len(videos), desc="verify", unit="video", disable=None)  # off when not a tty
-    for vid, path, error, exists in loader:
+    for vid, path, error, exists, sig in loader:
         if not exists:
             report.missing.append({"video_id": vid, "path": path})
         elif error is not None:
-            report.undecodable.append({"video_id": vid, "path": path, "error": error})
+            report.undecodable.append({"video_id": vid, "path": path, "error": error, **sig})
     return report

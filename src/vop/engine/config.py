@@ -29,7 +29,7 @@ import yaml
 from vop.errors import ConfigError
 
 __all__ = [
-    "load_config", "config_to_dict", "save_config", "parse_override",
+    "load_config", "config_to_dict", "save_config", "parse_override", "check_ranges", "bounded",
     "ModelConfig", "DataConfig", "OptimConfig", "EvalConfig", "RunConfig",
 ]
 
@@ -47,6 +47,24 @@ _Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
     for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    """A mapping in which a key appears twice is refused (PyYAML would silently keep the last one)."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *anchor' may be overridden by explicit keys
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key: the constructor reports it
+            continue
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _no_duplicates
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
     [-+]?(?:[0-9][0-9_]*)?\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -72,6 +90,8 @@ def _yaml_load(text: str, where: str):
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if problem.startswith("duplicate key"):
+            raise ConfigError(f"{where}{line}: {problem}; keep only one of them") from None
         raise ConfigError(f"{where}{line}: malformed YAML ({problem}); fix the syntax there") from None
 
 
@@ -153,6 +173,45 @@ def _unknown(key: str, name: str, valid: Sequence[str], where: str) -> ConfigErr
     return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
 
 
+def bounded(default: Any, *, min: float | None = None, max: float | None = None, min_open: bool = False,
+            max_open: bool = False, null: str | None = None) -> Any:
+    """A dataclass field with an allowed range, checked wherever the value comes from (file, override,
+    or :func:`check_ranges` on a config built in Python). None (Optional fields) is always allowed;
+    ``null`` says what it means, for the error message."""
+    return field(default=default, metadata={"range": (min, min_open, max, max_open), "null": null})
+
+
+def _describe_range(r: tuple) -> str:
+    lo, lo_open, hi, hi_open = r
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo:g}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi:g}"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _check_range(f: dataclasses.Field, value: Any, key: str, where: str) -> None:
+    r = f.metadata.get("range")
+    if r is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, lo_open, hi, hi_open = r
+    ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:  # (NaN fails every comparison: refused too)
+        none = f" (or null: {f.metadata['null']})" if f.metadata.get("null") else ""
+        raise ConfigError(f"{where}: '{key}' must be {_describe_range(r)}{none}, got {value!r}")
+
+
+def check_ranges(cfg: Any, where: str = "config", prefix: str = "") -> None:
+    """Check every bounded field of a config dataclass tree (e.g. one built in Python, not loaded)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, where, key)
+        else:
+            _check_range(f, value, key, where)
+
+
 def _build(cls: type[T], data: dict, prefix: str, where: str) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -162,6 +221,7 @@ def _build(cls: type[T], data: dict, prefix: str, where: str) -> T:
         if name not in fields:
             raise _unknown(key, str(name), list(fields), where)
         kwargs[name] = _convert(hints[name], value, key, where)
+        _check_range(fields[name], kwargs[name], key, where)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key '{prefix + '.' if prefix else ''}{name}'")
@@ -200,7 +260,9 @@ def _apply_override(cfg, text: str) -> None:
                 raise _unknown(key, name, names, where)
             tp = typing.get_type_hints(type(obj))[name]
             if last:
-                setattr(obj, name, _convert(tp, value, key, where))
+                value = _convert(tp, value, key, where)
+                _check_range(next(f for f in dataclasses.fields(obj) if f.name == name), value, key, where)
+                setattr(obj, name, value)
             elif getattr(obj, name) is None:  # Optional[SomeConfig] left at None: start from defaults
                 inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
                 setattr(obj, name, inner[0]() if inner else None)
@@ -259,8 +321,8 @@ class ModelConfig:
     method: str = "vop"              # a name in the method registry (vop, vop-f, full, zeroshot, ...)
     backbone: str = "ViT-B/32"       # an architecture name or a weights file
     backbone_arch: str | None = None  # the weights file's architecture (ViT-H-14 ...); None: its record or inferred
-    frames: int = 12                 # frames sampled per video (the data pipeline reads it here)
-    image_size: int | None = None    # None: the backbone's native resolution
+    frames: int = bounded(12, min=1)  # frames sampled per video (the data pipeline reads it here)
+    image_size: int | None = bounded(None, min=1, null="the backbone's resolution")  # None: the backbone's native resolution
     options: dict[str, Any] = field(default_factory=dict)  # method options: n_text, n_video, ks, depth...
 
 
@@ -271,23 +333,23 @@ class DataConfig:
     train_split: str = "train"
     val_split: str | None = "val"    # None: no validation split (see val_fraction)
     test_split: str = "test"
-    val_fraction: float = 0.0        # hold out this part of train as validation (datasets without val)
-    max_words: int = 32              # caption token budget
-    num_workers: int = 2
+    val_fraction: float = bounded(0.0, min=0, max=1, max_open=True)  # hold out this part of train as validation (datasets without val)
+    max_words: int = bounded(32, min=3)  # caption token budget ([SOT] + words + [EOT])
+    num_workers: int = bounded(2, min=0)
     augment: bool = False
     videos_dir: str | None = None    # None: ROOT/videos (or ROOT)
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-3                 # prompts and new modules
-    backbone_lr: float = 1e-6        # CLIP weights, for methods that train them
-    weight_decay: float = 0.2
-    warmup_fraction: float = 0.1     # of all optimiser steps, then cosine decay
-    grad_clip: float | None = 1.0    # max global grad norm; None: no clipping
-    accumulate: int = 1              # gradient accumulation steps
+    epochs: int = bounded(5, min=0)
+    batch_size: int = bounded(32, min=1)
+    lr: float = bounded(1e-3, min=0, min_open=True)  # prompts and new modules
+    backbone_lr: float = bounded(1e-6, min=0)  # CLIP weights, for methods that train them
+    weight_decay: float = bounded(0.2, min=0)
+    warmup_fraction: float = bounded(0.1, min=0, max=1)  # of all optimiser steps, then cosine decay
+    grad_clip: float | None = bounded(1.0, min=0, min_open=True, null="no clipping")  # max global grad norm; None: no clipping
+    accumulate: int = bounded(1, min=1)  # gradient accumulation steps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False
     select_metric: str = "rsum"      # val-selection: rsum (t2v R1+R5+R10) or a key like t2v.R1
@@ -295,12 +357,12 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 64
+    batch_size: int = bounded(64, min=1)
     # Optional re-scoring (vop.engine.metrics); "none" reproduces the paper's protocol.
     postprocess: Literal["none", "dsl", "qbnorm"] = "none"
-    dsl_temperature: float = 100.0   # multiplies cosine scores: sim * softmax(100 * sim) as in X-Pool
-    qb_k: int = 1                    # QB-Norm paper defaults (Bogolin et al. 2022)
-    qb_beta: float = 20.0
+    dsl_temperature: float = bounded(100.0, min=0, min_open=True)  # multiplies cosine scores: sim * softmax(100 * sim) as in X-Pool
+    qb_k: int = bounded(1, min=1)  # QB-Norm paper defaults (Bogolin et al. 2022)
+    qb_beta: float = bounded(20.0, min=0)
     every_epoch: bool = True
 
 
@@ -310,9 +372,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = bounded(0, min=0)
     out_dir: str = "runs/default"
-    log_every: int = 10              # optimiser steps between log lines
+    log_every: int = bounded(10, min=1)  # optimiser steps between log lines
     device: str = "auto"             # auto (CUDA when available), cpu, cuda
-    checkpoint_every: int = 0        # optimiser steps between resumable checkpoints (0: each epoch)
-    stop_after_steps: int | None = None  # end the process abruptly after N steps (tests of resume)
+    checkpoint_every: int = bounded(0, min=0)  # optimiser steps between resumable checkpoints (0: each epoch)
+    stop_after_steps: int | None = bounded(None, min=1, null="never")  # end the process abruptly after N steps (tests of resume)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from vop.data import build_loader, to_model_input
 from vop.data.dataset import VideoDataset, VideoTextDataset
 from vop.engine.metrics import dual_softmax, qb_norm, retrieval_metrics, similarity_chunked
+from vop.errors import DataError
 from vop.methods.base import VideoTextModel
 
 
@@ -67,6 +68,28 @@ def encode_videos(model: VideoTextModel, videos: VideoDataset, *, batch_size: in
     return emb, ids, failures
 
 
+def _refuse_partial(dataset: VideoTextDataset, failures: dict[str, str] | None = None) -> None:
+    c = dataset.coverage()
+    if not c["partial"]:
+        return
+    why = ", ".join(f"{n} {k}" for k, n in sorted(c["left_out_why"].items()))
+    example = (next(iter((failures or {}).values()), None) or next(iter(dataset.dropped.values()))).rstrip(".")
+    raise DataError(
+        f"{dataset.name} {dataset.split}: {c['left_out_videos']} of {c['split_videos']} videos ({why}; "
+        f"{c['left_out_texts']} of {c['split_texts']} captions) cannot be scored, e.g. {example}; metrics on the rest "
+        "are not comparable to the full split: restore them (`vop data verify` lists them all), or pass "
+        "--allow-partial to score what is there (every number is then marked partial)")
+
+
+def coverage_line(m: dict) -> str:
+    """"1000 captions, 1000 videos (the whole split)" or what was scored and what was left out, and why."""
+    if not m.get("partial"):
+        return f"{m['texts']} captions, {m['videos']} videos (the whole split)"
+    why = ", ".join(f"{n} {k}" for k, n in sorted(m["left_out_why"].items()))
+    return (f"PARTIAL: scored {m['videos']} of {m['split_videos']} videos and {m['texts']} of {m['split_texts']} captions; "
+            f"left out {m['left_out_videos']} videos ({why}) and {m['left_out_texts']} captions")
+
+
 @dataclass
 class EvalOutput:
     metrics: dict[str, Any]
@@ -98,8 +121,16 @@ def postprocess_similarity(sim: torch.Tensor, kind: str = "none", *, dsl_tempera
 def evaluate(model: VideoTextModel, dataset: VideoTextDataset, *, batch_size: int = 16, text_batch_size: int = 256,
              device: torch.device | str = "cpu", num_workers: int = 0, max_words: int | None = 32, precision: str = "auto",
              postprocess: str = "none", dsl_temperature: float = 100.0, querybank_captions: Sequence[str] | None = None,
-             qb_k: int = 1, qb_beta: float = 20.0, progress: bool = False) -> EvalOutput:
-    """t2v and v2t R@1/5/10, MdR, MnR of ``model`` on ``dataset`` (several captions per video allowed)."""
+             qb_k: int = 1, qb_beta: float = 20.0, progress: bool = False, allow_partial: bool = True) -> EvalOutput:
+    """t2v and v2t R@1/5/10, MdR, MnR of ``model`` on ``dataset`` (several captions per video allowed).
+
+    The metrics also say how much of the split was scored (:meth:`VideoTextDataset.coverage`:
+    ``split_videos``, ``split_texts``, ``left_out_videos``, ``left_out_texts``, ``left_out_why``,
+    ``partial``). ``allow_partial=False`` refuses (DataError) a gallery with any video of the split
+    left out: missing, listed as bad by ``vop data verify``, or unreadable now.
+    """
+    if not allow_partial:
+        _refuse_partial(dataset)
     was_training = model.training
     model.eval()
     try:
@@ -107,6 +138,8 @@ def evaluate(model: VideoTextModel, dataset: VideoTextDataset, *, batch_size: in
                                                  num_workers=num_workers, precision=precision, progress=progress)
         if failures:
             dataset = dataset.without_videos(failures)
+            if not allow_partial:
+                _refuse_partial(dataset, failures)
         order = {v: i for i, v in enumerate(ids)}
         video_emb = video_emb[torch.tensor([order[v] for v in dataset.videos], dtype=torch.long)]
         text_emb = encode_texts(model, dataset.captions, batch_size=text_batch_size, device=device, max_words=max_words,
@@ -122,7 +155,7 @@ def evaluate(model: VideoTextModel, dataset: VideoTextDataset, *, batch_size: in
         gt = dataset.text_to_video
         metrics = {"t2v": retrieval_metrics(sims["t2v"], gt)["t2v"], "v2t": retrieval_metrics(sims["v2t"], gt)["v2t"],
                    "texts": len(dataset.captions), "videos": len(dataset.videos), "skipped_videos": len(failures),
-                   "postprocess": postprocess}
+                   **dataset.coverage(), "postprocess": postprocess}
         return EvalOutput(metrics, text_emb, video_emb, dataset, sim, failures)
     finally:
         model.train(was_training)

@@ -6,6 +6,7 @@ Run directory (``cfg.out_dir``):
     metrics.jsonl      one JSON object per log step and per evaluation
     tb/                TensorBoard events (when tensorboard is installed)
     state.pt           resumable state: trainable tensors, optimiser, scheduler, scaler, RNG, position
+    state.prev.pt      the state before it (a damaged state.pt can be replaced by it)
     last.safetensors   prompt checkpoint of the last epoch
     best.safetensors   prompt checkpoint of the epoch selected on validation (never on test)
     results.json       test metrics of the last and of the val-selected epoch
@@ -18,6 +19,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -32,9 +34,9 @@ from tqdm.auto import tqdm
 from vop.backbone.config import get_arch, is_arch
 from vop.data import build_loader, get_dataset, to_model_input
 from vop.data.dataset import VideoTextDataset
-from vop.engine.config import RunConfig, config_to_dict, load_config, save_config
+from vop.engine.config import RunConfig, check_ranges, config_to_dict, load_config, save_config
 from vop.engine.distributed import DistEnv, all_reduce_mean
-from vop.engine.evaluate import autocast_dtype, evaluate
+from vop.engine.evaluate import autocast_dtype, coverage_line, evaluate
 from vop.engine.loss import accumulated_backward, contrastive_loss
 from vop.engine.optim import cosine_with_warmup, param_groups
 from vop.errors import CheckpointError, ConfigError, DataError
@@ -67,6 +69,7 @@ class Datasets:
 # validation of the configuration, before any work starts
 # ----------------------------------------------------------------------------------------------
 def check_config(cfg: RunConfig, world_size: int = 1) -> None:
+    check_ranges(cfg)  # a config built in Python skips load_config's checks
     cls = get_method(cfg.model.method)
     parse_options(cfg.model.method, cls.Options, dict(cfg.model.options))
     o = cfg.optim
@@ -92,6 +95,25 @@ def check_config(cfg: RunConfig, world_size: int = 1) -> None:
             get_arch(cfg.model.backbone_arch)
         except CheckpointError as e:
             raise ConfigError(f"model.backbone_arch: {e}") from None
+    _check_model_options(cfg)
+
+
+def _check_model_options(cfg: RunConfig) -> None:
+    """Build the model on the meta device (no memory, no weights read), so that method options out of
+    range (ks beyond the layers, n_position beyond n_video ...) fail before any work. For a weights
+    file whose architecture is not given (model.backbone_arch), ks is checked against its depth right
+    after the backbone is read (the same ConfigError)."""
+    arch = cfg.model.backbone_arch
+    if arch is None and is_arch(cfg.model.backbone) and not os.path.exists(cfg.model.backbone):
+        arch = cfg.model.backbone
+    options = dict(cfg.model.options)
+    if arch is None:  # a weights file: check what does not depend on its depth on any architecture
+        arch = "tiny"
+        options.pop("ks", None)
+    from vop.backbone.clip import CLIP
+
+    with torch.device("meta"):
+        create_model(cfg.model.method, CLIP(get_arch(arch)), frames=cfg.model.frames, **options)
 
 
 def _dataset(cfg: RunConfig, split: str, size: int, train: bool) -> VideoTextDataset:
@@ -146,10 +168,52 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def previous_state_path(path: Path) -> Path:
+    """Where the state before the current one is kept (``state.prev.pt``)."""
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
 def save_state(path: Path, **state: Any) -> None:
+    """Write the new state completely, then keep the current one as ``state.prev.pt`` and switch.
+
+    Every step is a rename (atomic): a kill never leaves a half-written ``state.pt``, and if the current
+    file is damaged later (disk, copy), the previous good state is still there to resume from.
+    """
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill never leaves a half-written state
+    if path.exists():
+        prev = previous_state_path(path)
+        prev_tmp = prev.with_name(prev.name + ".tmp")
+        prev_tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, prev_tmp)  # a second name for the current state: state.pt never disappears
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, prev_tmp)
+        os.replace(prev_tmp, prev)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read ``state.pt`` (tensors and plain data only: ``weights_only``); a damaged or foreign file is a
+    CheckpointError that names it and says how to go on."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"trainable", "epoch", "batch", "step", "rng"} <= set(state):
+            raise ValueError("not a vop training state")
+        return state
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError (zip), OSError, ...
+        first = (str(e).splitlines() or ["no detail"])[0].split(". ")[0]  # torch's long advice is not for this file
+        reason = "an empty file" if path.stat().st_size == 0 else f"{type(e).__name__}: {first}"[:200]
+    prev = previous_state_path(path)
+    hint = "start the run again in a new out_dir"
+    if prev.exists():
+        try:
+            p = torch.load(prev, map_location="cpu", weights_only=True)
+            hint = (f"the previous state ({prev.name}, epoch {p['epoch']}, step {p['step']}) is intact: "
+                    f"replace the damaged file with it (mv {prev} {path}) and resume again, or {hint}")
+        except Exception:
+            hint = f"the previous state {prev.name} is damaged too: {hint}"
+    raise CheckpointError(f"{path}: the resumable training state is damaged or unreadable ({reason}); {hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,11 +221,18 @@ def save_state(path: Path, **state: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg`` (or resume the run in ``resume``); returns the results dict (also in results.json)."""
+    saved_state: dict[str, Any] | None = None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise ConfigError(f"{run_dir}: not a run directory (no config.yaml); nothing to resume")
         cfg = load_config(RunConfig, run_dir / "config.yaml")
+        # read before any work: a damaged state fails here, not after the backbone and data are loaded
+        saved_state = load_state(run_dir / "state.pt") if (run_dir / "state.pt").exists() else None
+        prev = previous_state_path(run_dir / "state.pt")
+        if saved_state is None and prev.exists():
+            raise CheckpointError(f"{run_dir / 'state.pt'}: missing, but {prev.name} is there: rename it to state.pt "
+                                  f"to resume from it (mv {prev} {run_dir / 'state.pt'}), or start a new run")
     elif cfg is None:
         raise ConfigError("give a configuration or a run directory to resume")
     else:
@@ -222,18 +293,22 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     state_path = run_dir / "state.pt"
-    if resume is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for n, p in model.named_trainable_parameters():
-                p.copy_(state["trainable"][n])
-        if optimizer:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+    if resume is not None and saved_state is not None:
+        state = saved_state
+        try:
+            with torch.no_grad():
+                for n, p in model.named_trainable_parameters():
+                    p.copy_(state["trainable"][n])
+            if optimizer:
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{state_path}: does not fit the model of {run_dir / 'config.yaml'} "
+                                  f"({type(e).__name__}: {e}); was the config edited? Start a new run (new out_dir)") from None
         epoch, batch_in_epoch, step = state["epoch"], state["batch"], state["step"]
-        history, best = state["history"], state["best"]
+        history, best = state.get("history", []), state.get("best")
         if main:
             log.info("resumed %s at epoch %d, batch %d (step %d)", run_dir, epoch, batch_in_epoch, step)
 
@@ -378,4 +453,8 @@ def print_summary(results: dict[str, Any]) -> None:
         t, v = r["test"]["t2v"], r["test"]["v2t"]
         table.add_row(name, str(r["epoch"]), *(f"{t[k]:.1f}" for k in ("R1", "R5", "R10", "MdR", "MnR")),
                       *(f"{v[k]:.1f}" for k in ("R1", "R5", "R10", "MdR", "MnR")))
-    Console(file=sys.stderr).print(table)
+    console = Console(file=sys.stderr)
+    console.print(table)
+    test = results["last"]["test"]
+    if test.get("partial"):
+        console.print(f"test set {coverage_line(test)}: every number above is partial")

@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from vop.backbone.clip import CLIP
 from vop.backbone.tokenizer import CLIPTokenizer
-from vop.methods.blocks import FrameVideoPrompts, FunctionVideoPrompts, Run, TextPrompts
+from vop.errors import ConfigError
+from vop.methods.blocks import FrameVideoPrompts, FunctionVideoPrompts, PositionFrameTokens, Run, TextPrompts
 
 
 def pool_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -42,9 +43,11 @@ class VideoTextModel(nn.Module):
 
     def __init__(self, clip: CLIP, frames: int = 12, options: Any = None):
         super().__init__()
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ConfigError(f"frames (model.frames) must be an integer >= 1, got {frames!r}")
         self.clip = clip
         self.clip.requires_grad_(False)
-        self.frames = frames
+        self._frames = frames
         self.opts = options if options is not None else self.Options()
         self.text_prompts: TextPrompts | None = None
         self.video_prompts: FrameVideoPrompts | FunctionVideoPrompts | None = None
@@ -59,6 +62,37 @@ class VideoTextModel(nn.Module):
     def block(self, tower: str, i: int, blk: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
         """Run block ``i`` of ``tower`` ("text" or "visual"); adapters override this."""
         return blk(x, causal=causal)
+
+    # -- frames ----------------------------------------------------------------------------------------
+    @property
+    def frames(self) -> int:
+        """Frames per video the model was built with (read-only: tensors may be sized by it)."""
+        return self._frames
+
+    def frame_bound_tensor(self) -> str | None:
+        """What fixes the number of frames per video, if anything: VoP^P's position-specific prompts,
+        VoP^F's frame position embedding (one learned tensor per frame position). None: any count works."""
+        for m in self.modules():
+            if isinstance(m, FunctionVideoPrompts) and m.ks < m.layers:
+                return "frame position embedding"
+            if isinstance(m, PositionFrameTokens):
+                return "position-specific prompts"
+        return None
+
+    def check_frames(self, frames: int | None, source: str = "this model") -> int:
+        """The frame count to run with (``None``: the model's); a clear ConfigError, before any video is
+        decoded, when the model cannot take ``frames``."""
+        if frames is None:
+            return self.frames
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+            raise ConfigError(f"--frames must be an integer >= 1, got {frames!r}")
+        bound = self.frame_bound_tensor()
+        if frames != self.frames and bound is not None:
+            raise ConfigError(
+                f"{source}: this {self.name} model was trained with {self.frames} frames per video and its {bound} "
+                f"(one learned tensor per frame position) fixes that count, so --frames {frames} is not possible: "
+                f"leave --frames out (or give {self.frames}), or train with model.frames={frames}")
+        return frames
 
     # -- derived sizes -------------------------------------------------------------------------------
     @property

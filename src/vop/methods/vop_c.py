@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vop.errors import ConfigError
 from vop.methods.blocks import ContextFrameTokens, ContextModule, FrameTokens
 from vop.methods.registry import register
 from vop.methods.vop import VoP, VoPOptions
@@ -27,5 +28,6 @@ class VoPC(VoP):
     def frame_tokens(self, depth: int) -> FrameTokens:
         o, width = self.opts, self.clip.cfg.vision.width
         if not 0 < o.n_context <= o.n_video:
-            raise ValueError(f"n_context must be in 1..n_video={o.n_video}, got {o.n_context}")
+            raise ConfigError(f"model.options.n_context={o.n_context} of {self.name} must be in 1..{o.n_video} "
+                              f"(the generated part of the n_video={o.n_video} video prompts)")
         return ContextFrameTokens(depth, o.n_video - o.n_context, ContextModule(width, o.n_context, o.context_hidden), width)

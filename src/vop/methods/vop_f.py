@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vop.errors import ConfigError
 from vop.methods.blocks import FunctionVideoPrompts
 from vop.methods.registry import register
 from vop.methods.vop import VoP
@@ -49,7 +50,8 @@ class _Function:
         layers = self.clip.cfg.vision.layers
         ks = round(2 * layers / 3) if self.opts.ks is None else self.opts.ks
         if not 0 <= ks <= layers:
-            raise ValueError(f"ks must be in 0..{layers}, got {ks}")
+            raise ConfigError(f"model.options.ks={ks} of {self.name} must be in 0..{layers} "
+                              f"(the layers of this backbone's image tower)")
         shallow = self.frame_tokens(ks) if (ks and self.opts.n_video) else None
         self.video_prompts = FunctionVideoPrompts(shallow, layers, ks, self.frames, self.opts.n_video,
                                                  self.clip.cfg.vision.width, self.opts.frame_position_std)

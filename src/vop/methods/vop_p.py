@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vop.errors import ConfigError
 from vop.methods.blocks import FrameTokens, PositionFrameTokens
 from vop.methods.registry import register
 from vop.methods.vop import VoP, VoPOptions
@@ -24,6 +25,7 @@ class VoPP(VoP):
 
     def frame_tokens(self, depth: int) -> FrameTokens:
         o = self.opts
-        if o.n_position > o.n_video:
-            raise ValueError(f"n_position={o.n_position} exceeds n_video={o.n_video}")
+        if not 0 <= o.n_position <= o.n_video:
+            raise ConfigError(f"model.options.n_position={o.n_position} of {self.name} must be in 0..{o.n_video} "
+                              f"(the position-specific part of the n_video={o.n_video} video prompts)")
         return PositionFrameTokens(depth, o.n_video - o.n_position, o.n_position, self.frames, self.clip.cfg.vision.width)

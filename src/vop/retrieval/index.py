@@ -13,8 +13,10 @@ Layout of an index folder::
 
 ``<g>`` is a generation number: a run writes new files, then replaces ``index.json`` atomically, then
 removes the old generation, so a reader never sees embeddings and metadata of different runs and a
-run killed at any point leaves a usable index. Encoded batches are flushed to ``parts/`` as they
-are done, so re-running after a crash or Ctrl-C encodes only what is left; re-running on a changed
+run killed at any point leaves a usable index. A new index is built in ``.INDEX.vop-building`` next
+to ``INDEX`` (:func:`building_path`) and renamed when complete: ``INDEX`` never appears half-built.
+Encoded batches are flushed to ``parts/`` as they are done, so re-running after a crash or Ctrl-C
+encodes only what is left; re-running on a changed
 folder encodes new and changed videos (size + mtime, or SHA-256 with ``content_hash``) and drops
 the removed ones.
 
@@ -31,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,7 +51,7 @@ from vop.errors import CheckpointError, ConfigError, DataError
 from vop.retrieval.sources import Source, file_signature, list_sources, same_file
 
 __all__ = ["FORMAT", "VideoIndex", "build_index", "BuildReport", "checkpoint_info", "load_index_model",
-           "write_index", "sha256_file", "checkpoint_sha256"]
+           "write_index", "sha256_file", "checkpoint_sha256", "building_path"]
 
 FORMAT = "vop-index/1"
 log = logging.getLogger("vop.retrieval")
@@ -442,6 +445,7 @@ def build_index(
     out = Path(out)
     env = _dist_env()
     own_group = False
+    work_dir: Path | None = None  # set while a new index is being built next to ``out``
     if env.enabled and not dist.is_initialized():
         dist.init_process_group("gloo")  # CPU collectives (barriers) also when ranks encode on GPUs
         own_group = True
@@ -459,21 +463,35 @@ def build_index(
             "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
         model = load_index_model(info, device=dev, check_sha=False)
         info["backbone_fingerprint"] = model.backbone_fingerprint
-        settings = _Settings(frames or model.frames, image_size or model.clip.cfg.vision.image_size, thumb_frames,
+        # before any folder is made or video decoded: can this model take that many frames?
+        frames = model.check_frames(frames, str(checkpoint))
+        if image_size is not None and image_size < 1:
+            raise ConfigError(f"--image-size must be >= 1, got {image_size}")
+        settings = _Settings(frames, image_size or model.clip.cfg.vision.image_size, thumb_frames,
                              thumb_height, content_hash)
-        if settings.frames != model.frames:
-            model.frames = settings.frames
         new_meta = {"model": info, "settings": {"frames": settings.frames, "image_size": settings.image_size,
                                                 "max_words": max_words, "thumb_frames": thumb_frames,
                                                 "thumb_height": thumb_height, "content_hash": content_hash}}
-        old = read_meta(out) if out.exists() else None
         if out.exists() and not out.is_dir():
             raise ConfigError(f"{out}: exists and is not an index folder")
-        if old is None and out.is_dir() and any(p.name not in ("parts", "thumbs") for p in out.iterdir()):
-            raise ConfigError(f"{out}: is a folder that holds other files; give a new or empty folder for the index")
+        target, work = out, building_path(out)
+        if env.is_main and (work / "index.json").is_file() and not _holds_files(out, allowed=()):
+            _move_into_place(work, out)  # a run killed between its last write and the rename
+        if env.enabled:
+            dist.barrier()
+        old = read_meta(out) if out.exists() else None
+        if old is None and _holds_files(out, allowed=()):
+            if _holds_files(out):
+                raise ConfigError(f"{out}: is a folder that holds other files; give a new or empty folder for the index")
+            if env.is_main and not work.exists():  # parts/ and thumbs/ left by an older vop: go on with them
+                os.replace(out, work)
+        if env.enabled:
+            dist.barrier()
+        if old is None:  # a new index is built next to the target and renamed at the end: never half there
+            out = work_dir = work
         if old is not None and not rebuild:
             _check_compatible(out, old, new_meta)
-        sources, missing = list_sources(videos, split=split, root=root, exclude=[out])
+        sources, missing = list_sources(videos, split=split, root=root, exclude=[target, work])
         by_id = {s.id: s for s in sources}
         if len(by_id) != len(sources):
             raise DataError(f"{videos}: the same video id appears twice")
@@ -522,7 +540,7 @@ def build_index(
         mine = todo[env.rank::env.world_size]
 
         # encode this rank's share, flushing parts as we go
-        report = BuildReport(out, rank=env.rank, missing=missing)
+        report = BuildReport(target, rank=env.rank, missing=missing)
         encoded = 0
         if mine:
             model.eval()
@@ -618,15 +636,44 @@ def build_index(
             report.faiss = meta.get("faiss")
             for p in parts_dir.glob("r*.npz"):
                 p.unlink()
+            if out != target:
+                _move_into_place(out, target)
         else:
             report.faiss = old.get("faiss")
         report.seconds = time.perf_counter() - t0
         if env.enabled:
             dist.barrier()
         return report
+    except BaseException:
+        if env.is_main and work_dir is not None and work_dir.is_dir():
+            if (work_dir / "index.json").is_file() or any((work_dir / "parts").glob("r*.npz")):
+                log.warning("the videos encoded so far are kept in %s: run the same command again to go on", work_dir)
+            else:  # nothing worth resuming: no trace of the failed run
+                shutil.rmtree(work_dir, ignore_errors=True)
+        raise
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+_BUILDING = ".vop-building"
+
+
+def building_path(out: str | os.PathLike) -> Path:
+    """Where a new index is built (next to ``out``, hidden) before it is renamed to ``out``; a run
+    killed midway leaves its encoded parts there, and the next run goes on from them."""
+    out = Path(out)
+    return out.parent / f".{out.name}{_BUILDING}"
+
+
+def _holds_files(folder: Path, allowed: tuple[str, ...] = ("parts", "thumbs")) -> bool:
+    return folder.is_dir() and any(p.name not in allowed for p in folder.iterdir())
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    if out.is_dir():
+        out.rmdir()  # an empty folder the user made for the index (anything in it: OSError, nothing lost)
+    os.replace(work, out)
 
 
 def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], meta: dict[str, Any],

@@ -118,9 +118,7 @@ class Searcher:
             model, shared = pool.model_for(info, backbone=backbone, checkpoint=checkpoint)
         else:
             model, shared = load_index_model(info, backbone=backbone, checkpoint=checkpoint, device=device), False
-        settings = index.meta["settings"]
-        if model.frames != settings["frames"]:
-            model.frames = settings["frames"]
+        settings = index.meta["settings"]  # (its frame count only mattered for encoding the videos)
         return cls(index, model, settings.get("max_words", 32), shared)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:

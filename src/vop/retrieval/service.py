@@ -29,6 +29,7 @@ __all__ = ["SearchService", "RequestError", "NotFoundError", "MAX_QUERY_CHARS", 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ROW = re.compile(r"[0-9]{1,12}")
 
 
 class RequestError(VopError):
@@ -175,8 +176,9 @@ class SearchService:
     # -- files: only those an index refers to ---------------------------------------------------
     def _entry(self, name: str, row: str) -> tuple[Loaded, dict]:
         ld = self.get(name)
-        if not row.isdigit() or int(row) >= len(ld.index):
-            raise NotFoundError(f"index {name!r} has no video {row!r}")
+        # ASCII digits only: str.isdigit() also accepts '²' or '٣', which int() refuses or reads otherwise
+        if not _ROW.fullmatch(row) or int(row) >= len(ld.index):
+            raise NotFoundError(f"index {name!r} has no video {row[:24]!r}")
         return ld, ld.index.entries[int(row)]
 
     def thumb_file(self, name: str, row: str) -> Path:
