@@ -118,3 +118,17 @@ def test_epoch_sampler_shards():
     assert all(len(s) == 4 for s in shards)
     assert set(sum(shards, [])) == set(range(10))
     assert list(EpochSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_epoch_sampler_drops_the_incomplete_global_batch_on_any_number_of_ranks():
+    """15 samples, global batch 8: one batch in one process, and one (not two, one of them padded
+    with a repeated sample) on 2 or 4 ranks, holding the same samples."""
+    one = list(EpochSampler(15, shuffle=True, seed=2, global_batch=8))
+    assert len(one) == len(EpochSampler(15, shuffle=True, seed=2, global_batch=8)) == 8
+    for world in (2, 4):
+        shards = [EpochSampler(15, shuffle=True, seed=2, rank=r, world_size=world, global_batch=8) for r in range(world)]
+        assert all(len(s) == len(list(s)) == 8 // world for s in shards)
+        assert sorted(sum((list(s) for s in shards), [])) == sorted(one)
+    assert len(EpochSampler(15, shuffle=True, rank=0, world_size=2)) == 8  # without it: padded, 2 batches of 4
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        EpochSampler(15, shuffle=True, world_size=3, global_batch=8)

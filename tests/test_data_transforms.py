@@ -1,6 +1,8 @@
 """Batched pixel transforms: resize + centre crop, CLIP normalisation, seeded augmentation."""
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from vop.data.transforms import CLIP_MEAN, CLIP_STD, augment, normalize, resize_center_crop, to_model_input
@@ -50,3 +52,51 @@ def test_augment_is_seeded_and_shared_by_the_frames_of_a_video():
     out = to_model_input(x, train=True, generator=torch.Generator().manual_seed(0))
     assert out.dtype == torch.float32 and torch.allclose(out, normalize(a))
     assert torch.allclose(to_model_input(x), normalize(x))
+
+
+def test_augment_draws_follow_the_sample_not_its_batch_position_or_rank():
+    """Training augmentation is keyed on (seed, epoch, sample index): the crop and flip of a sample are
+    the same in one process and on either rank of two, and samples at the same position of the two
+    ranks' batches get different ones (one generator per batch gave them the same)."""
+    from vop.data import EpochSampler, augment_draws
+
+    n, batch, seed, epoch = 16, 8, 3, 1
+    videos = torch.randint(0, 256, (n, 2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def run(rank: int, world: int) -> dict[int, torch.Tensor]:
+        sampler = EpochSampler(n, shuffle=True, seed=seed, rank=rank, world_size=world, global_batch=batch)
+        sampler.set_epoch(epoch)
+        order, per = list(sampler), batch // world
+        out = {}
+        for k in range(0, len(order), per):  # what the trainer does with each of this rank's batches
+            idx = torch.tensor(order[k:k + per])
+            x = to_model_input(videos[idx], train=True, draws=augment_draws(seed, epoch, idx))
+            out.update({int(i): v for i, v in zip(idx, x)})
+        return out
+
+    one = run(0, 1)
+    two = {**run(0, 2), **run(1, 2)}
+    assert sorted(one) == sorted(two) == list(range(n))
+    for i in range(n):
+        assert torch.allclose(one[i], two[i], atol=1e-6), i
+    plain = normalize(videos)
+    assert all(not torch.allclose(one[i], plain[i], atol=1e-3) for i in range(n))  # augmentation is on
+    # rows depend only on (seed, epoch, index): order and company do not matter, seed and epoch do
+    d = augment_draws(seed, epoch, [5, 9, 2])
+    assert d.shape == (3, 5) and d.dtype == torch.float64 and bool(((d >= 0) & (d < 1)).all())
+    assert torch.equal(augment_draws(seed, epoch, torch.tensor([2, 5])), d[[2, 0]])
+    assert torch.equal(augment_draws(seed, epoch, np.array([9])), d[[1]])
+    assert not torch.equal(augment_draws(seed, epoch + 1, [5]), d[:1])
+    assert not torch.equal(augment_draws(seed + 1, epoch, [5]), d[:1])
+    assert len({tuple(r) for r in augment_draws(seed, epoch, range(64)).tolist()}) == 64  # one draw per sample
+    # a stream of its own, not the frame sampler's numbers for the same (seed, epoch, index)
+    assert not np.allclose(np.random.default_rng([seed, epoch, 5]).random(5), d[0].numpy())
+    # a video's output does not depend on its position in the batch
+    x = videos[:4]
+    draws = augment_draws(seed, epoch, [0, 1, 2, 3])
+    perm = [2, 0, 3, 1]
+    assert torch.allclose(augment(x[perm], draws=draws[perm]), augment(x, draws=draws)[perm], atol=1e-6)
+    with pytest.raises(ValueError, match="draws must be"):
+        augment(x, draws=draws[:2])
+    with pytest.raises(ValueError, match="draws .* or a seeded generator"):
+        augment(x)

@@ -6,7 +6,8 @@ Typical use::
     train = get_dataset("msrvtt", root, "9k", frames=12, size=224)        # random frame per segment
     loader = build_loader(train, batch_size=32, num_workers=4, seed=0)    # shuffled, seeded epochs
     for batch in loader:                                                   # batch["video"]: uint8 (B, F, 3, S, S)
-        x = to_model_input(batch["video"].to(device), train=True, generator=g)  # float, CLIP-normalised
+        draws = augment_draws(seed, epoch, batch["index"])                 # per sample: (seed, epoch, index)
+        x = to_model_input(batch["video"].to(device), train=True, draws=draws)  # float, CLIP-normalised
         texts = batch["text"]
 
     test = get_dataset("msrvtt", root, "test")                             # middle frame per segment
@@ -28,14 +29,14 @@ from vop.data.decode import VideoInfo, VideoReader, check_video, decode_frames, 
 from vop.data.formats import FORMATS, load_records
 from vop.data.registry import get_dataset
 from vop.data.synth import generate_world, heldout_subset, load_stills, make_stills, temporal_subset
-from vop.data.transforms import CLIP_MEAN, CLIP_STD, augment, normalize, resize_center_crop, to_model_input
+from vop.data.transforms import CLIP_MEAN, CLIP_STD, augment, augment_draws, normalize, resize_center_crop, to_model_input
 from vop.data.verify import VerifyReport, read_manifest, verify, write_manifest
 
 __all__ = [
     "get_dataset", "load_records", "FORMATS", "Record", "VideoTextDataset", "VideoDataset", "FailedSample",
     "collate", "EpochSampler", "VideoLoader", "build_loader",
     "VideoReader", "VideoInfo", "sample_indices", "load_frames", "decode_frames", "video_info", "check_video",
-    "CLIP_MEAN", "CLIP_STD", "resize_center_crop", "normalize", "augment", "to_model_input",
+    "CLIP_MEAN", "CLIP_STD", "resize_center_crop", "normalize", "augment", "augment_draws", "to_model_input",
     "verify", "VerifyReport", "read_manifest", "write_manifest", "build_cache",
     "generate_world", "make_stills", "load_stills", "temporal_subset", "heldout_subset",
 ]

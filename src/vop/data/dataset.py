@@ -262,12 +262,21 @@ def collate(items: Sequence[dict | FailedSample]) -> dict:
 
 class EpochSampler(Sampler[int]):
     """Indices of one epoch: a permutation seeded by ``(seed, epoch)`` (or in order), then the
-    shard ``rank::world_size`` (padded by wrapping so that every rank gets the same count)."""
+    shard ``rank::world_size`` (padded by wrapping so that every rank gets the same count).
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+    ``global_batch`` (batches that drop the last incomplete one): only the first
+    ``n // global_batch * global_batch`` indices of the order are sharded, no padding. Batch ``k``
+    of every rank (``global_batch // world_size`` each) then holds the samples of batch ``k`` of one
+    process, and there are as many: an epoch is the same on any number of processes."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 global_batch: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if global_batch is not None and (global_batch < 1 or global_batch % world_size):
+            raise ValueError(f"global_batch {global_batch} is not a positive multiple of world_size {world_size}")
         self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
+        self.global_batch = global_batch
         self.epoch = 0
         self.skip = 0  # leading indices of this epoch to leave out (resuming mid-epoch)
 
@@ -279,15 +288,20 @@ class EpochSampler(Sampler[int]):
             return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         return np.arange(self.n)
 
+    def _per_rank(self) -> int:
+        if self.global_batch is not None:
+            return self.n // self.global_batch * self.global_batch // self.world_size
+        return -(-self.n // self.world_size)
+
     def __iter__(self) -> Iterator[int]:
         order = self._order()
-        if self.world_size > 1:
-            per = -(-self.n // self.world_size)
+        if self.world_size > 1 or self.global_batch is not None:
+            per = self._per_rank()
             order = np.resize(order, per * self.world_size)[self.rank :: self.world_size]
         return iter(order[self.skip:].tolist())
 
     def __len__(self) -> int:
-        return max(0, -(-self.n // self.world_size) - self.skip)
+        return max(0, self._per_rank() - self.skip)
 
 
 def _worker_init(_: int) -> None:
@@ -320,7 +334,8 @@ class VideoLoader:
         prefetch_factor: int | None = None,
     ):
         self.dataset = dataset
-        self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+        self.sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                                    global_batch=batch_size * world_size if drop_last else None)
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         extra = {"prefetch_factor": prefetch_factor} if num_workers > 0 and prefetch_factor else {}

@@ -4,15 +4,21 @@ The loader hands out uint8 frames already resized and centre-cropped to ``size``
 between processes and to the GPU); the model side then calls :func:`to_model_input`, which does
 the optional training augmentation (one random resized crop + flip per video, shared by its
 frames) and the CLIP normalisation on the device where the batch lives.
+
+Training draws each video's crop and flip with :func:`augment_draws`, from a generator of its own
+seeded by (seed, epoch, sample index): the same augmentation whatever the batch it lands in, its
+position there, the rank that loads it, the number of processes, micro-batches or loader workers.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "resize_center_crop", "normalize", "augment", "to_model_input"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "resize_center_crop", "normalize", "augment", "augment_draws", "to_model_input"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,10 +61,34 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 255.0 - mean) / std
 
 
+#: SeedSequence spawn key of the augmentation stream: independent of the frame-sampling stream
+#: (``default_rng([seed, epoch, index])`` in ``vop.data.dataset``), which uses the same entropy
+AUGMENT_STREAM = 0x61756721
+#: uniform numbers one video's augmentation consumes (area, aspect, centre x, centre y, flip)
+AUGMENT_DRAWS = 5
+
+
+def augment_draws(seed: int, epoch: int, indices: Sequence[int] | torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The random numbers of :func:`augment` for each sample: ``(len(indices), 5)`` float64 on the CPU.
+
+    Row ``i`` comes from a numpy generator of its own, seeded by ``(seed, epoch, indices[i])`` (a
+    ``SeedSequence`` hashes them; a separate stream from the frame sampling's): a sample's crop and
+    flip do not depend on the other samples of its batch, its position, the rank or the worker that
+    loaded it. ``indices`` are dataset (sample) indices, e.g. ``batch["index"]``.
+    """
+    idx = indices.tolist() if hasattr(indices, "tolist") else list(indices)
+    out = np.empty((len(idx), AUGMENT_DRAWS), dtype=np.float64)
+    for row, i in enumerate(idx):
+        ss = np.random.SeedSequence([int(seed), int(epoch), int(i)], spawn_key=(AUGMENT_STREAM,))
+        out[row] = np.random.default_rng(ss).random(AUGMENT_DRAWS)
+    return torch.from_numpy(out)
+
+
 def augment(
     x: torch.Tensor,
-    generator: torch.Generator,
+    generator: torch.Generator | None = None,
     *,
+    draws: torch.Tensor | None = None,
     scale: tuple[float, float] = (0.5, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip: bool = True,
@@ -66,13 +96,23 @@ def augment(
     """Random resized crop (area ``scale``, aspect ``ratio``) and horizontal flip, per video.
 
     ``x``: ``(B, F, 3, S, S)`` (uint8 or float); the frames of one video share one crop and flip.
-    The random parameters come from ``generator`` (a CPU ``torch.Generator``: the same draws on
-    any device). Returns float in the input's value range (bilinear resampling back to ``S``).
+    The random parameters are ``draws`` (``(B, 5)`` uniform numbers in [0, 1), one row per video:
+    :func:`augment_draws`, what training uses), or else come from ``generator`` (a CPU
+    ``torch.Generator``, drawn for the batch as a whole: a video's crop then depends on its
+    position in the batch). Returns float in the input's value range (bilinear resampling back to
+    ``S``); a video gives the same output whatever the batch it is in.
     """
     if x.dim() != 5:
         raise ValueError(f"expected (B, F, 3, H, W), got {tuple(x.shape)}")
     b, f, c, h, w = x.shape
-    r = torch.rand(b, 5, generator=generator, dtype=torch.float64)
+    if draws is not None:
+        if tuple(draws.shape) != (b, AUGMENT_DRAWS):
+            raise ValueError(f"draws must be ({b}, {AUGMENT_DRAWS}) for {b} videos, got {tuple(draws.shape)}")
+        r = draws.detach().to(device="cpu", dtype=torch.float64)
+    elif generator is not None:
+        r = torch.rand(b, AUGMENT_DRAWS, generator=generator, dtype=torch.float64)
+    else:
+        raise ValueError("augment needs draws (augment_draws) or a seeded generator")
     area = scale[0] + (scale[1] - scale[0]) * r[:, 0]
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * r[:, 1]
     aspect = torch.exp(log_ratio)
@@ -96,14 +136,16 @@ def to_model_input(
     *,
     train: bool = False,
     generator: torch.Generator | None = None,
+    draws: torch.Tensor | None = None,
     scale: tuple[float, float] = (0.5, 1.0),
     flip: bool = True,
 ) -> torch.Tensor:
     """Batch of uint8 frames ``(B, F, 3, S, S)`` -> normalised float32 model input, same shape.
 
-    With ``train=True`` and a ``generator``, applies :func:`augment` first; without a generator
-    no augmentation is done (e.g. when augmentation is switched off in the config).
+    With ``train=True`` and per-video ``draws`` (:func:`augment_draws`) or a ``generator``, applies
+    :func:`augment` first; without either no augmentation is done (e.g. when augmentation is
+    switched off in the config).
     """
-    if train and generator is not None:
-        frames = augment(frames, generator, scale=scale, flip=flip)
+    if train and (draws is not None or generator is not None):
+        frames = augment(frames, generator, draws=draws, scale=scale, flip=flip)
     return normalize(frames)

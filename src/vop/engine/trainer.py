@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vop.backbone.config import get_arch, is_arch
-from vop.data import build_loader, get_dataset, to_model_input
+from vop.data import augment_draws, build_loader, get_dataset, to_model_input
 from vop.data.dataset import VideoTextDataset
 from vop.engine.config import RunConfig, check_ranges, config_to_dict, load_config, save_config
 from vop.engine.distributed import DistEnv, all_reduce_mean
@@ -334,9 +334,10 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
                    disable=not (main and progress), dynamic_ncols=True)
         t_last, seen = time.perf_counter(), 0
         for batch in loader:
-            # augmentation draws depend only on (seed, step): identical after a resume
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step) if cfg.data.augment else None
-            video = to_model_input(batch["video"].to(device, non_blocking=True), train=cfg.data.augment, generator=gen)
+            # each video's crop and flip depend only on (seed, epoch, its sample index), like its frames: the
+            # same on any number of processes, micro-batches or workers, and after a resume
+            draws = augment_draws(cfg.seed, epoch, batch["index"]) if cfg.data.augment else None
+            video = to_model_input(batch["video"].to(device, non_blocking=True), train=cfg.data.augment, draws=draws)
             tokens = tokenizer(batch["text"]).to(device)
             loss = _step(net, model, video, tokens, o.accumulate, amp_dtype, device, scaler)
             if o.grad_clip:
