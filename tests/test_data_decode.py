@@ -131,9 +131,10 @@ def test_edit_list_trimmed_mp4(tmp_path):
             if p.dts is not None:
                 p.pts, p.dts, p.stream = p.pts - shift, p.dts - shift, ost
                 out.mux(p)
-    with VideoReader(tmp_path / "trim.mp4") as v:
-        assert v.num_frames == 57
-        assert [read_code(f) for f in v.get([0, 1, 16, 17, 30, 56])] == [3, 4, 19, 20, 33, 59]
+    for mode in ("seek+skip", "seek", "sequential"):  # sequential: the decoder drops the trimmed frames itself
+        with VideoReader(tmp_path / "trim.mp4", mode=mode) as v:
+            assert v.num_frames == 57
+            assert [read_code(f) for f in v.get([0, 1, 16, 17, 30, 56])] == [3, 4, 19, 20, 33, 59]
 
 
 def _bad_files(tmp, good):

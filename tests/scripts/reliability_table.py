@@ -101,6 +101,16 @@ def cli_cases():
         sh("vop data verify -d collection -r world -s test", t)
         (t / "kept.mp4").rename(t / V / "test00003.mp4")
 
+    def train_broken(n):
+        def setup(t):
+            for f in sorted((t / "world/videos/train").glob("*.mp4"))[:n]:
+                f.write_bytes(f.read_bytes()[:2000])
+        return setup
+
+    def link_cycle(t):
+        (t / V / "sub").mkdir()
+        os.symlink("..", t / V / "sub" / "loop")  # sub/loop -> the test folder itself
+
     def run_dir(damage):
         def setup(t):
             if not (t / "run" / "state.good").exists():
@@ -154,6 +164,14 @@ def cli_cases():
         ("Config", "VoP^C `n_context=0`", f"vop train -q {TRAIN} out_dir=r model.method=vop-c model.options.n_context=0", 2, None),
         ("Config", "VoP^F `ks` beyond the image tower's layers",
          f"vop train -q {TRAIN} out_dir=r model.method=vop-f model.options.ks=5", 2, None),
+        ("Data", "1 of 16 training videos unreadable (6% of the samples), `data.max_skipped=0.1`",
+         f"vop train -q {TRAIN} out_dir=r data.max_skipped=0.1",
+         0, train_broken(1)),
+        ("Data", "2 of 16 training videos unreadable (12.5%), default `data.max_skipped=0.01`",
+         f"vop train -q {TRAIN} out_dir=r2", 2, train_broken(2)),
+        ("Data", "a link cycle in a folder to index (`sub/loop -> ..`)",
+         "vop index --videos world/videos/test --checkpoint vop.safetensors --out ixc --image-size 32 -j 0 -q > o.txt"
+         " ; rc=$? ; grep -v '^ixc:' o.txt ; exit $rc", 0, link_cycle),  # (the first line holds timings)
         ("Resume", "`state.pt` cut in half", "vop train --resume run -q", 2, run_dir(lambda b: b[: len(b) // 2])),
         ("Resume", "`state.pt` overwritten with text", "vop train --resume run -q", 2, run_dir(lambda b: b"garbage\n")),
         ("Resume", "`state.pt` empty", "vop train --resume run -q", 2, run_dir(lambda b: b"")),
@@ -220,7 +238,7 @@ def main() -> int:
                 problems.append(f"traceback: {cmd}\n{out[-2000:]}")
             if p.returncode != want:
                 problems.append(f"exit {p.returncode}, expected {want}: {cmd}\n{out[-2000:]}")
-            shown = cmd.split(" ; ")[0].replace(TRAIN, "...").replace(TINY, "...")
+            shown = cmd.split(" ; ")[0].replace(TRAIN, "...").replace(TINY, "...").replace(" > o.txt", "")
             rows.setdefault(section, []).append(f"| {md(what)} | `{md(shown, 200)}` | {md(seen(p))} | {p.returncode} |")
             print(f"{p.returncode} {cmd[:100]}", flush=True)
 
@@ -311,6 +329,12 @@ OUTRO = """
   reports the same counts in `results.json` and marks a partial test set under its summary.
 - **Verify manifests** record the size and mtime of each undecodable file; an entry whose file
   was restored or changed since is checked again, never trusted blindly.
+- **Unreadable training videos** are counted per epoch over all ranks, logged, and written to
+  `results.json` (`skipped`, and per epoch in `history`), with a warning at the end of the run;
+  above `data.max_skipped` (default 1% of an epoch's samples, missing files included) the run
+  stops with the error above. `vop data verify` decodes the frames training reads (first, last,
+  the test-sampled ones, a train draw), and folder walks enter each real folder once, so a link
+  cycle is listed, never followed forever.
 - **Frames.** VoP^P's position-specific prompts and VoP^F's frame position embedding hold one
   learned tensor per frame position: a checkpoint trained with F frames runs with F frames only
   (no interpolation: it would be a different, untrained model). `--frames` of another count is

@@ -34,16 +34,25 @@ def verify_cmd(
     videos: Optional[Path] = _VIDEOS,
     annotations: Optional[Path] = _ANN,
     workers: int = _WORKERS,
+    frames: Optional[int] = typer.Option(
+        None, "--frames", "-f", help="Frames per video that training reads (default 12; 64 for paragraphs)."),
 ) -> None:
-    """Check that every video of a split exists and decodes; write a manifest of the bad ones."""
+    """Check that every video of a split exists and that the frames training and evaluation read
+    decode (test sampling and a train draw); write a manifest of the bad ones."""
+    from vop.data.files import summarize_skipped
     from vop.data.verify import manifest_path, verify, write_manifest
 
     split = split or DEFAULT_SPLIT.get(dataset, "test")
     report = verify(dataset, root, split, videos_dir=videos, annotations=annotations, num_workers=workers,
-                    progress=True)
+                    progress=True, frames=frames)
     out = write_manifest(report, manifest or manifest_path(root, dataset, report.split))
     typer.echo(f"{dataset} {report.split}: {report.samples} samples, {report.videos} videos, "
-               f"{len(report.missing)} missing, {len(report.undecodable)} undecodable")
+               f"{len(report.missing)} missing, {len(report.undecodable)} undecodable "
+               f"(decoded per video: first, last, {report.frames} test-sampled frames, a train draw)")
+    if report.skipped:
+        typer.echo(f"  left out of the videos folder walk ({len(report.skipped)}):")
+        for line in summarize_skipped([(Path(b["path"]), b["reason"]) for b in report.skipped]):
+            typer.echo(f"    {line}")
     for bad in report.missing[:20]:
         typer.echo(f"  missing: {bad['path']}")
     for bad in report.undecodable[:20]:
@@ -110,4 +119,8 @@ def info_cmd(video: Path = typer.Argument(..., help="A video file.")) -> None:
     from vop.data.decode import video_info
 
     i = video_info(video)
-    typer.echo(f"{i.path}: {i.num_frames} frames, {i.fps:.3f} fps, {i.duration:.2f} s, {i.width}x{i.height}, {i.codec}")
+    extra = f", rotated {i.rotation} degrees" if i.rotation else ""
+    extra += ", mirrored" if i.mirrored else ""
+    extra += f", video stream {i.stream}" if i.stream else ""
+    typer.echo(f"{i.path}: {i.num_frames} frames, {i.fps:.3f} fps, {i.duration:.2f} s, {i.width}x{i.height}, {i.codec}"
+               f"{extra} (decoding: {i.mode})")

@@ -57,6 +57,12 @@ def index_cmd(
         typer.echo(f"  unreadable: {err}")
     for vid, err in list(r.missing.items())[:10]:
         typer.echo(f"  missing: {err}")
+    if r.skipped:
+        from vop.data.files import summarize_skipped
+
+        typer.echo(f"  left out of the folder walk ({len(r.skipped)}):")
+        for line in summarize_skipped([(Path(k), v) for k, v in r.skipped.items()]):
+            typer.echo(f"    {line}")
 
 
 def search_cmd(

@@ -138,8 +138,9 @@ class VideoTextDataset(_VideoBase):
         self.dropped: dict[str, str] = {}
         #: why, in one word, for each of them: "missing", "undecodable" (verify manifest), "unreadable"
         self.dropped_kinds: dict[str, str] = {}
-        #: samples (captions) of the split that went with the dropped videos
+        #: samples (captions) of the split that went with the dropped videos, and per reason
         self.dropped_samples = 0
+        self.dropped_samples_by_kind: dict[str, int] = {}
         self._frames = _Frames(frames, size, train, seed, cache_dir)
         first: dict[str, int] = {}
         paths: list[Path] = []
@@ -356,6 +357,9 @@ class VideoLoader:
         self.batch_size = batch_size
         self.skipped = 0
         self.failures: dict[str, FailedSample] = {}
+        #: the same, for the last (or current) epoch only
+        self.epoch_skipped = 0
+        self.epoch_failures: dict[str, FailedSample] = {}
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next ``iter()`` runs ``epoch``, starting at batch ``start_batch`` (resuming mid-epoch:
@@ -370,9 +374,12 @@ class VideoLoader:
         self.dataset.set_epoch(self.epoch)
         self.epoch += 1
         self.start_batch = 0
+        self.epoch_skipped, self.epoch_failures = 0, {}
         for batch in self.loader:
             for f in batch["failed"]:
                 self.skipped += 1
+                self.epoch_skipped += 1
+                self.epoch_failures.setdefault(f.video_id, f)
                 if f.video_id not in self.failures:
                     self.failures[f.video_id] = f
                     log.warning("skipped unreadable video %s (%s)", f.video_id, f.error)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -21,28 +22,35 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from vop.data.dataset import Record
+from vop.data.files import VIDEO_EXTS, summarize_skipped, walk_videos
 from vop.errors import DataError
 
 __all__ = ["Layout", "VideoFinder", "DatasetFormat", "FORMATS", "VIDEO_EXTS", "load_records"]
 
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv")
+log = logging.getLogger("vop.data")
 
 
 class VideoFinder:
-    """Resolves video files under one folder: exact relative paths first, then by stem."""
+    """Resolves video files under one folder: exact relative paths first, then by stem.
+
+    The by-stem lookup walks the folder once (:func:`vop.data.files.walk_videos`: links to folders
+    followed, each real folder once); what it left out is in ``skipped`` (``(path, reason)``)."""
 
     def __init__(self, videos_dir: Path):
         self.dir = videos_dir
         self._by_stem: dict[str, Path] | None = None
+        self.skipped: list[tuple[Path, str]] = []
 
     def _stems(self) -> dict[str, Path]:
         if self._by_stem is None:
+            walk = walk_videos(self.dir)
+            self.skipped = walk.skipped
+            problems = [(p, why) for p, why in walk.skipped if not why.startswith(("not a video", "hidden"))]
+            if problems:
+                log.warning("%s: left out while looking for videos: %s", self.dir, "; ".join(summarize_skipped(problems)))
             found: dict[str, list[Path]] = {}
-            for dirpath, _, files in os.walk(self.dir, followlinks=True):
-                for f in files:
-                    ext = os.path.splitext(f)[1].lower()
-                    if ext in VIDEO_EXTS:
-                        found.setdefault(f[: -len(ext)], []).append(Path(dirpath) / f)
+            for f in walk.files:
+                found.setdefault(f.name[: -len(f.suffix)], []).append(f)
             rank = {e: i for i, e in enumerate(VIDEO_EXTS)}
             self._by_stem = {
                 s: min(ps, key=lambda p: (rank[p.suffix.lower()], str(p))) for s, ps in found.items()
@@ -372,12 +380,17 @@ def load_records(
     *,
     videos_dir: str | os.PathLike | None = None,
     annotations: str | os.PathLike | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> tuple[list[Record], str]:
     """Parse the annotations of ``name``/``split``: ``(records, canonical split)``.
 
-    Records keep their expected video path even when the file is missing.
+    Records keep their expected video path even when the file is missing. ``skipped``: a list that
+    receives what the by-stem lookup left out of the videos folder (``(path, reason)``), if it ran.
     """
     fmt = get_format(name)
     split = fmt.canonical_split(split, any_split=name == "collection")
     layout = Layout.of(root, videos_dir, annotations)
-    return fmt.load(layout, split), split
+    records = fmt.load(layout, split)
+    if skipped is not None:
+        skipped.extend(layout.videos.skipped)
+    return records, split

@@ -76,7 +76,7 @@ def get_dataset(
             raise DataError(f"{name} {split}: {len(absent)} videos missing, e.g. {next(iter(absent.values()))}; "
                             "run `vop data verify` for the full list")
         dropped.update(absent)
-    total = len(records)
+    total, all_records = len(records), records
     if dropped:
         kept = [r for r in records if r.video_id not in dropped]
         log.warning("%s %s: left out %d videos (%d samples), e.g. %s", name, split, len(dropped),
@@ -95,4 +95,9 @@ def get_dataset(
     ds.dropped.update(dropped)
     ds.dropped_kinds.update({v: kinds[v] for v in dropped})
     ds.dropped_samples = total - len(records)
+    by_kind: dict[str, int] = {}
+    for r in all_records:
+        if r.video_id in dropped:
+            by_kind[kinds[r.video_id]] = by_kind.get(kinds[r.video_id], 0) + 1
+    ds.dropped_samples_by_kind = by_kind
     return ds

@@ -1,5 +1,9 @@
 """Check that every video of a dataset split exists and decodes; write/read the manifest.
 
+"Decodes" means what training and evaluation will read: the frames of
+:func:`vop.data.decode.verify_indices` (first and last, the test-sampled ones and one
+train-sampling draw), not only the first and last.
+
 The manifest (JSON) lists the bad videos; :func:`vop.data.get_dataset` leaves them out when it
 finds one (by default at :func:`manifest_path` inside the dataset root). An entry whose file has
 changed since (restored, replaced: other size or mtime) is checked again, never trusted blindly.
@@ -8,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Dataset
 
 from vop.data.decode import check_video
-from vop.data.formats import load_records
+from vop.data.formats import get_format, load_records
 from vop.errors import DataError
 
 __all__ = ["VerifyReport", "verify", "manifest_path", "write_manifest", "read_manifest", "still_bad"]
@@ -29,6 +34,9 @@ class VerifyReport:
     videos: int = 0
     missing: list[dict] = field(default_factory=list)  # {"video_id", "path"}
     undecodable: list[dict] = field(default_factory=list)  # {"video_id", "path", "error", "size", "mtime_ns"}
+    frames: int = 12  # the test sampling checked (and one train draw)
+    skipped: list[dict] = field(default_factory=list)  # left out of the videos folder walk: {"path", "reason"}
+    seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -61,6 +69,7 @@ def read_manifest(path: str | os.PathLike) -> VerifyReport:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         fields = {k: data[k] for k in ("dataset", "split", "root", "samples", "videos", "missing", "undecodable")}
+        fields.update({k: data[k] for k in ("frames", "skipped", "seconds") if k in data})
         return VerifyReport(**fields)
     except FileNotFoundError:
         raise DataError(f"{path}: manifest not found; run `vop data verify` first") from None
@@ -69,8 +78,8 @@ def read_manifest(path: str | os.PathLike) -> VerifyReport:
 
 
 class _Check(Dataset):
-    def __init__(self, items: list[tuple[str, Path]]):
-        self.items = items
+    def __init__(self, items: list[tuple[str, Path]], frames: int = 12):
+        self.items, self.frames = items, frames
 
     def __len__(self) -> int:
         return len(self.items)
@@ -81,7 +90,7 @@ class _Check(Dataset):
             return vid, str(path), None, False, {}
         sig = file_signature(path)
         try:
-            check_video(path)
+            check_video(path, self.frames, key=i)
             return vid, str(path), None, True, sig
         except DataError as e:
             return vid, str(path), str(e), True, sig
@@ -119,15 +128,21 @@ def verify(
     annotations: str | os.PathLike | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    frames: int | None = None,
 ) -> VerifyReport:
-    """Parse the annotations, then check each unique video: present, demuxes, first and last
-    frames decode (:func:`vop.data.decode.check_video`)."""
-    records, split = load_records(name, root, split, videos_dir=videos_dir, annotations=annotations)
+    """Parse the annotations, then check each unique video: present, demuxes, and the frames
+    training and evaluation read decode (:func:`vop.data.decode.check_video` with ``frames``
+    per video, default the dataset's: 12, or 64 for didemo/activitynet)."""
+    t0 = time.perf_counter()
+    skipped: list[tuple[Path, str]] = []
+    records, split = load_records(name, root, split, videos_dir=videos_dir, annotations=annotations, skipped=skipped)
+    frames = get_format(name).frames if frames is None else frames
     videos: dict[str, Path] = {}
     for r in records:
         videos.setdefault(r.video_id, Path(r.video_path))
-    report = VerifyReport(name, split, str(root), samples=len(records), videos=len(videos))
-    loader = DataLoader(_Check(list(videos.items())), batch_size=None, num_workers=num_workers)
+    report = VerifyReport(name, split, str(root), samples=len(records), videos=len(videos), frames=frames,
+                          skipped=[{"path": str(p), "reason": why} for p, why in skipped])
+    loader = DataLoader(_Check(list(videos.items()), frames), batch_size=None, num_workers=num_workers)
     if progress:
         from tqdm import tqdm
 
@@ -137,4 +152,5 @@ def verify(
             report.missing.append({"video_id": vid, "path": path})
         elif error is not None:
             report.undecodable.append({"video_id": vid, "path": path, "error": error, **sig})
+    report.seconds = round(time.perf_counter() - t0, 3)
     return report

@@ -338,6 +338,7 @@ class DataConfig:
     num_workers: int = bounded(2, min=0)
     augment: bool = False
     videos_dir: str | None = None    # None: ROOT/videos (or ROOT)
+    max_skipped: float = bounded(0.01, min=0, max=1)  # fail when an epoch loses more than this fraction of its samples to unreadable/missing videos
 
 
 @dataclass

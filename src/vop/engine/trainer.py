@@ -39,6 +39,7 @@ from vop.engine.distributed import DistEnv, all_reduce_mean
 from vop.engine.evaluate import autocast_dtype, coverage_line, evaluate
 from vop.engine.loss import accumulated_backward, contrastive_loss
 from vop.engine.optim import cosine_with_warmup, param_groups
+from vop.engine.skips import SkipTracker
 from vop.errors import CheckpointError, ConfigError, DataError
 from vop.methods import create_model, get_method, resolve_backbone
 from vop.methods.checkpoint import load_trainable, save_checkpoint
@@ -136,8 +137,11 @@ def build_datasets(cfg: RunConfig, size: int) -> Datasets:
         val = [r for r in train.records if r.video_id in held]
         f = dict(frames=cfg.model.frames, size=size, name=train.name)
         note = f"{len(held)} training videos held out ({cfg.data.val_fraction:.0%}; the dataset has no validation split)"
-        return Datasets(VideoTextDataset(keep, train=True, seed=cfg.seed, split="train-minus-val", **f),
-                        VideoTextDataset(val, train=False, split="val-from-train", **f), note)
+        kept = VideoTextDataset(keep, train=True, seed=cfg.seed, split="train-minus-val", **f)
+        # what the split lost (missing files...) still counts against data.max_skipped
+        kept.dropped, kept.dropped_kinds = dict(train.dropped), dict(train.dropped_kinds)
+        kept.dropped_samples, kept.dropped_samples_by_kind = train.dropped_samples, dict(train.dropped_samples_by_kind)
+        return Datasets(kept, VideoTextDataset(val, train=False, split="val-from-train", **f), note)
     return Datasets(train, None, "none (the last epoch is reported)")
 
 
@@ -277,6 +281,9 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0 and trainable and o.epochs:
         raise DataError(f"the training split has {len(data.train)} samples, fewer than one batch of {o.batch_size}")
+    skips = SkipTracker(data.train, loader, cfg.data.max_skipped, per_rank=per_rank, world_size=env.world_size,
+                        hint=f"vop data verify --dataset {cfg.data.dataset} --root {cfg.data.root} --split {cfg.data.train_split}")
+    skips.check_before()  # missing files alone over data.max_skipped: fail before training
     total_steps = max(1, steps_per_epoch * o.epochs)
     optimizer = torch.optim.AdamW(param_groups(model, o.lr, o.backbone_lr, o.weight_decay), betas=(0.9, 0.98), eps=1e-6) if trainable else None
     scheduler = cosine_with_warmup(optimizer, total_steps, round(o.warmup_fraction * total_steps)) if optimizer else None
@@ -309,6 +316,7 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
                                   f"({type(e).__name__}: {e}); was the config edited? Start a new run (new out_dir)") from None
         epoch, batch_in_epoch, step = state["epoch"], state["batch"], state["step"]
         history, best = state.get("history", []), state.get("best")
+        skips.load_state_dict(state.get("skips"))
         if main:
             log.info("resumed %s at epoch %d, batch %d (step %d)", run_dir, epoch, batch_in_epoch, step)
 
@@ -316,7 +324,8 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
         if main and trainable:
             save_state(state_path, trainable={k: v.cpu() for k, v in model.trainable_state_dict().items()},
                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                       rng=_rng_state(), epoch=epoch, batch=batch_in_epoch, step=step, history=history, best=best)
+                       rng=_rng_state(), epoch=epoch, batch=batch_in_epoch, step=step, history=history, best=best,
+                       skips=skips.state_dict(batch_in_epoch))
 
     def run_eval(ds: VideoTextDataset, split: str) -> dict[str, Any]:
         out = evaluate(model, ds, batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers,
@@ -330,6 +339,7 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
     model.train()
     while trainable and epoch < o.epochs:
         loader.set_epoch(epoch, start_batch=batch_in_epoch)
+        skips.start_epoch(batch_in_epoch)
         bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{o.epochs}",
                    disable=not (main and progress), dynamic_ncols=True)
         t_last, seen = time.perf_counter(), 0
@@ -373,6 +383,7 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
         bar.close()
         epoch, batch_in_epoch = epoch + 1, 0
         entry: dict[str, Any] = {"epoch": epoch, "step": step}
+        entry["skipped"] = skips.end_epoch(epoch, steps_per_epoch, device)  # logged; DataError over data.max_skipped
         if main:
             save_checkpoint(model, run_dir / "last.safetensors", extra={**extra, "epoch": epoch})
             if data.val is not None and (cfg.eval.every_epoch or epoch == o.epochs):
@@ -403,6 +414,9 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
                 sel_test = last_test
             results["selected"] = {"epoch": best["epoch"], "val": best["val"], "test": sel_test, "by": o.select_metric}
         record({"split": "test", "last": last_test, "selected": results.get("selected", {}).get("test")})
+        results["skipped"] = skips.summary(history, test=last_test)
+        if results["skipped"]["warn"]:
+            log.warning("%s (listed in %s, 'skipped')", results["skipped"]["message"], run_dir / "results.json")
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
         if progress:
             print_summary(results)

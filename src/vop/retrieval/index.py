@@ -303,9 +303,9 @@ class _IndexItems(Dataset):
         try:
             out["signature"] = file_signature(src.path, s.content_hash)
             with VideoReader(src.path) as r:
-                info = r.info
-                idx = sample_indices(info.num_frames, s.frames)
-                frames = r.get(idx)  # (F, H, W, 3) uint8, exactly as vop.data's test sampling
+                idx = sample_indices(r.num_frames, s.frames)
+                frames = r.get(idx)  # (F, H, W, 3) uint8 as displayed, exactly as vop.data's test sampling
+                info = r.info  # after get(): the display orientation is known without another decode
         except DataError as e:
             out["error"] = str(e)
             return out
@@ -341,6 +341,7 @@ class BuildReport:
     removed: int = 0         # in the index but no longer in the source
     failed: dict[str, str] = field(default_factory=dict)    # unreadable videos {id: error}
     missing: dict[str, str] = field(default_factory=dict)   # listed by the annotations but absent
+    skipped: dict[str, str] = field(default_factory=dict)   # left out of the folder walk {path: reason}
     seconds: float = 0.0
     rank: int = 0
     merged: bool = True      # False on ranks other than 0 (they only encode)
@@ -491,7 +492,8 @@ def build_index(
             out = work_dir = work
         if old is not None and not rebuild:
             _check_compatible(out, old, new_meta)
-        sources, missing = list_sources(videos, split=split, root=root, exclude=[target, work])
+        walk_skipped: dict[str, str] = {}
+        sources, missing = list_sources(videos, split=split, root=root, exclude=[target, work], skipped=walk_skipped)
         by_id = {s.id: s for s in sources}
         if len(by_id) != len(sources):
             raise DataError(f"{videos}: the same video id appears twice")
@@ -540,7 +542,7 @@ def build_index(
         mine = todo[env.rank::env.world_size]
 
         # encode this rank's share, flushing parts as we go
-        report = BuildReport(target, rank=env.rank, missing=missing)
+        report = BuildReport(target, rank=env.rank, missing=missing, skipped=walk_skipped)
         encoded = 0
         if mine:
             model.eval()

@@ -27,25 +27,18 @@ class Source:
 
 
 def _video_exts() -> tuple[str, ...]:
-    from vop.data.formats import VIDEO_EXTS
+    from vop.data.files import VIDEO_EXTS
 
     return VIDEO_EXTS
 
 
-def _list_folder(root: Path, exclude: list[Path]) -> list[Source]:
-    exts = _video_exts()
-    excluded = {p.resolve() for p in exclude}
-    out: list[Source] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        # hidden folders and the index being written (when it sits inside the videos folder) are skipped
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (d / n).resolve() not in excluded)
-        for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(exts):
-                continue
-            p = d / name
-            if p.is_file():
-                out.append(Source(p.relative_to(root).as_posix(), p))
+def _list_folder(root: Path, exclude: list[Path], skipped: dict[str, str]) -> list[Source]:
+    from vop.data.files import walk_videos
+
+    walk = walk_videos(root, exclude=exclude)  # links to folders followed, each real folder once
+    for p, why in walk.skipped:
+        skipped[str(p)] = why
+    out = [Source(p.relative_to(root).as_posix(), p) for p in walk.files]
     out.sort(key=lambda s: s.id)
     return out
 
@@ -67,16 +60,18 @@ def _list_annotations(path: Path, split: str, root: Path | None) -> tuple[list[S
 
 
 def list_sources(videos: str | os.PathLike, *, split: str = "all", root: str | os.PathLike | None = None,
-                 exclude: list[Path] | None = None) -> tuple[list[Source], dict[str, str]]:
+                 exclude: list[Path] | None = None, skipped: dict[str, str] | None = None) -> tuple[list[Source], dict[str, str]]:
     """The videos to index and the ones that are listed but absent (``{id: reason}``).
 
-    ``videos``: a folder (every file with a video extension below it, recursively; hidden entries
-    skipped), or a collection annotation file (``.csv``/``.jsonl`` with ``video``, ``caption``,
-    optional ``split``; videos relative to ``root``, by default the file's folder).
+    ``videos``: a folder (every file with a video extension below it, recursively, following links
+    to folders, each real folder once: :func:`vop.data.files.walk_videos`), or a collection
+    annotation file (``.csv``/``.jsonl`` with ``video``, ``caption``, optional ``split``; videos
+    relative to ``root``, by default the file's folder). ``skipped`` receives what the folder walk
+    left out (``{path: reason}``: hidden, not a video extension, link cycle, broken link...).
     """
     p = Path(videos)
     if p.is_dir():
-        found = _list_folder(p, exclude or [])
+        found = _list_folder(p, exclude or [], skipped if skipped is not None else {})
         if not found:
             raise DataError(f"{p}: no video file found below it (extensions: {' '.join(_video_exts())})")
         return found, {}
