@@ -233,7 +233,10 @@ def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, i
     else width // 64 (open_clip's default head width) where no shipped tower of that width has other
     heads; else a CheckpointError asks for ``arch=`` or ``heads=``. Activation: ``act`` if given; GELU
     if every shipped architecture with these exact shapes is a GELU one (open_clip's ViT-H-16,
-    ViT-g-14 ...); else QuickGELU (OpenAI's released models; LAION's need ``act="gelu"``).
+    ViT-g-14 ...); QuickGELU for the shapes of OpenAI's released models (ViT-B/32, B/16, L/14,
+    L/14@336px; LAION's weights of those shapes need ``act="gelu"`` or ``arch=``) and for unknown
+    architectures; a CheckpointError where shipped GELU and QuickGELU configs share the shapes
+    (ViT-H-14, ViT-bigG-14 ...: LAION vs DFN/MetaCLIP weights).
     """
     check_supported(sd)
     try:
@@ -261,5 +264,17 @@ def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, i
     )
     known = [c for c in _REGISTRY.values() if same_tensors(c, cfg)]
     if act is None:
-        act = "gelu" if known and all(c.act == "gelu" for c in known) else "quick_gelu"
+        acts = {c.act for c in known}
+        if acts == {"gelu"}:
+            act = "gelu"
+        elif len(acts) > 1 and not any(same_tensors(get_arch(n), cfg) for n in _OPENAI_NAMES):
+            # e.g. ViT-H-14: LAION's weights use GELU, DFN's and MetaCLIP's QuickGELU; the tensors cannot tell
+            names = sorted(k for k, c in _REGISTRY.items() if same_tensors(c, cfg))
+            raise CheckpointError(
+                f"these weights fit {' and '.join(names)}, which differ only in the activation (GELU or QuickGELU), "
+                f"and the tensors cannot tell which: name it (load_clip(..., arch={names[0]!r}), model.backbone_arch in a run "
+                "config or vop eval --backbone-arch), or pass act='gelu' / "
+                "act='quick_gelu' (LAION's open_clip weights use GELU; OpenAI's, DFN's and MetaCLIP's QuickGELU)")
+        else:  # OpenAI's released shapes (its files use QuickGELU) or an unknown architecture
+            act = "quick_gelu"
     return dataclasses.replace(known[0] if known else cfg, act=act)
