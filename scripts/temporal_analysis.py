@@ -6,8 +6,8 @@
 Prints, for zero-shot and every method's seed-0 checkpoint in DIR/runs:
 - test t2v R@1 and temporal-subset R@1 under the optimistic tie rule (ties never count against the
   ground truth) and under the project's rule (ties broken at random in expectation);
-- how many reversed-twin captions score their video and its twin bit-identically, and how many
-  within the metrics' tie tolerance (`vop.engine.metrics.TIE_RTOL`);
+- how many reversed-twin captions score their video and its twin bit-identically, how many within
+  the metrics' tie tolerance (`vop.engine.metrics.TIE_RTOL`), and the largest such score gap;
 - the mean embedding distance (1 - cosine) of reversed twins, swapped twins and random pairs.
 Then the size of VoP^F's trained frame position embedding against the tokens it is added to, and
 how often a training batch holds a video of the same object with the inverse event. ``--ablate``
@@ -49,12 +49,15 @@ def tie_and_distance_report(model, test, name: str) -> dict:
     kinds, twins = test.meta_column("temporal_kind"), test.meta_column("twin")
     index = {v: i for i, v in enumerate(test.videos)}
     emb = ev.video_emb
-    exact, within, dist = 0, 0, {"reversed": [], "swapped": []}
+    exact, within, largest, dist = 0, 0, 0.0, {"reversed": [], "swapped": []}
     tol = tie_tolerance(sim)
     for i in temporal.tolist():
         j = index[twins[i]]
-        exact += kinds[i] == "reversed" and sim[i, gt[i]].item() == sim[i, j].item()
-        within += kinds[i] == "reversed" and abs(sim[i, gt[i]].item() - sim[i, j].item()) <= tol
+        gap = abs(sim[i, gt[i]].item() - sim[i, j].item())
+        exact += kinds[i] == "reversed" and gap == 0
+        within += kinds[i] == "reversed" and gap <= tol
+        if kinds[i] == "reversed":
+            largest = max(largest, gap)
         dist[kinds[i]].append(1 - float(emb[gt[i]] @ emb[j]))
     gram = emb @ emb.t()
     n = gram.shape[0]
@@ -63,13 +66,14 @@ def tie_and_distance_report(model, test, name: str) -> dict:
         "R1_optimistic": rank_metrics(ranks)["R1"], "R1": rank_metrics(ranks, tied=tied)["R1"],
         "temporal_R1_optimistic": rank_metrics(ranks[temporal])["R1"],
         "temporal_R1": rank_metrics(ranks[temporal], tied=tied[temporal])["R1"],
-        "reversed_exact_ties": int(exact), "reversed_ties": int(within), "reversed_captions": len(dist["reversed"]),
+        "reversed_exact_ties": int(exact), "reversed_ties": int(within), "reversed_largest_gap": largest,
+        "reversed_captions": len(dist["reversed"]),
         "distance_reversed": sum(dist["reversed"]) / len(dist["reversed"]),
         "distance_swapped": sum(dist["swapped"]) / len(dist["swapped"]),
         "distance_random": float((1 - gram).sum() / (n * n - n)),
     }
     print(f"{name:13s} R@1 {row['R1_optimistic']:5.1f} -> {row['R1']:5.1f}  temporal R@1 {row['temporal_R1_optimistic']:5.1f}"
-          f" -> {row['temporal_R1']:5.1f}  ties {within:3d} (exact {exact:3d})/{row['reversed_captions']}  distance reversed"
+          f" -> {row['temporal_R1']:5.1f}  ties {within:3d} (exact {exact:3d}, largest gap {largest:.1e})/{row['reversed_captions']}  distance reversed"
           f" {row['distance_reversed']:.4f} swapped {row['distance_swapped']:.4f} random {row['distance_random']:.4f}", flush=True)
     return row
 
