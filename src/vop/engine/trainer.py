@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from vop.backbone.config import get_arch, is_arch
 from vop.data import augment_draws, build_loader, get_dataset, to_model_input
 from vop.data.dataset import VideoTextDataset
-from vop.engine.config import RunConfig, check_ranges, config_to_dict, load_config, save_config
+from vop.engine.config import RunConfig, check_ranges, load_config, save_config
 from vop.engine.distributed import DistEnv, all_reduce_mean
 from vop.engine.evaluate import autocast_dtype, coverage_line, evaluate
 from vop.engine.loss import accumulated_backward, contrastive_loss
