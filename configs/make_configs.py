@@ -5,8 +5,9 @@
 Setting (paper, Sec. 4.1): CLIP ViT-B/32, 224 px, 12 frames and 32 words (64 frames and 64 words
 for the paragraph datasets DiDeMo and ActivityNet), batch 32, AdamW with weight decay 0.2, cosine
 decay, 5 epochs. The paper searched each method's learning rate in [1e-6, 1e-2] and did not publish
-the values: ours below are starting points from public recipes, NOT tuned on these datasets (which
-cannot be downloaded here). Model selection uses a validation split, never the test set: DiDeMo and
+the values: ours are starting points from public recipes, NOT tuned on these datasets (which
+cannot be downloaded here); each method declares them, with the reason, where it is registered
+(``rates=`` in src/vop/methods/*.py). Model selection uses a validation split, never the test set: DiDeMo and
 LSMDC have one; MSR-VTT and ActivityNet do not, so 5% of the training videos are held out.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
+from vop.methods import list_methods, method_facts
 
 DATASETS = {
     # name: (dataset, train split, val split, test split, frames, words)
@@ -24,27 +27,10 @@ DATASETS = {
     "lsmdc": ("lsmdc", "train", "val", "test", 12, 32),
 }
 
-# method: (lr for new tensors, lr for CLIP tensors, why)
-LR = {
-    "zeroshot": (1e-3, 0.0, "nothing is trained; the run only evaluates"),
-    "full": (1e-4, 1e-6, "CLIP weights at 1e-6 as X-Pool/CLIP4Clip-style full fine-tuning (CLIP4Clip: 1e-7 at batch 128)"),
-    "bias": (1e-3, 1e-4, "BitFit-style: biases tolerate ~100x the full-tuning rate"),
-    "proj": (1e-3, 1e-4, "two projection matrices: linear-probe-like rate"),
-    "partial": (1e-3, 1e-5, "top block + heads: between full tuning and probing"),
-    "adapter-attn": (1e-3, 1e-6, "new bottleneck adapters (zero-initialised up-projection)"),
-    "adapter-ffn": (1e-3, 1e-6, "new bottleneck adapters (zero-initialised up-projection)"),
-    "vop": (5e-3, 1e-6, "prompt tuning recipes use 1e-3..1e-2 for prompts"),
-    "vop-p": (5e-3, 1e-6, "as vop"),
-    "vop-c": (1e-3, 1e-6, "14M-parameter context module (BiLSTM + linear): a lower rate than pure prompts"),
-    "vop-f": (5e-3, 1e-6, "as vop"),
-    "vop-fp": (5e-3, 1e-6, "as vop"),
-    "vop-fc": (1e-3, 1e-6, "as vop-c"),
-}
-
-
 def config(name: str, method: str) -> dict:
     dataset, train, val, test, frames, words = DATASETS[name]
-    lr, blr, _ = LR[method]
+    rates = method_facts(method).rates  # declared where the method is registered
+    lr, blr = rates.lr, rates.backbone_lr
     return {
         "model": {"method": method, "backbone": "ViT-B-32.pt", "frames": frames, "image_size": 224, "options": {}},
         "data": {"dataset": dataset, "root": "", "train_split": train, "val_split": val, "test_split": test,
@@ -58,7 +44,7 @@ def config(name: str, method: str) -> dict:
 
 
 def render(name: str, method: str) -> str:
-    lr, blr, why = LR[method]
+    why = method_facts(method).rates.why
     head = (f"# {method} on {name}: the paper's setting (see configs/make_configs.py).\n"
             f"# Learning rates: {why}.\n"
             f"# Usage: vop train --config configs/{name}/{method}.yaml data.root=/path/to/{DATASETS[name][0]} "
@@ -70,7 +56,7 @@ def main() -> None:
     here = Path(__file__).parent
     for name in DATASETS:
         (here / name).mkdir(exist_ok=True)
-        for method in LR:
+        for method in list_methods():
             (here / name / f"{method}.yaml").write_text(render(name, method))
 
 

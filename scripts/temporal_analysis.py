@@ -24,7 +24,7 @@ import torch
 
 import vop
 from vop.data import get_dataset, temporal_subset
-from vop.demo.run import DEFAULT_LR, LR, diagnostics
+from vop.demo.run import diagnostics
 from vop.engine.config import RunConfig, load_config
 from vop.engine.evaluate import evaluate
 from vop.engine.metrics import rank_metrics, t2v_ranks, tie_tolerance
@@ -123,7 +123,8 @@ def ablate(out: Path, settings: dict, clip, test) -> list[dict]:
         run_dir = out / "ablations" / name.replace(" ", "_").replace("=", "")
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        lr, blr = LR.get("vop-f", DEFAULT_LR)
+        rates = vop.method_facts("vop-f").demo_rates
+        lr, blr = rates.lr, rates.backbone_lr
         cfg = load_config(RunConfig, None, [
             f"data.root={out / 'world'}", "data.dataset=collection", f"model.backbone={settings['backbone']}",
             "model.method=vop-f", f"model.frames={settings['frames']}", f"model.image_size={settings['image_size']}",

@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 
 from vop.backbone import CLIP, CLIPConfig, CLIPTokenizer, build_clip, get_arch, list_archs, load_clip, save_clip
 from vop.errors import CheckpointError, ConfigError, DataError, MissingDependencyError, VopError
-from vop.methods import count_parameters, create_model, list_methods
+from vop.methods import count_parameters, create_model, list_methods, method_facts
 from vop.methods.base import VideoTextModel
 from vop.methods.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 
 __all__ = [
     "__version__", "CLIP", "CLIPConfig", "CLIPTokenizer", "build_clip", "get_arch", "list_archs", "load_clip",
-    "save_clip", "create_model", "count_parameters", "list_methods", "VideoTextModel", "save_checkpoint",
+    "save_clip", "create_model", "count_parameters", "list_methods", "method_facts", "VideoTextModel", "save_checkpoint",
     "load_checkpoint", "read_checkpoint_meta", "VopError", "CheckpointError", "ConfigError", "DataError",
     "MissingDependencyError",
 ]

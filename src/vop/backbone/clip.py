@@ -2,6 +2,11 @@
 
 The towers expose their stages (``embed`` -> blocks -> ``head``) so that prompt methods can run the
 block loop themselves; ``encode_image`` / ``encode_text`` are the plain CLIP forward passes.
+
+The tower API methods use (they never reach into ``transformer.resblocks``): ``blocks(tower)``,
+``tower_config(tower)``, ``head_parameters(tower)`` (final LayerNorm + projection),
+``projection(tower)``, a block's ``branch`` hook (vop.backbone.layers.Branch) and
+``clamp_logit_scale()``. ``tower`` is ``"text"`` or ``"visual"``.
 """
 from __future__ import annotations
 
@@ -11,8 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vop.backbone.config import CLIPConfig
+from typing import Literal
+
+from vop.backbone.config import CLIPConfig, TextConfig, VisionConfig
 from vop.backbone.layers import Transformer
+
+Tower = Literal["text", "visual"]
+TOWERS: tuple[Tower, ...] = ("text", "visual")
+#: the most the logit scale may reach (CLIP's training clamps exp(logit_scale) at 100)
+MAX_LOGIT_SCALE = 100.0
 
 
 class VisionTransformer(nn.Module):
@@ -49,6 +61,10 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional(grid).to(x.dtype)
         return self.ln_pre(x)
+
+    def no_weight_decay(self) -> set[str]:
+        """Embeddings added to tokens are not weight matrices: no weight decay (as open_clip)."""
+        return {"class_embedding", "positional_embedding"}
 
     def head(self, cls: torch.Tensor) -> torch.Tensor:
         """[CLS] outputs of the last block -> projected embeddings."""
@@ -104,6 +120,41 @@ class CLIP(nn.Module):
         x = self.ln_final(x)
         eot = tokens.argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def no_weight_decay(self) -> set[str]:
+        """The text tower's embeddings (the image tower lists its own)."""
+        return {"token_embedding.weight", "positional_embedding"}
+
+    # tower API ---------------------------------------------------------------------------------------
+    def _tower(self, tower: Tower) -> Transformer:
+        if tower == "text":
+            return self.transformer
+        if tower == "visual":
+            return self.visual.transformer
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+
+    def blocks(self, tower: Tower) -> nn.ModuleList:
+        """The residual blocks of ``tower``, input side first."""
+        return self._tower(tower).resblocks
+
+    def tower_config(self, tower: Tower) -> TextConfig | VisionConfig:
+        self._tower(tower)
+        return self.cfg.text if tower == "text" else self.cfg.vision
+
+    def projection(self, tower: Tower) -> nn.Parameter:
+        """The tower's final projection to the joint space (``text_projection`` / ``visual.proj``)."""
+        self._tower(tower)
+        return self.text_projection if tower == "text" else self.visual.proj
+
+    def head_parameters(self, tower: Tower) -> list[nn.Parameter]:
+        """What reads the tower out after its last block: the final LayerNorm and the projection."""
+        norm = self.ln_final if tower == "text" else self.visual.ln_post
+        return [*norm.parameters(), self.projection(tower)]
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
+        """Keep exp(logit_scale) in [1, ``max_scale``] (CLIP's training does this after every step)."""
+        self.logit_scale.clamp_(0, math.log(max_scale))
 
     # plain CLIP ------------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Transformer building blocks with OpenAI/open_clip state-dict names and fused attention."""
 from __future__ import annotations
 
+from typing import Callable, Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,8 +58,19 @@ class MLP(nn.Module):
         return self.c_proj(self.gelu(self.c_fc(x)))
 
 
+#: A branch on a block: ``branch(site, inp, out)`` with ``site`` "attn" or "mlp", ``inp`` the sublayer's
+#: normalised input (ln_1(x) / ln_2(x)) and ``out`` its output; returns a tensor added to the residual
+#: stream next to ``out`` (or None). Parallel adapters read ``inp``, sequential adapters read ``out``.
+Site = Literal["attn", "mlp"]
+Branch = Callable[[Site, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x))."""
+    """Pre-LN transformer block: x + attn(ln_1(x)), then + mlp(ln_2(x)).
+
+    ``branch`` (see :data:`Branch`) adds a term next to each sublayer's output without re-implementing
+    the block: x + attn(h) + branch("attn", h, attn(h)), then the same for the MLP.
+    """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, act: str):
         super().__init__()
@@ -66,9 +79,18 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, int(round(width * mlp_ratio)), act)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, causal: bool = False, branch: Branch | None = None) -> torch.Tensor:
+        if branch is None:
+            x = x + self.attn(self.ln_1(x), causal=causal)
+            return x + self.mlp(self.ln_2(x))
+        h = self.ln_1(x)
+        a = self.attn(h, causal=causal)
+        extra = branch("attn", h, a)
+        x = x + a if extra is None else x + a + extra
+        h = self.ln_2(x)
+        m = self.mlp(h)
+        extra = branch("mlp", h, m)
+        return x + m if extra is None else x + m + extra
 
 
 class Transformer(nn.Module):

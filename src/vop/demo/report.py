@@ -10,9 +10,11 @@ import torch
 
 from vop.data import load_frames, temporal_subset
 
-PAPER_NAMES = {"zeroshot": "Zero-shot", "full": "Full", "bias": "Bias", "proj": "Proj", "partial": "Partial",
-               "adapter-attn": "Adapter (attn)", "adapter-ffn": "Adapter (FFN)", "vop": "VoP", "vop-p": "VoP^P",
-               "vop-c": "VoP^C", "vop-f": "VoP^F", "vop-fp": "VoP^{F+P}", "vop-fc": "VoP^{F+C}"}
+def label(method: str) -> str:
+    """The method's name in the paper's tables (its registered label)."""
+    from vop.methods import list_methods, method_facts
+
+    return method_facts(method).label if method in list_methods() else method
 
 
 def _fmt(m: dict[str, float], digits: int = 1) -> str:
@@ -31,7 +33,7 @@ def table_md(results: dict[str, Any]) -> str:
     ]
     for method, r in results["methods"].items():
         s, c = r["summary"], r["counts"]
-        cells = [PAPER_NAMES.get(method, method), f"{c['trainable']:,}", f"{percent(c):.3f}"]
+        cells = [label(method), f"{c['trainable']:,}", f"{percent(c):.3f}"]
         for d in ("t2v", "v2t"):
             cells += [_fmt(s[d][k]) for k in ("R1", "R5", "R10", "MdR", "MnR")]
         cells += [_fmt(s[k]) if k in s else "-" for k in ("temporal_R1", "twin_accuracy", "heldout_R1")]
@@ -50,7 +52,7 @@ def twin_table_md(results: dict[str, Any]) -> str:
         s = r["summary"]
         if not any(k in s for k in keys):
             continue
-        lines.append("| " + " | ".join([PAPER_NAMES.get(method, method)] + [_fmt(s[k]) if k in s else "-" for k in keys]) + " |")
+        lines.append("| " + " | ".join([label(method)] + [_fmt(s[k]) if k in s else "-" for k in keys]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -60,20 +62,24 @@ def write_figure(path: Path, results: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vop.methods import list_methods, method_facts
+
     methods = results["methods"]
-    if "full" not in methods:
+    # the reference: full fine-tuning (the method that trains every CLIP weight)
+    full = [m for m in methods if m in list_methods() and method_facts(m).whole_model]
+    if not full:
         return
-    base = methods["full"]["summary"]["t2v"]["R1"]["mean"]
+    base = methods[full[0]]["summary"]["t2v"]["R1"]["mean"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for name, r in methods.items():
-        if name in ("full", "zeroshot"):
+        if name == full[0] or r["counts"]["trainable"] == 0:  # the reference itself, and zero-shot
             continue
         x = max(percent(r["counts"]), 1e-3)
         gain = r["summary"]["t2v"]["R1"]["mean"] - base
         err = r["summary"]["t2v"]["R1"]["std"]
-        colour = "tab:red" if name.startswith("vop") else "tab:blue"
+        colour = "tab:red" if label(name).startswith("VoP") else "tab:blue"
         ax.errorbar([x], [gain], yerr=[err] if err else None, fmt="o", color=colour, capsize=3)
-        ax.annotate(PAPER_NAMES.get(name, name), (x, gain), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(label(name), (x, gain), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.axhline(0, color="grey", lw=1, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the backbone, log scale)")

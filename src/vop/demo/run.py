@@ -31,9 +31,6 @@ log = logging.getLogger("vop.demo")
 
 HEADLINE = ["full", "vop", "vop-p", "vop-f", "vop-fc"]
 
-# Learning rates for the synthetic world (chosen on its validation split, see docs/results.md).
-LR = {"full": (1e-4, 1e-5), "bias": (1e-3, 1e-3), "proj": (1e-3, 1e-3), "partial": (1e-3, 1e-4)}
-DEFAULT_LR = (3e-3, 1e-5)  # prompts, adapters, context module
 
 
 @dataclass
@@ -136,7 +133,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
             continue
         runs = []
         for seed in range(s.seeds):
-            lr, blr = LR.get(method, DEFAULT_LR)
+            rates = vop.method_facts(method).demo_rates  # chosen on the world's validation split (docs/results.md)
+            lr, blr = rates.lr, rates.backbone_lr
             run_dir = out / "runs" / f"{method}-seed{seed}"
             if run_dir.exists():
                 shutil.rmtree(run_dir)

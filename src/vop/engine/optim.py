@@ -14,26 +14,19 @@ def param_groups(model: VideoTextModel, lr: float, backbone_lr: float, weight_de
     Weight decay applies to weight matrices only; never to prompts, embeddings added to tokens
     (frame position embedding, position/context tokens), biases, LayerNorms or the logit scale.
     New modules (prompts, adapters, context module) use ``lr``; CLIP's own tensors ``backbone_lr``.
+    Which tensors are not decayed is the model's answer (``model.no_weight_decay()``).
     """
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    no_decay = model.no_weight_decay()
     for name, p in model.named_trainable_parameters():
         backbone = name.startswith("clip.")
-        is_matrix = p.ndim >= 2 and not _is_token_like(name)
-        groups.setdefault((backbone, is_matrix), []).append(p)
+        groups.setdefault((backbone, name not in no_decay), []).append(p)
     out = []
     for (backbone, decay), params in sorted(groups.items()):
         out.append({"params": params, "lr": backbone_lr if backbone else lr,
                     "weight_decay": weight_decay if decay else 0.0,
                     "name": f"{'backbone' if backbone else 'new'}-{'decay' if decay else 'no_decay'}"})
     return out
-
-
-_PROMPT_LEAVES = {"tokens", "shared", "position", "deep", "frame_position"}
-
-
-def _is_token_like(name: str) -> bool:
-    """Prompt tokens and embeddings: tensors added to or inserted among tokens, not weight matrices."""
-    return name.rsplit(".", 1)[-1] in _PROMPT_LEAVES or "embedding" in name
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -43,7 +43,6 @@ __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "contrastive_loss", "
 EVAL_SEED = 999_001
 SHIPPED_NAME = "tiny-clip"
 SHIPPED_ARCH = "tiny-synthetic"
-MAX_LOGIT_SCALE = math.log(100.0)
 
 
 @dataclass(frozen=True)
@@ -224,7 +223,7 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), *, progress: bool = False,
                 opt.step()
                 sched.step()
                 with torch.no_grad():
-                    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                    model.clamp_logit_scale()
                 value = float(loss.detach())
                 losses.append(value)
                 if not math.isfinite(value):

@@ -12,14 +12,12 @@ from vop.backbone.config import CLIPConfig, is_arch
 # Registration, in the order of the paper's Table 1. A new method: one module + one line here.
 from vop.methods import baselines  # noqa: F401,I001
 from vop.methods import adapters  # noqa: F401
-from vop.methods import vop  # noqa: F401
-from vop.methods import vop_p  # noqa: F401
-from vop.methods import vop_c  # noqa: F401
-from vop.methods import vop_f  # noqa: F401
+from vop.methods import vop  # noqa: F401  (the six VoP variants)
 from vop.methods.base import VideoTextModel
-from vop.methods.registry import get_method, list_methods, parse_options, register
+from vop.methods.registry import MethodFacts, Rates, get_method, list_methods, method_facts, parse_options, register
 
-__all__ = ["create_model", "list_methods", "get_method", "register", "VideoTextModel", "resolve_backbone"]
+__all__ = ["create_model", "list_methods", "get_method", "method_facts", "MethodFacts", "Rates", "register",
+           "VideoTextModel", "resolve_backbone"]
 
 
 def resolve_backbone(backbone: CLIP | CLIPConfig | str | os.PathLike, arch: str | CLIPConfig | None = None) -> CLIP:

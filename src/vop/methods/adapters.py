@@ -2,6 +2,7 @@
 
 Parallel form: x + attn(ln_1 x) + adapter(ln_1 x) (attention adapters) or
 x + mlp(ln_2 x) + adapter(ln_2 x) (MLP adapters). 1,982,976 parameters on ViT-B/32.
+The adapters ride on the blocks' ``branch`` hook (vop.backbone.layers.Branch).
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from torch import nn
 
 from vop.methods.base import VideoTextModel
 from vop.methods.blocks import Adapter
-from vop.methods.registry import register
+from vop.methods.registry import Rates, register
+
+_RATES = Rates(1e-3, 1e-6, "new bottleneck adapters (zero-initialised up-projection)")
 
 
 @dataclass
@@ -21,26 +24,25 @@ class AdapterOptions:
 
 class _Adapters(VideoTextModel):
     Options = AdapterOptions
-    where: str = "attn"
+    site: str = "attn"  # the sublayer whose normalised input the adapters read, in parallel
 
     def build(self) -> None:
-        c, h = self.clip.cfg, self.opts.hidden
-        self.text_adapters = nn.ModuleList(Adapter(c.text.width, h) for _ in range(c.text.layers))
-        self.visual_adapters = nn.ModuleList(Adapter(c.vision.width, h) for _ in range(c.vision.layers))
+        h = self.opts.hidden
+        for tower in ("text", "visual"):
+            c = self.clip.tower_config(tower)
+            setattr(self, f"{tower}_adapters", nn.ModuleList(Adapter(c.width, h) for _ in range(c.layers)))
 
-    def block(self, tower, i, blk, x, causal):
+    def branch(self, tower, i):
         adapter = (self.text_adapters if tower == "text" else self.visual_adapters)[i]
-        h = blk.ln_1(x)
-        x = x + blk.attn(h, causal=causal) + (adapter(h) if self.where == "attn" else 0)
-        h = blk.ln_2(x)
-        return x + blk.mlp(h) + (adapter(h) if self.where == "ffn" else 0)
+        site = self.site
+        return lambda where, inp, out: adapter(inp) if where == site else None
 
 
-@register("adapter-attn")
+@register("adapter-attn", label="Adapter (attn)", rates=_RATES)
 class AttnAdapters(_Adapters):
-    where = "attn"
+    site = "attn"
 
 
-@register("adapter-ffn")
+@register("adapter-ffn", label="Adapter (FFN)", rates=_RATES)
 class FFNAdapters(_Adapters):
-    where = "ffn"
+    site = "mlp"

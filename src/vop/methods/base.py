@@ -1,7 +1,10 @@
 """The shared video-text model: frozen CLIP, mean-pooled frame embeddings, optional prompt modules.
 
 Every method is a subclass that adds trainable pieces in ``build`` (prompt modules, adapters) or
-unfreezes part of CLIP. The pipeline itself is the paper's and is the same for all:
+unfreezes part of CLIP, registered with its facts (vop.methods.registry.MethodFacts: label, what it
+trains of CLIP, learning rates). Methods reach the backbone through its tower API (``clip.blocks``,
+``clip.tower_config``, ``clip.head_parameters``, a block's ``branch`` hook), never through its module
+tree. The pipeline itself is the paper's and is the same for all:
 
 - video (B, F, 3, H, W): every frame through the image tower, [CLS] -> ln_post -> proj, each frame
   embedding L2-normalised, then the mean over F (CLIP4Clip's meanP, as in the authors' code and DGL);
@@ -18,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vop.backbone.clip import CLIP
+from vop.backbone.clip import CLIP, Tower
+from vop.backbone.layers import Branch
 from vop.backbone.tokenizer import CLIPTokenizer
 from vop.errors import ConfigError
-from vop.methods.blocks import FrameVideoPrompts, FunctionVideoPrompts, PositionFrameTokens, Run, TextPrompts
+from vop.methods.blocks import Run, TextPrompts
+from vop.methods.registry import MethodFacts, Rates
 
 
 def pool_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -37,6 +42,8 @@ class NoOptions:
 
 class VideoTextModel(nn.Module):
     name: ClassVar[str] = "base"
+    #: declared by ``@register(...)``; what checkpoints, optimiser, demo and configs read
+    facts: ClassVar[MethodFacts] = MethodFacts(label="base", rates=Rates(1e-3, 0.0))
     Options: ClassVar[type] = NoOptions
     #: names of trainable tensors the paper does not count (reported separately)
     uncounted: ClassVar[tuple[str, ...]] = ()
@@ -50,7 +57,7 @@ class VideoTextModel(nn.Module):
         self._frames = frames
         self.opts = options if options is not None else self.Options()
         self.text_prompts: TextPrompts | None = None
-        self.video_prompts: FrameVideoPrompts | FunctionVideoPrompts | None = None
+        self.video_prompts: nn.Module | None = None  # forward(x, run, B, F) -> (B*F, d) [CLS] outputs
         self.grad_checkpointing = False
         self.backbone_fingerprint: str | None = None
         self.build()
@@ -59,9 +66,15 @@ class VideoTextModel(nn.Module):
     def build(self) -> None:
         """Create trainable modules and/or unfreeze backbone tensors."""
 
-    def block(self, tower: str, i: int, blk: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        """Run block ``i`` of ``tower`` ("text" or "visual"); adapters override this."""
-        return blk(x, causal=causal)
+    def branch(self, tower: Tower, i: int) -> Branch | None:
+        """A term added next to block ``i``'s sublayers (vop.backbone.layers.Branch); adapters return one."""
+        return None
+
+    def block(self, tower: Tower, i: int, blk: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Run block ``i`` of ``tower`` ("text" or "visual"), with the method's branch if it has one.
+        A method that changes the block itself (not only adds to it) overrides this."""
+        branch = self.branch(tower, i)
+        return blk(x, causal=causal) if branch is None else blk(x, causal=causal, branch=branch)
 
     # -- frames ----------------------------------------------------------------------------------------
     @property
@@ -70,13 +83,13 @@ class VideoTextModel(nn.Module):
         return self._frames
 
     def frame_bound_tensor(self) -> str | None:
-        """What fixes the number of frames per video, if anything: VoP^P's position-specific prompts,
-        VoP^F's frame position embedding (one learned tensor per frame position). None: any count works."""
+        """What fixes the number of frames per video, if anything: a submodule whose ``frame_bound()``
+        names a learned tensor per frame position (VoP^P's position-specific prompts, VoP^F's frame
+        position embedding). None: any count works."""
         for m in self.modules():
-            if isinstance(m, FunctionVideoPrompts) and m.ks < m.layers:
-                return "frame position embedding"
-            if isinstance(m, PositionFrameTokens):
-                return "position-specific prompts"
+            bound = m.frame_bound() if m is not self and callable(getattr(m, "frame_bound", None)) else None
+            if bound:
+                return bound
         return None
 
     def check_frames(self, frames: int | None, source: str = "this model") -> int:
@@ -113,7 +126,7 @@ class VideoTextModel(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
     def _runner(self, tower: str) -> Run:
-        blocks = self.clip.transformer.resblocks if tower == "text" else self.clip.visual.transformer.resblocks
+        blocks = self.clip.blocks(tower)
         causal = tower == "text"
 
         def run(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +151,7 @@ class VideoTextModel(nn.Module):
         if self.text_prompts is not None:
             x = self.text_prompts(x, run)
         else:
-            for i in range(self.clip.cfg.text.layers):
+            for i in range(len(self.clip.blocks("text"))):
                 x = run(i, x)
         return self.clip.text_head(x, tokens)
 
@@ -152,7 +165,7 @@ class VideoTextModel(nn.Module):
         if self.video_prompts is not None:
             cls = self.video_prompts(x, run, B, F)
         else:
-            for i in range(self.clip.cfg.vision.layers):
+            for i in range(len(self.clip.blocks("visual"))):
                 x = run(i, x)
             cls = x[:, 0]
         return self.clip.visual.head(cls).view(B, F, -1)
@@ -184,6 +197,17 @@ class VideoTextModel(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.named_trainable_parameters()}
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of trainable tensors that get no weight decay: every tensor of fewer than 2 dimensions
+        (biases, LayerNorms, the logit scale) and every tensor a submodule lists in its own
+        ``no_weight_decay()`` (prompt tokens, embeddings added to tokens), as open_clip asks its towers.
+        A new module with tokens among its parameters declares them there."""
+        declared: set[str] = set()
+        for prefix, m in self.named_modules():
+            if m is not self and callable(getattr(m, "no_weight_decay", None)):
+                declared |= {f"{prefix}.{n}" for n in m.no_weight_decay()}
+        return {n for n, p in self.named_trainable_parameters() if p.ndim < 2 or n in declared}
 
     def set_grad_checkpointing(self, enabled: bool = True) -> "VideoTextModel":
         self.grad_checkpointing = enabled

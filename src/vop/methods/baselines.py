@@ -4,15 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vop.methods.base import VideoTextModel
-from vop.methods.registry import register
+from vop.methods.registry import Rates, register
 
 
-@register("zeroshot")
+@register("zeroshot", label="Zero-shot", rates=Rates(1e-3, 0.0, "nothing is trained; the run only evaluates"))
 class ZeroShot(VideoTextModel):
     """CLIP as it is, frames mean-pooled. Nothing is trained."""
 
 
-@register("full")
+@register("full", label="Full", backbone="all", demo_rates=Rates(1e-4, 1e-5),
+          rates=Rates(1e-4, 1e-6, "CLIP weights at 1e-6 as X-Pool/CLIP4Clip-style full fine-tuning (CLIP4Clip: 1e-7 at batch 128)"))
 class Full(VideoTextModel):
     """Full fine-tuning (CLIP4Clip meanP): every CLIP weight, logit scale included."""
 
@@ -25,7 +26,8 @@ class BiasOptions:
     attention_qkv: bool = False  # also the fused q/k/v biases (in_proj_bias): BitFit in full
 
 
-@register("bias")
+@register("bias", label="Bias", backbone="part", demo_rates=Rates(1e-3, 1e-3),
+          rates=Rates(1e-3, 1e-4, "BitFit-style: biases tolerate ~100x the full-tuning rate"))
 class Bias(VideoTextModel):
     """BitFit as the paper counts it (0.1M): the bias vector of every ``nn.Linear``/``nn.LayerNorm``
     module of both towers, i.e. attention output projections, both MLP layers and every LayerNorm
@@ -45,13 +47,14 @@ class Bias(VideoTextModel):
                 p.requires_grad_(True)
 
 
-@register("proj")
+@register("proj", label="Proj", backbone="part", demo_rates=Rates(1e-3, 1e-3),
+          rates=Rates(1e-3, 1e-4, "two projection matrices: linear-probe-like rate"))
 class Proj(VideoTextModel):
     """Only the final projections of both encoders (visual.proj, text_projection)."""
 
     def build(self) -> None:
-        self.clip.visual.proj.requires_grad_(True)
-        self.clip.text_projection.requires_grad_(True)
+        for tower in ("visual", "text"):
+            self.clip.projection(tower).requires_grad_(True)
 
 
 @dataclass
@@ -60,7 +63,8 @@ class PartialOptions:
     text_blocks: int = 0
 
 
-@register("partial")
+@register("partial", label="Partial", backbone="part", demo_rates=Rates(1e-3, 1e-4),
+          rates=Rates(1e-3, 1e-5, "top block + heads: between full tuning and probing"))
 class Partial(VideoTextModel):
     """The top of the encoders: the last ``vision_blocks`` image blocks, the last ``text_blocks`` text
     blocks, and the final LayerNorms and projections of both towers.
@@ -72,12 +76,9 @@ class Partial(VideoTextModel):
     Options = PartialOptions
 
     def build(self) -> None:
-        c, o = self.clip, self.opts
-        for blk in list(c.visual.transformer.resblocks)[len(c.visual.transformer.resblocks) - o.vision_blocks:]:
-            blk.requires_grad_(True)
-        for blk in list(c.transformer.resblocks)[len(c.transformer.resblocks) - o.text_blocks:] if o.text_blocks else []:
-            blk.requires_grad_(True)
-        for m in (c.visual.ln_post, c.ln_final):
-            m.requires_grad_(True)
-        c.visual.proj.requires_grad_(True)
-        c.text_projection.requires_grad_(True)
+        for tower, n in (("visual", self.opts.vision_blocks), ("text", self.opts.text_blocks)):
+            blocks = self.clip.blocks(tower)
+            for blk in list(blocks)[len(blocks) - n:] if n else []:
+                blk.requires_grad_(True)
+            for p in self.clip.head_parameters(tower):
+                p.requires_grad_(True)

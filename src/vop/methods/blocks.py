@@ -6,6 +6,8 @@ d_t = 512. Prompt tokens occupy a *slot* right after the first token: every prom
 own tokens into the slot (the previous layer's outputs there are dropped), and the slot is removed
 after the last prompted layer, so outside prompted layers the sequences are exactly CLIP's.
 
+Every module here lists its prompt tokens in ``no_weight_decay()`` (tokens are not weight matrices).
+
 Prompts carry no positional embedding (they are learned per layer); words and patches keep CLIP's
 positions, so with zero prompt tokens every model is exactly CLIP.
 """
@@ -55,6 +57,9 @@ class TextPrompts(nn.Module):
     while [SOT] itself is untouched.
     """
 
+    def no_weight_decay(self) -> set[str]:
+        return {"tokens"}
+
     def __init__(self, layers: int, depth: int, n: int, width: int):
         super().__init__()
         self.layers, self.depth, self.n = layers, min(depth, layers), n
@@ -75,6 +80,9 @@ class SplitTextPrompts(nn.Module):
     are inserted (prompts take positions, words shift by ``n_prefix``). The slots stay in after the
     last layer; the read-out index accounts for them.
     """
+
+    def no_weight_decay(self) -> set[str]:
+        return {"tokens"}
 
     def __init__(self, layers: int, n_prefix: int, n_suffix: int, width: int):
         super().__init__()
@@ -114,6 +122,9 @@ class SharedFrameTokens(FrameTokens):
     are inserted before the image tower's ``ln_pre`` and so go through it like [CLS] and the patches.
     """
 
+    def no_weight_decay(self) -> set[str]:
+        return {"shared"}
+
     def __init__(self, depth: int, n: int, width: int, first_norm: nn.Module | None = None):
         super().__init__()
         self.depth, self.n = depth, n
@@ -129,6 +140,12 @@ class SharedFrameTokens(FrameTokens):
 
 class PositionFrameTokens(FrameTokens):
     """VoP^P: per layer, n_shared tokens for all frames + n_pos tokens specific to frame position j."""
+
+    def no_weight_decay(self) -> set[str]:
+        return {"shared", "position"}
+
+    def frame_bound(self) -> str:
+        return "position-specific prompts"
 
     def __init__(self, depth: int, n_shared: int, n_pos: int, frames: int, width: int):
         super().__init__()
@@ -171,6 +188,9 @@ class ContextFrameTokens(FrameTokens):
     """VoP^C: per layer, n_shared learnable tokens + n_gen tokens generated from the frames' [CLS] tokens
     as they enter the layer. The generated tokens only prompt; [CLS] is never overwritten."""
 
+    def no_weight_decay(self) -> set[str]:
+        return {"shared"}
+
     def __init__(self, depth: int, n_shared: int, context: ContextModule, width: int):
         super().__init__()
         self.depth = depth
@@ -204,6 +224,12 @@ class FunctionVideoPrompts(nn.Module):
     is added to every token of frame j, and layers >= ks attend jointly over the whole video:
     one sequence [F CLS tokens, n video-level prompts, F*M patches] per video. Read-out: the F CLS.
     """
+
+    def no_weight_decay(self) -> set[str]:
+        return {"frame_position", "deep"} if self.ks < self.layers else set()
+
+    def frame_bound(self) -> str | None:
+        return "frame position embedding" if self.ks < self.layers else None
 
     def __init__(self, shallow: FrameTokens | None, layers: int, ks: int, frames: int, n_deep: int, width: int,
                  position_std: float = 0.02):

@@ -2,7 +2,8 @@
 
 Metadata (JSON under the ``vop`` key): method, options, frames, backbone architecture, a fingerprint
 of the backbone weights the prompts were trained on, library version. A prompt file loaded onto a
-different backbone or method fails with a clear message. For ``full`` the file is the whole model.
+different backbone or method fails with a clear message. For a method that trains every CLIP weight
+(its facts say ``backbone="all"``: ``full``) the file is the whole model.
 
 A folder instead of a file is one of the authors' released ModelScope models (vop.methods.modelscope).
 """
@@ -19,11 +20,21 @@ import torch
 
 from vop.backbone.clip import CLIP
 from vop.backbone.config import CLIPConfig, arch_name
-from vop.errors import CheckpointError
+from vop.errors import CheckpointError, ConfigError
 from vop.methods.base import VideoTextModel
+from vop.methods.registry import MethodFacts, method_facts
 
 FORMAT = "vop-prompts/1"
-_TRAINS_BACKBONE = {"full", "bias", "proj", "partial"}  # methods whose checkpoints hold CLIP tensors
+
+
+def checkpoint_facts(path: str | os.PathLike, meta: dict[str, Any]) -> MethodFacts:
+    """The facts of the method a checkpoint was written by (a CheckpointError naming the file if this
+    version of vop does not know it)."""
+    try:
+        return method_facts(meta["method"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: written by a method this version of vop does not have ({e}); "
+                              "upgrade vop or use the version that wrote it") from None
 
 
 def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -102,7 +113,7 @@ def _check_backbone(path: Path, meta: dict[str, Any], clip: CLIP, check_fingerpr
             f"({clip.cfg.vision.width}-wide, {clip.cfg.vision.layers} layers, patch {clip.cfg.vision.patch_size}); "
             "give the backbone the prompts were trained on"
         )
-    if check_fingerprint and meta["method"] != "full" and meta.get("backbone_fingerprint"):
+    if check_fingerprint and not checkpoint_facts(path, meta).whole_model and meta.get("backbone_fingerprint"):
         got = weights_fingerprint(clip)
         if got != meta["backbone_fingerprint"]:
             raise CheckpointError(
@@ -127,8 +138,9 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
 
         return load_folder(path, backbone, check_fingerprint)
     meta = read_checkpoint_meta(path)
+    facts = checkpoint_facts(path, meta)
     if backbone is None:
-        if meta["method"] != "full":
+        if not facts.whole_model:
             raise CheckpointError(f"{path}: a {meta['method']!r} checkpoint holds only prompts; give the backbone weights too")
         clip = CLIP(CLIPConfig.from_dict(meta["arch"]))
     else:
@@ -138,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
             name = meta.get("arch_name") or "the recorded architecture"
             raise CheckpointError(f"{path}: cannot load its backbone ({name}) from {backbone}: {e}") from None
     _check_backbone(path, meta, clip, check_fingerprint)
-    if backbone is not None and meta["method"] in _TRAINS_BACKBONE:
+    if backbone is not None and facts.trains_backbone:
         clip = copy.deepcopy(clip)  # the file overwrites backbone tensors: leave the caller's CLIP as it was
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
     load_trainable(model, path, meta)
@@ -175,5 +187,5 @@ def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[st
             if p.shape != tensors[k].shape:
                 raise CheckpointError(f"{path}: {k} has shape {tuple(tensors[k].shape)}, the model expects {tuple(p.shape)}")
             p.copy_(tensors[k])
-    if meta["method"] == "full":
+    if type(model).facts.whole_model:
         model.backbone_fingerprint = meta.get("backbone_fingerprint")

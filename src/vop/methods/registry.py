@@ -1,23 +1,80 @@
-"""One registry of methods: name -> model class. Each method module registers itself."""
+"""One registry of methods: name -> model class, with the facts about each method declared where it
+is registered (as timm attaches metadata at registration). Nothing outside a method's own module
+needs to know which method is which: the checkpoint code, the optimiser, the demo, the shipped
+configs and the service read these facts.
+"""
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from vop.errors import ConfigError
 
 if TYPE_CHECKING:
     from vop.methods.base import VideoTextModel
 
+Backbone = Literal["frozen", "part", "all"]
+BACKBONE_TRAINING = ("frozen", "part", "all")
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Learning rates: ``lr`` for the method's new tensors (prompts, adapters, modules), ``backbone_lr``
+    for CLIP's own tensors it unfreezes; ``why``: where they come from (quoted in the shipped configs)."""
+
+    lr: float
+    backbone_lr: float
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    """What the rest of vop needs to know about a method.
+
+    - ``label``: its name in the paper's tables (``VoP^{F+P}``).
+    - ``backbone``: what it trains of CLIP. ``"frozen"``: nothing (its checkpoint holds only the new
+      tensors and needs the backbone it was trained on); ``"part"``: some CLIP tensors (stored in the
+      checkpoint, loaded over a copy of the backbone); ``"all"``: every CLIP weight (the checkpoint is
+      the whole model and loads without a backbone).
+    - ``rates``: learning rates for real data (the shipped configs; starting points, see their ``why``).
+    - ``demo_rates``: learning rates on the synthetic world (chosen on its validation split).
+    """
+
+    label: str
+    rates: Rates
+    demo_rates: Rates = Rates(3e-3, 1e-5)
+    backbone: Backbone = "frozen"
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_TRAINING:
+            raise ValueError(f"backbone must be one of {BACKBONE_TRAINING}, got {self.backbone!r}")
+
+    @property
+    def trains_backbone(self) -> bool:
+        return self.backbone != "frozen"
+
+    @property
+    def whole_model(self) -> bool:
+        """Its checkpoints hold every weight (no backbone needed to load them)."""
+        return self.backbone == "all"
+
+
 _METHODS: dict[str, type["VideoTextModel"]] = {}
 
 
-def register(name: str) -> Callable[[type["VideoTextModel"]], type["VideoTextModel"]]:
+def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = None,
+             backbone: Backbone = "frozen") -> Callable[[type["VideoTextModel"]], type["VideoTextModel"]]:
+    """Class decorator: ``@register("vop-p", label="VoP^P", rates=Rates(5e-3, 1e-6, "..."))``."""
+    facts = MethodFacts(label=label, rates=rates, backbone=backbone,
+                        **({"demo_rates": demo_rates} if demo_rates is not None else {}))
+
     def deco(cls: type["VideoTextModel"]) -> type["VideoTextModel"]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
         cls.name = name
+        cls.facts = facts
         _METHODS[name] = cls
         return cls
 
@@ -34,6 +91,11 @@ def get_method(name: str) -> type["VideoTextModel"]:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"unknown method {name!r}{hint}; known: {', '.join(_METHODS)}")
     return _METHODS[name]
+
+
+def method_facts(name: str) -> MethodFacts:
+    """The declared facts of a registered method (``ConfigError`` for an unknown name)."""
+    return get_method(name).facts
 
 
 def parse_options(method: str, options_cls: type, options: dict[str, Any]) -> Any:

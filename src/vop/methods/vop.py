@@ -1,78 +1,209 @@
-"""Basic VoP: deep prompts in every layer of both encoders (text: after [SOT]; video: after [CLS]).
+"""The VoP family: deep text prompts plus video prompts, composed from two choices.
 
-ViT-B/32 with n = 8: 12*8*512 + 12*8*768 = 122,880 trainable parameters.
+- **frame-token source**: the tokens each frame gets in a per-frame layer. ``shared`` (basic VoP:
+  n tokens per layer, the same for every frame), ``position`` (VoP^P: of the n, ``n_position`` are
+  specific to the frame's position j in its video), ``context`` (VoP^C: ``n_context`` are generated
+  from the frames' [CLS] tokens by a BiLSTM + linear layer shared across layers);
+- **flow** through the image tower: ``frame`` (every layer per frame, prompts in the first ``depth``
+  layers) or ``split`` (VoP^F: layers < ks per frame with the source's tokens, then a learnable frame
+  position embedding and joint video layers >= ks over [F CLS, n_video video-level prompts, F*M patches]).
+
+The six registered variants are the table at the bottom; options are declared once per group and
+composed. Counts on ViT-B/32, 12 frames, n = 8: VoP 122,880 (12*8*512 + 12*8*768); VoP^P 528,384;
+VoP^C 14,257,152; VoP^F 122,880; VoP^{F+P} 393,216; VoP^{F+C} 14,269,440 (our reconstruction; the
+paper reports 14.1M). VoP^F's frame position embedding (9,216) is trainable but, as in the paper,
+reported separately (``uncounted``).
+
 Ablations as options: ``n_video=0`` (text-only prompts), ``n_text=0`` (video-only), ``depth``
-(prompted layers counted from the input), ``n_text``/``n_video`` (prompt length).
+(prompted layers counted from the input), ``n_text``/``n_video`` (prompt length), ``ks``.
 
-``semantics="modelscope"`` runs the same prompts the way the authors' released code does (their
-ModelScope models load with ``vop.load_checkpoint(FOLDER)``): the first layer's video prompts go
-through ``ln_pre``; the last ``n_text_suffix`` text prompts sit before the last position of the
-sequence, which is zero-padded to CLIP's context; prompts take text positions; the text is read
+``semantics="modelscope"`` (basic VoP only) runs the same prompts the way the authors' released code
+does (their ModelScope models load with ``vop.load_checkpoint(FOLDER)``): the first layer's video
+prompts go through ``ln_pre``; the last ``n_text_suffix`` text prompts sit before the last position of
+the sequence, which is zero-padded to CLIP's context; prompts take text positions; the text is read
 ``n_text`` positions after [EOT]. See docs/methods.md, "Loading the authors' models".
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel
-from vop.methods.blocks import FrameTokens, FrameVideoPrompts, SharedFrameTokens, SplitTextPrompts, TextPrompts
-from vop.methods.registry import register
+from vop.methods.blocks import (ContextFrameTokens, ContextModule, FrameTokens, FrameVideoPrompts, FunctionVideoPrompts,
+                                PositionFrameTokens, SharedFrameTokens, SplitTextPrompts, TextPrompts)
+from vop.methods.registry import Rates, register
 
 SEMANTICS = ("vop", "modelscope")
 
 
+# ------------------------------------------------------------------------------------------------
+# option groups (each field declared once)
+# ------------------------------------------------------------------------------------------------
 @dataclass
-class VoPOptions:
+class PromptOptions:
     n_text: int = 8
     n_video: int = 8
+
+
+@dataclass
+class DepthOptions:
     depth: int | None = None  # None: every layer (the paper's best)
 
 
 @dataclass
-class BasicVoPOptions(VoPOptions):
+class SplitOptions:
+    ks: int | None = None  # None: round(2/3 * layers) -> 8 on ViT-B
+    frame_position_std: float = 0.02  # init of the frame position embedding (the ablation in docs/results.md)
+
+
+@dataclass
+class PositionOptions:
+    n_position: int = 4
+
+
+@dataclass
+class ContextOptions:
+    n_context: int = 4
+    context_hidden: int | None = None  # None: d_v, as in the paper
+
+
+@dataclass
+class SemanticsOptions:
     semantics: str = "vop"  # "modelscope": as the authors' released code (see the module docstring)
     n_text_suffix: int = 0  # modelscope: of the n_text text prompts, how many sit before the last position
 
 
-@register("vop")
-class VoP(VideoTextModel):
-    Options = BasicVoPOptions
+def compose_options(name: str, *groups: type) -> type:
+    """One options dataclass with the fields of ``groups``, in order (a name in two groups is an error)."""
+    fields, seen = [], set()
+    for group in groups:
+        for f in dataclasses.fields(group):
+            if f.name in seen:
+                raise TypeError(f"option {f.name!r} declared twice in {name}")
+            seen.add(f.name)
+            fields.append((f.name, f.type, dataclasses.field(default=f.default)))
+    return dataclasses.make_dataclass(name, fields)
+
+
+# ------------------------------------------------------------------------------------------------
+# frame-token sources: (model, depth) -> the frame-level prompt tokens of the first ``depth`` layers
+# ------------------------------------------------------------------------------------------------
+class Shared:
+    options: tuple[type, ...] = ()
+
+    def __call__(self, model: VideoTextModel, depth: int) -> FrameTokens:
+        return SharedFrameTokens(depth, model.opts.n_video, model.clip.tower_config("visual").width)
+
+
+class Position:
+    options = (PositionOptions,)
+
+    def __call__(self, model: VideoTextModel, depth: int) -> FrameTokens:
+        o = model.opts
+        if not 0 <= o.n_position <= o.n_video:
+            raise ConfigError(f"model.options.n_position={o.n_position} of {model.name} must be in 0..{o.n_video} "
+                              f"(the position-specific part of the n_video={o.n_video} video prompts)")
+        return PositionFrameTokens(depth, o.n_video - o.n_position, o.n_position, model.frames,
+                                   model.clip.tower_config("visual").width)
+
+
+class Context:
+    options = (ContextOptions,)
+
+    def __call__(self, model: VideoTextModel, depth: int) -> FrameTokens:
+        o, width = model.opts, model.clip.tower_config("visual").width
+        if not 0 < o.n_context <= o.n_video:
+            raise ConfigError(f"model.options.n_context={o.n_context} of {model.name} must be in 1..{o.n_video} "
+                              f"(the generated part of the n_video={o.n_video} video prompts)")
+        return ContextFrameTokens(depth, o.n_video - o.n_context, ContextModule(width, o.n_context, o.context_hidden), width)
+
+
+# ------------------------------------------------------------------------------------------------
+# flows through the image tower: (model, source) -> the video prompt module (or None)
+# ------------------------------------------------------------------------------------------------
+class PerFrame:
+    options = (DepthOptions,)
+    uncounted: tuple[str, ...] = ()
+
+    def text_depth(self, model: VideoTextModel) -> int:
+        layers, depth = model.clip.tower_config("text").layers, model.opts.depth
+        return layers if depth is None else min(depth, layers)
+
+    def __call__(self, model: VideoTextModel, source) -> nn.Module | None:
+        layers, depth = model.clip.tower_config("visual").layers, model.opts.depth
+        depth = layers if depth is None else min(depth, layers)
+        return FrameVideoPrompts(source(model, depth), layers) if model.opts.n_video and depth else None
+
+
+class Split:
+    options = (SplitOptions,)
+    uncounted = ("frame_position",)
+
+    def text_depth(self, model: VideoTextModel) -> int:
+        return model.clip.tower_config("text").layers
+
+    def __call__(self, model: VideoTextModel, source) -> nn.Module | None:
+        o, v = model.opts, model.clip.tower_config("visual")
+        ks = round(2 * v.layers / 3) if o.ks is None else o.ks
+        if not 0 <= ks <= v.layers:
+            raise ConfigError(f"model.options.ks={ks} of {model.name} must be in 0..{v.layers} "
+                              f"(the layers of this backbone's image tower)")
+        shallow = source(model, ks) if (ks and o.n_video) else None
+        return FunctionVideoPrompts(shallow, v.layers, ks, model.frames, o.n_video, v.width, o.frame_position_std)
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------------
+class PromptedVoP(VideoTextModel):
+    """Deep text prompts (first ``flow.text_depth`` layers, after [SOT]) + the flow's video prompts."""
+
+    source: ClassVar[Shared | Position | Context] = Shared()
+    flow: ClassVar[PerFrame | Split] = PerFrame()
+
+    def build(self) -> None:
+        t = self.clip.tower_config("text")
+        text_depth = self.flow.text_depth(self)
+        if self.opts.n_text and text_depth:
+            self.text_prompts = TextPrompts(t.layers, text_depth, self.opts.n_text, t.width)
+        self.video_prompts = self.flow(self, self.source)
+
+
+class VoP(PromptedVoP):
+    """Basic VoP, which can also run the authors' released layout (``semantics="modelscope"``)."""
+
+    Options = compose_options("BasicVoPOptions", PromptOptions, DepthOptions, SemanticsOptions)
 
     @property
     def modelscope(self) -> bool:
-        return getattr(self.opts, "semantics", "vop") == "modelscope"
+        return self.opts.semantics == "modelscope"
 
     def build(self) -> None:
-        cfg = self.clip.cfg
-        depth = getattr(self.opts, "depth", None)
-        semantics = getattr(self.opts, "semantics", "vop")
-        if semantics not in SEMANTICS:
-            raise ConfigError(f"option semantics must be one of {', '.join(SEMANTICS)}, got {semantics!r}")
-        if semantics == "modelscope":
-            self.build_modelscope()
-            return
-        if getattr(self.opts, "n_text_suffix", 0):
+        o = self.opts
+        if o.semantics not in SEMANTICS:
+            raise ConfigError(f"option semantics must be one of {', '.join(SEMANTICS)}, got {o.semantics!r}")
+        if self.modelscope:
+            return self.build_modelscope()
+        if o.n_text_suffix:
             raise ConfigError("option n_text_suffix needs semantics='modelscope'")
-        text_depth = cfg.text.layers if depth is None else min(depth, cfg.text.layers)
-        if self.opts.n_text and text_depth:
-            self.text_prompts = TextPrompts(cfg.text.layers, text_depth, self.opts.n_text, cfg.text.width)
-        self.build_video()
+        super().build()
 
     def build_modelscope(self) -> None:
         """Prompts in every layer of both towers, laid out as in the authors' code."""
-        o, cfg = self.opts, self.clip.cfg
+        o, t, v = self.opts, self.clip.tower_config("text"), self.clip.tower_config("visual")
         if o.depth is not None:
             raise ConfigError("semantics='modelscope' prompts every layer (as the authors' code): leave depth unset")
         if o.n_text_suffix > o.n_text:
             raise ConfigError(f"n_text_suffix={o.n_text_suffix} exceeds n_text={o.n_text}")
         if o.n_text:
-            self.text_prompts = SplitTextPrompts(cfg.text.layers, o.n_text - o.n_text_suffix, o.n_text_suffix, cfg.text.width)
+            self.text_prompts = SplitTextPrompts(t.layers, o.n_text - o.n_text_suffix, o.n_text_suffix, t.width)
         if o.n_video:
-            v = cfg.vision
             tokens = SharedFrameTokens(v.layers, o.n_video, v.width, first_norm=self.clip.visual.ln_pre)
             self.video_prompts = FrameVideoPrompts(tokens, v.layers)
 
@@ -87,13 +218,25 @@ class VoP(VideoTextModel):
         read = tokens.argmax(dim=-1) + self.text_prompt_tokens  # n_text positions after [EOT], as their code reads
         return x[torch.arange(x.shape[0], device=x.device), read] @ self.clip.text_projection
 
-    def build_video(self) -> None:
-        layers = self.clip.cfg.vision.layers
-        depth = self.opts.depth
-        depth = layers if depth is None else min(depth, layers)
-        if self.opts.n_video and depth:
-            self.video_prompts = FrameVideoPrompts(self.frame_tokens(depth), layers)
 
-    def frame_tokens(self, depth: int) -> FrameTokens:
-        """The frame-level prompt source for the first ``depth`` image layers."""
-        return SharedFrameTokens(depth, self.opts.n_video, self.clip.cfg.vision.width)
+register("vop", label="VoP", rates=Rates(5e-3, 1e-6, "prompt tuning recipes use 1e-3..1e-2 for prompts"))(VoP)
+
+_SOURCES = {"shared": Shared(), "position": Position(), "context": Context()}
+_FLOWS = {"frame": PerFrame(), "split": Split()}
+_AS_VOP = Rates(5e-3, 1e-6, "as vop")
+# name, class name, label, frame-token source, flow, learning rates on real data
+VARIANTS = (
+    ("vop-p", "VoPP", "VoP^P", "position", "frame", _AS_VOP),
+    ("vop-c", "VoPC", "VoP^C", "context", "frame",
+     Rates(1e-3, 1e-6, "14M-parameter context module (BiLSTM + linear): a lower rate than pure prompts")),
+    ("vop-f", "VoPF", "VoP^F", "shared", "split", _AS_VOP),
+    ("vop-fp", "VoPFP", "VoP^{F+P}", "position", "split", _AS_VOP),
+    ("vop-fc", "VoPFC", "VoP^{F+C}", "context", "split", Rates(1e-3, 1e-6, "as vop-c")),
+)
+CLASSES: dict[str, type[PromptedVoP]] = {"vop": VoP}
+for _name, _cls, _label, _source, _flow, _rates in VARIANTS:
+    source, flow = _SOURCES[_source], _FLOWS[_flow]
+    options = compose_options(f"{_cls}Options", PromptOptions, *flow.options, *source.options)
+    CLASSES[_name] = register(_name, label=_label, rates=_rates)(
+        type(_cls, (PromptedVoP,), {"source": source, "flow": flow, "Options": options, "uncounted": flow.uncounted,
+                                    "__module__": __name__, "__doc__": f"{_label}: {_source} frame tokens, {_flow} flow."}))

@@ -1,0 +1,100 @@
+"""Method descriptors (issue 14): facts declared at registration, checkpoints of the previous version."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vop
+from vop.backbone.checkpoint import build_clip
+from vop.backbone.config import CLIPConfig
+from vop.engine.optim import param_groups
+from vop.methods import create_model, list_methods, method_facts
+from vop.methods.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+
+V0 = Path(__file__).parent / "fixtures" / "v0-checkpoints"
+CASES = json.loads((V0 / "cases.json").read_text())
+
+
+def _micro_backbone():
+    arch = CLIPConfig.from_dict(read_checkpoint_meta(V0 / "vop.safetensors")["arch"])
+    clip = build_clip(arch, seed=0)
+    clip.load_state_dict(load_file(str(V0 / "backbone.safetensors")))
+    return clip.eval()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_checkpoints_written_before_the_refactor_load_with_identical_embeddings(case):
+    """Every method's checkpoint written by the version before the descriptors (commit 0d5c82e, see
+    tests/scripts/make_v0_checkpoints.py) loads and gives bit-identical embeddings."""
+    inputs, expected = load_file(str(V0 / "inputs.safetensors")), load_file(str(V0 / "expected.safetensors"))
+    whole = method_facts(CASES[case]["method"]).whole_model
+    model = load_checkpoint(V0 / f"{case}.safetensors", None if whole else _micro_backbone()).eval()
+    assert model.name == CASES[case]["method"]
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(inputs["tokens"]), expected[f"{case}.text"])
+        assert torch.equal(model.encode_video(inputs["video"]), expected[f"{case}.video"])
+
+
+def test_every_method_declares_its_facts():
+    labels = set()
+    for name in list_methods():
+        f = method_facts(name)
+        assert f.label and f.label not in labels
+        labels.add(f.label)
+        assert f.backbone in ("frozen", "part", "all") and f.rates.lr >= 0 and f.demo_rates.lr > 0
+    # what the checkpoint code, the trainer and the configs rely on
+    assert [m for m in list_methods() if method_facts(m).whole_model] == ["full"]
+    assert {m for m in list_methods() if method_facts(m).trains_backbone} == {"full", "bias", "proj", "partial"}
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "full", "bias", "proj", "partial", "adapter-attn", "vop", "vop-p", "vop-c", "vop-f", "vop-fp", "vop-fc"])
+def test_no_weight_decay_is_the_models_answer(method):
+    """Prompts, embeddings added to tokens, biases, LayerNorms and the logit scale get no weight decay;
+    every other trainable tensor does; new tensors use lr and CLIP's own backbone_lr."""
+    model = create_model(method, "tiny", frames=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = model.no_weight_decay()
+    token_like = ("tokens", "shared", "position", "deep", "frame_position", "embedding")
+    for n, p in model.named_trainable_parameters():
+        expect = p.ndim < 2 or n.rsplit(".", 1)[-1] in token_like or "embedding" in n
+        assert (n in no_decay) == expect, n
+    for g in param_groups(model, 1e-3, 1e-5, 0.2):
+        for p in g["params"]:
+            n = names[id(p)]
+            assert g["lr"] == (1e-5 if n.startswith("clip.") else 1e-3)
+            assert g["weight_decay"] == (0.0 if n in no_decay else 0.2)
+
+
+def test_a_new_token_tensor_must_be_declared():
+    """A module that does not list its tokens in no_weight_decay() gets decay on them (so declare them),
+    one that does, does not."""
+    from torch import nn
+
+    class Tokens(nn.Module):
+        def __init__(self, declare):
+            super().__init__()
+            self.prompts = nn.Parameter(torch.zeros(3, 4))
+            self.declare = declare
+
+        def no_weight_decay(self):
+            return {"prompts"} if self.declare else set()
+
+    for declare in (True, False):
+        model = create_model("zeroshot", "tiny", frames=4)
+        model.extra = Tokens(declare)
+        assert ("extra.prompts" in model.no_weight_decay()) == declare
+
+
+def test_full_checkpoint_needs_no_backbone_and_frozen_ones_do(tmp_path):
+    for method in ("full", "vop"):
+        model = create_model(method, "tiny", frames=2)
+        path = save_checkpoint(model, tmp_path / f"{method}.safetensors")
+        if method == "full":
+            assert vop.load_checkpoint(path).name == "full"
+        else:
+            with pytest.raises(vop.errors.CheckpointError, match="holds only prompts"):
+                vop.load_checkpoint(path)
