@@ -62,6 +62,28 @@ class MethodFacts:
 
 
 _METHODS: dict[str, type["VideoTextModel"]] = {}
+#: third-party methods: packages that declare an entry point in the group ``vop.methods`` (the module
+#: that registers them) are imported the first time the registry is listed or asked for an unknown name
+PLUGIN_GROUP = "vop.methods"
+_plugins: dict[str, str | None] = {}  # entry point -> None (loaded) or the error it raised; filled once
+
+
+def _load_plugins() -> None:
+    if _plugins:
+        return
+    from importlib.metadata import entry_points
+
+    _plugins["(scanned)"] = None
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+            _plugins[f"{ep.name} = {ep.value}"] = None
+        except Exception as e:  # a broken plugin must not break vop; asking for its method says why
+            import warnings
+
+            _plugins[f"{ep.name} = {ep.value}"] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"vop: the method plugin {ep.name} = {ep.value} (entry point group {PLUGIN_GROUP!r}) "
+                          f"failed to import: {type(e).__name__}: {e}", stacklevel=2)
 
 
 def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = None,
@@ -82,13 +104,18 @@ def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = 
 
 
 def list_methods() -> list[str]:
+    _load_plugins()
     return list(_METHODS)
 
 
 def get_method(name: str) -> type["VideoTextModel"]:
     if name not in _METHODS:
+        _load_plugins()
+    if name not in _METHODS:
         close = difflib.get_close_matches(name, _METHODS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
+        broken = [f"{ep} ({err})" for ep, err in _plugins.items() if err]
+        hint += f"; method plugins that failed to import: {'; '.join(broken)}" if broken else ""
         raise ConfigError(f"unknown method {name!r}{hint}; known: {', '.join(_METHODS)}")
     return _METHODS[name]
 
