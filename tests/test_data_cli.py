@@ -74,6 +74,16 @@ def test_cache_and_info(cli, world, tmp_path):
     assert r.exit_code == 0 and "16 frames, 8.000 fps, 2.00 s, 64x64, h264" in r.output
 
 
+def test_dataset_help_comes_from_the_format_table(cli):
+    from vop.data import FORMATS
+
+    for command in ("verify", "cache"):
+        r = cli("data", command, "--help")
+        text = " ".join(r.output.replace("│", " ").split())
+        assert r.exit_code == 0 and all(name in text for name in FORMATS), text
+        assert "default: test; val_1 for activitynet; all for collection" in text, text
+
+
 def test_main_entry_point(world, tmp_path):
     if importlib.util.find_spec("vop.cli.params") is None:
         pytest.skip("vop.cli.main needs vop.cli.params (another module)")

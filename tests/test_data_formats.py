@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vop.data import get_dataset, load_records, verify
-from vop.data.formats import lsmdc_movie
+from vop.data.formats import FORMATS, format_names, lsmdc_movie
 from vop.data.synth import write_video
 from vop.errors import DataError
 
@@ -157,6 +157,18 @@ def test_collection_jsonl_and_csv(tmp_path):
     assert ds.captions == ["a red ball, rolling", "a box"]
     with pytest.raises(DataError, match="no 'split' column"):
         get_dataset("collection", tmp_path, "train", annotations=csv)
+
+
+def test_only_a_collection_accepts_any_split_name(tmp_path):
+    """``any_split`` is declared in the format table: the user's own collection names its splits."""
+    assert [f.name for f in FORMATS.values() if f.any_split] == ["collection"]
+    write(tmp_path / "captions.jsonl", json.dumps({"video": "a.mp4", "caption": "a red ball", "split": "cam2"}) + "\n")
+    tiny(tmp_path / "a.mp4")
+    records, split = load_records("collection", tmp_path, "cam2")
+    assert split == "cam2" and [r.caption for r in records] == ["a red ball"]
+    with pytest.raises(DataError, match="has no split 'cam2'; choose one of train, val, test"):
+        FORMATS["lsmdc"].canonical_split("cam2")
+    assert format_names() == "msrvtt, didemo, activitynet, lsmdc or collection"
 
 
 @pytest.mark.parametrize("text, line, message", [

@@ -102,6 +102,22 @@ def test_unknown_key_top_level(tmp_path):
     assert "model, data, optim, eval, seed, out_dir, log_every" in msg
 
 
+def test_retired_key_of_old_run_folders_is_ignored(tmp_path):
+    """Run folders of older versions saved ``stop_after_steps`` (now the test hook
+    VOP_TEST_STOP_AFTER_STEPS): their config.yaml still loads, the key is dropped, and it is no setting."""
+    save_config(RunConfig(seed=3), tmp_path / "new.yaml")
+    new = (tmp_path / "new.yaml").read_text()
+    assert "stop_after_steps" not in new
+    for value in ("null", "5"):
+        old = write(tmp_path, new + f"stop_after_steps: {value}\n")
+        assert load_config(RunConfig, old) == RunConfig(seed=3)
+    assert "stop_after_steps" not in config_to_dict(RunConfig())
+    with pytest.raises(ConfigError, match="unknown key 'stop_after_steps'"):
+        load_config(RunConfig, overrides=["stop_after_steps=5"])
+    with pytest.raises(ConfigError, match="unknown key 'optim.stop_after_steps'"):  # only where it was
+        load_config(RunConfig, write(tmp_path, "optim:\n  stop_after_steps: 5\n"))
+
+
 def test_unknown_key_nested(tmp_path):
     path = write(tmp_path, "optim:\n  lrr: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr'.*Did you mean 'optim.lr'") as e:

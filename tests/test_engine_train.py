@@ -58,18 +58,24 @@ def test_kill_and_resume_matches_uninterrupted(world, tmp_path):
     from vop.engine.trainer import train
 
     full = train(_cfg(world, tmp_path / "full", "optim.epochs=2", "checkpoint_every=2"), progress=False)
-    # the same run, killed after step 5 of 12 (last checkpoint at step 4), in its own process
+    # the same run, killed after step 5 of 12 (last checkpoint at step 4), in its own process: the
+    # trainer's test hook (an environment variable, not a setting) ends it as a crash would
+    from vop.engine.trainer import TEST_STOP_ENV
+
+    assert TEST_STOP_ENV == "VOP_TEST_STOP_AFTER_STEPS" and TEST_STOP_ENV not in os.environ
     cfg_args = [f"data.root={world}", "data.dataset=collection", "model.backbone=tiny", "model.frames=4", "model.image_size=32",
                 "optim.batch_size=8", "data.num_workers=0", "eval.batch_size=8", f"out_dir={tmp_path / 'killed'}",
-                "optim.lr=5e-3", "optim.epochs=2", "checkpoint_every=2", "stop_after_steps=5"]
-    proc = subprocess.run([sys.executable, "-m", "vop.cli.main", "train", "-q", *cfg_args], capture_output=True, text=True)
+                "optim.lr=5e-3", "optim.epochs=2", "checkpoint_every=2"]
+    proc = subprocess.run([sys.executable, "-m", "vop.cli.main", "train", "-q", *cfg_args], capture_output=True, text=True,
+                          env={**os.environ, TEST_STOP_ENV: "5"})
     assert proc.returncode == 3, proc.stderr[-2000:]
     state = torch.load(tmp_path / "killed" / "state.pt", weights_only=True)
     assert (state["epoch"], state["batch"], state["step"]) == (0, 4, 4)  # mid-epoch
     assert not (tmp_path / "killed" / "results.json").exists()
-    # the saved config still says stop_after_steps=5: resuming must not stop again at step 5
+    # a run folder of an older version saved the kill switch in its config: it loads, and does not stop again
     cfg_file = tmp_path / "killed" / "config.yaml"
-    cfg_file.write_text(cfg_file.read_text().replace("stop_after_steps: 5", "stop_after_steps: null"))
+    assert "stop_after_steps" not in cfg_file.read_text()
+    cfg_file.write_text(cfg_file.read_text() + "stop_after_steps: 5\n")
     resumed = train(resume=tmp_path / "killed", progress=False)
     assert resumed["last"]["test"] == full["last"]["test"]
     assert resumed["selected"] == full["selected"]

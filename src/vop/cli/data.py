@@ -6,14 +6,20 @@ from typing import Optional
 
 import typer
 
+from vop.data.formats import FORMATS, format_names, get_format
+
 data_app = typer.Typer(help="Datasets: verify, cache frames, generate the synthetic world.", no_args_is_help=True)
 
-# The split checked when --split is not given: the evaluation split (all rows for a collection).
-DEFAULT_SPLIT = {"msrvtt": "test", "didemo": "test", "activitynet": "val_1", "lsmdc": "test", "collection": "all"}
 
-_DATASET = typer.Option(..., "--dataset", "-d", help="msrvtt, didemo, activitynet, lsmdc or collection.")
+def _split_help() -> str:
+    """``Split (default: test; val_1 for activitynet; ...)``: each format's ``default_split``."""
+    other = [f"{f.default_split} for {f.name}" for f in FORMATS.values() if f.default_split != "test"]
+    return f"Split (default: {'; '.join(['test', *other])})."
+
+
+_DATASET = typer.Option(..., "--dataset", "-d", help=f"{format_names()}.")
 _ROOT = typer.Option(..., "--root", "-r", help="Dataset folder (annotations; videos in ROOT/videos or ROOT).")
-_SPLIT = typer.Option(None, "--split", "-s", help="Split (default: test; val_1 for activitynet; all for collection).")
+_SPLIT = typer.Option(None, "--split", "-s", help=_split_help())
 _VIDEOS = typer.Option(None, "--videos", help="Videos folder, if not ROOT/videos or ROOT.")
 _ANN = typer.Option(None, "--annotations", help="Annotation file (collection), if not ROOT/captions.jsonl|csv.")
 _WORKERS = typer.Option(0, "--workers", "-j", help="Worker processes.")
@@ -42,7 +48,7 @@ def verify_cmd(
     from vop.data.files import summarize_skipped
     from vop.data.verify import manifest_path, verify, write_manifest
 
-    split = split or DEFAULT_SPLIT.get(dataset, "test")
+    split = split or get_format(dataset).default_split
     report = verify(dataset, root, split, videos_dir=videos, annotations=annotations, num_workers=workers,
                     progress=True, frames=frames)
     out = write_manifest(report, manifest or manifest_path(root, dataset, report.split))
@@ -80,9 +86,9 @@ def cache_cmd(
 ) -> None:
     """Store the test-sampled frames of every video, for fast evaluation (--cache-dir)."""
     from vop.data.cache import build_cache
-    from vop.data.registry import get_dataset
+    from vop.data.loading import get_dataset
 
-    split = split or DEFAULT_SPLIT.get(dataset, "test")
+    split = split or get_format(dataset).default_split
     ds = get_dataset(dataset, root, split, frames=frames, size=size, train=False, videos_dir=videos,
                      annotations=annotations)
     report = build_cache(ds, out, num_workers=workers, overwrite=overwrite)

@@ -27,7 +27,7 @@ from vop.data.dataset import (
 )
 from vop.data.decode import VideoInfo, VideoReader, check_video, decode_frames, load_frames, sample_indices, video_info
 from vop.data.formats import FORMATS, load_records
-from vop.data.registry import get_dataset
+from vop.data.loading import get_dataset
 from vop.data.synth import generate_world, heldout_subset, load_stills, make_stills, temporal_subset
 from vop.data.transforms import CLIP_MEAN, CLIP_STD, augment, augment_draws, normalize, resize_center_crop, to_model_input
 from vop.data.verify import VerifyReport, read_manifest, verify, write_manifest

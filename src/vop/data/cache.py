@@ -4,37 +4,21 @@ Layout: ``<cache_dir>/f<F>_s<size>/<video id, %-quoted>.npz`` holding ``frames``
 ``(F, 3, size, size)`` uint8 and ``indices`` ``(F,)`` int64 (the decoded frame indices). A
 dataset given ``cache_dir`` reads from it when it samples test frames (evaluation, or training
 without random frame sampling) and decodes videos missing from it. Rebuild the cache
-(``vop data cache --overwrite``) after changing videos.
+(``vop data cache --overwrite``) after changing videos. The entries' layout and reader are in
+:mod:`vop.data.cache_files` (the datasets read them; this module writes them).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
-import torch
 
-from vop.errors import DataError
+from vop.data.cache_files import cache_file
+from vop.data.dataset import VideoDataset, build_loader
 
-__all__ = ["cache_file", "read_cached", "build_cache", "CacheReport"]
-
-
-def cache_file(cache_dir: str | os.PathLike, video_id: str, frames: int, size: int) -> Path:
-    name = quote(video_id, safe="")
-    if len(name) > 200:
-        name = hashlib.sha1(video_id.encode()).hexdigest()
-    return Path(cache_dir) / f"f{frames}_s{size}" / f"{name}.npz"
-
-
-def read_cached(path: Path) -> tuple[torch.Tensor, np.ndarray]:
-    try:
-        with np.load(path) as z:
-            return torch.from_numpy(z["frames"]), z["indices"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: unreadable frame cache entry ({e}); delete it or rebuild the cache") from None
+__all__ = ["build_cache", "CacheReport"]
 
 
 @dataclass
@@ -48,8 +32,6 @@ class CacheReport:
 def build_cache(dataset, out: str | os.PathLike, *, num_workers: int = 0, overwrite: bool = False,
                 batch_size: int = 8) -> CacheReport:
     """Decode (test sampling) every unique video of ``dataset`` and store its frames under ``out``."""
-    from vop.data.dataset import VideoDataset, build_loader
-
     f, s = dataset.frames, dataset.size
     todo = [
         (v, p) for v, p in zip(dataset.videos, dataset.video_paths)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from vop.data.cache import cache_file, read_cached
+from vop.data.cache_files import cache_file, read_cached
 from vop.data.decode import load_frames
 from vop.data.transforms import resize_center_crop
 from vop.errors import ConfigError, DataError

@@ -25,7 +25,7 @@ from vop.data.dataset import Record
 from vop.data.files import VIDEO_EXTS, summarize_skipped, walk_videos
 from vop.errors import DataError
 
-__all__ = ["Layout", "VideoFinder", "DatasetFormat", "FORMATS", "VIDEO_EXTS", "load_records"]
+__all__ = ["Layout", "VideoFinder", "DatasetFormat", "FORMATS", "VIDEO_EXTS", "load_records", "format_names"]
 
 log = logging.getLogger("vop.data")
 
@@ -326,7 +326,7 @@ def _load_collection(layout: Layout, split: str) -> list[Record]:
 
 
 # --------------------------------------------------------------------------------------------
-# Registry
+# The format table
 
 
 @dataclass(frozen=True)
@@ -339,11 +339,13 @@ class DatasetFormat:
     train_splits: frozenset[str]
     frames: int = 12  # default frames per video
     paragraph: bool = False  # captions are paragraphs (the field uses 64 words and 64 frames)
+    any_split: bool = False  # the user's own collection: any split name is accepted (rows carry it)
+    default_split: str = "test"  # what `vop data verify|cache` check without --split: the evaluation split
 
-    def canonical_split(self, split: str, any_split: bool = False) -> str:
+    def canonical_split(self, split: str) -> str:
         if split in self.splits:
             return self.splits[split]
-        if any_split:
+        if self.any_split:
             return split
         raise DataError(f"dataset {self.name!r} has no split {split!r}; choose one of {', '.join(self.splits)}")
 
@@ -358,12 +360,18 @@ FORMATS: dict[str, DatasetFormat] = {
                       frozenset({"train"}), frames=64, paragraph=True),
         DatasetFormat("activitynet", _load_activitynet,
                       {"train": "train", "val_1": "val_1", "val": "val_1", "test": "val_1"},
-                      frozenset({"train"}), frames=64, paragraph=True),
+                      frozenset({"train"}), frames=64, paragraph=True, default_split="val_1"),
         DatasetFormat("lsmdc", _load_lsmdc, {"train": "train", "val": "val", "test": "test"}, frozenset({"train"})),
         DatasetFormat("collection", _load_collection, {"all": "all", "train": "train", "val": "val", "test": "test"},
-                      frozenset({"train"})),
+                      frozenset({"train"}), any_split=True, default_split="all"),
     ]
 }
+
+
+def format_names() -> str:
+    """The dataset format names as help texts list them: ``msrvtt, didemo, ... lsmdc or collection``."""
+    *first, last = FORMATS
+    return f"{', '.join(first)} or {last}"
 
 
 def get_format(name: str) -> DatasetFormat:
@@ -388,7 +396,7 @@ def load_records(
     receives what the by-stem lookup left out of the videos folder (``(path, reason)``), if it ran.
     """
     fmt = get_format(name)
-    split = fmt.canonical_split(split, any_split=name == "collection")
+    split = fmt.canonical_split(split)
     layout = Layout.of(root, videos_dir, annotations)
     records = fmt.load(layout, split)
     if skipped is not None:

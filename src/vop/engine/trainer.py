@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import platform
 import random
@@ -223,9 +222,42 @@ def load_state(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------
+#: Test hook, not a setting: with ``VOP_TEST_STOP_AFTER_STEPS=N`` in the environment, the process ends
+#: abruptly after optimiser step N (``os._exit(3)``: no cleanup, no final checkpoint), as a crash would.
+#: tests/test_engine_train.py sets it in a subprocess to test resuming a killed run.
+TEST_STOP_ENV = "VOP_TEST_STOP_AFTER_STEPS"
+
+
+def _test_stop_after_steps() -> int | None:
+    value = os.environ.get(TEST_STOP_ENV, "").strip()
+    return int(value) if value else None
+
+
 def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` (or resume the run in ``resume``); returns the results dict (also in results.json)."""
-    saved_state: dict[str, Any] | None = None
+    """Train ``cfg`` (or resume the run in ``resume``); returns the results dict (also in results.json).
+
+    The phases, in order: open the run directory (and read a resumed run's state), check the config
+    and join the processes, build data, model and optimiser (:class:`_Run`), restore the resumed
+    state, train epoch by epoch (each epoch ends with validation and model selection), then test the
+    last and the selected model and write the results.
+    """
+    cfg, run_dir, saved_state = _open_run(cfg, resume)
+    env = DistEnv.from_env()
+    check_config(cfg, env.world_size)
+    device = env.device(cfg.device)
+    env.setup(device)
+    run = _Run(cfg, run_dir, env, device, progress)
+    if saved_state is not None:
+        run.restore(saved_state)
+    run.model.train()
+    while run.trainable and run.epoch < cfg.optim.epochs:
+        run.train_epoch()
+        run.end_epoch()
+    return run.finish()
+
+
+def _open_run(cfg: RunConfig | None, resume: str | os.PathLike | None) -> tuple[RunConfig, Path, dict[str, Any] | None]:
+    """The config, the run directory and (when resuming) the saved state, checked before any work."""
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").exists():
@@ -237,196 +269,251 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
         if saved_state is None and prev.exists():
             raise CheckpointError(f"{run_dir / 'state.pt'}: missing, but {prev.name} is there: rename it to state.pt "
                                   f"to resume from it (mv {prev} {run_dir / 'state.pt'}), or start a new run")
-    elif cfg is None:
+        return cfg, run_dir, saved_state
+    if cfg is None:
         raise ConfigError("give a configuration or a run directory to resume")
-    else:
-        run_dir = Path(cfg.out_dir)
-        if (run_dir / "state.pt").exists():
-            raise ConfigError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or set out_dir")
-    env = DistEnv.from_env()
-    check_config(cfg, env.world_size)
-    device = env.device(cfg.device)
-    env.setup(device)
-    main = env.is_main
+    run_dir = Path(cfg.out_dir)
+    if (run_dir / "state.pt").exists():
+        raise ConfigError(f"{run_dir} already holds a run: resume it with --resume {run_dir}, or set out_dir")
+    return cfg, run_dir, None
 
-    torch.manual_seed(cfg.seed)
-    clip = resolve_backbone(cfg.model.backbone, arch=cfg.model.backbone_arch)
-    size = cfg.model.image_size or clip.cfg.vision.image_size
-    data = build_datasets(cfg, size)
-    test = _dataset(cfg, cfg.data.test_split, size, False)
-    model = create_model(cfg.model.method, clip, frames=cfg.model.frames, **cfg.model.options).to(device)
-    model.set_grad_checkpointing(cfg.optim.grad_checkpointing)
-    trainable = model.trainable_parameters()
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "versions.json").write_text(json.dumps({
-            "vop": __import__("vop").__version__, "torch": torch.__version__, "python": platform.python_version(),
-            "world_size": env.world_size, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        }, indent=2))
-    writer = _tensorboard(run_dir) if main else None
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if main else None
+class _Run:
+    """One training run: what :func:`train` builds (in this order: model and data, the run files, the
+    loader and optimiser) and where it stands (``epoch``, ``batch_in_epoch``, ``step``, ``history``,
+    ``best``), which is what ``state.pt`` saves."""
 
-    def record(entry: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
+    def __init__(self, cfg: RunConfig, run_dir: Path, env: DistEnv, device: torch.device, progress: bool):
+        self.cfg, self.run_dir, self.env, self.device, self.progress = cfg, run_dir, env, device, progress
+        self.main = env.is_main
+        self.state_path = run_dir / "state.pt"
+        self.extra = {"backbone": cfg.model.backbone, "dataset": cfg.data.dataset}  # recorded in checkpoints
+        self._build_model_and_data()
+        self._open_run_files()
+        self._build_loader_and_optimiser()
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.stop_after = _test_stop_after_steps()
 
-    o = cfg.optim
-    per_rank = o.batch_size // env.world_size
-    loader = build_loader(data.train, per_rank, shuffle=True, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                          drop_last=True, rank=env.rank, world_size=env.world_size)
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0 and trainable and o.epochs:
-        raise DataError(f"the training split has {len(data.train)} samples, fewer than one batch of {o.batch_size}")
-    skips = SkipTracker(data.train, loader, cfg.data.max_skipped, per_rank=per_rank, world_size=env.world_size,
-                        hint=f"vop data verify --dataset {cfg.data.dataset} --root {cfg.data.root} --split {cfg.data.train_split}")
-    skips.check_before()  # missing files alone over data.max_skipped: fail before training
-    total_steps = max(1, steps_per_epoch * o.epochs)
-    optimizer = torch.optim.AdamW(param_groups(model, o.lr, o.backbone_lr, o.weight_decay), betas=(0.9, 0.98), eps=1e-6) if trainable else None
-    scheduler = cosine_with_warmup(optimizer, total_steps, round(o.warmup_fraction * total_steps)) if optimizer else None
-    amp_dtype = autocast_dtype(device, o.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    net: nn.Module = _Pair(model)
-    if env.enabled and trainable:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    # --- building ----------------------------------------------------------------------------------
+    def _build_model_and_data(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        clip = resolve_backbone(cfg.model.backbone, arch=cfg.model.backbone_arch)
+        size = cfg.model.image_size or clip.cfg.vision.image_size
+        self.data = build_datasets(cfg, size)
+        self.test = _dataset(cfg, cfg.data.test_split, size, False)
+        self.model = create_model(cfg.model.method, clip, frames=cfg.model.frames, **cfg.model.options).to(self.device)
+        self.model.set_grad_checkpointing(cfg.optim.grad_checkpointing)
+        self.trainable = self.model.trainable_parameters()
 
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    tokenizer = model.tokenizer(max_words=cfg.data.max_words)
+    def _open_run_files(self) -> None:
+        """config.yaml and versions.json; the metrics log and TensorBoard writer (main process only)."""
+        run_dir, device = self.run_dir, self.device
+        if self.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, run_dir / "config.yaml")
+            (run_dir / "versions.json").write_text(json.dumps({
+                "vop": __import__("vop").__version__, "torch": torch.__version__, "python": platform.python_version(),
+                "world_size": self.env.world_size, "device": str(device),
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            }, indent=2))
+        self.writer = _tensorboard(run_dir) if self.main else None
+        self.metrics_file = open(run_dir / "metrics.jsonl", "a") if self.main else None
 
-    epoch, batch_in_epoch, step = 0, 0, 0
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] | None = None
-    state_path = run_dir / "state.pt"
-    if resume is not None and saved_state is not None:
-        state = saved_state
+    def _build_loader_and_optimiser(self) -> None:
+        cfg, o, env, model = self.cfg, self.cfg.optim, self.env, self.model
+        per_rank = o.batch_size // env.world_size
+        self.loader = build_loader(self.data.train, per_rank, shuffle=True, num_workers=cfg.data.num_workers,
+                                   seed=cfg.seed, drop_last=True, rank=env.rank, world_size=env.world_size)
+        self.steps_per_epoch = len(self.loader)
+        if self.steps_per_epoch == 0 and self.trainable and o.epochs:
+            raise DataError(f"the training split has {len(self.data.train)} samples, fewer than one batch of {o.batch_size}")
+        self.skips = SkipTracker(self.data.train, self.loader, cfg.data.max_skipped, per_rank=per_rank,
+                                 world_size=env.world_size, hint=f"vop data verify --dataset {cfg.data.dataset} "
+                                 f"--root {cfg.data.root} --split {cfg.data.train_split}")
+        self.skips.check_before()  # missing files alone over data.max_skipped: fail before training
+        total_steps = max(1, self.steps_per_epoch * o.epochs)
+        self.optimizer = torch.optim.AdamW(param_groups(model, o.lr, o.backbone_lr, o.weight_decay), betas=(0.9, 0.98),
+                                           eps=1e-6) if self.trainable else None
+        self.scheduler = cosine_with_warmup(self.optimizer, total_steps, round(o.warmup_fraction * total_steps)) \
+            if self.optimizer else None
+        self.amp_dtype = autocast_dtype(self.device, o.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.net: nn.Module = _Pair(model)
+        if env.enabled and self.trainable:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.tokenizer = model.tokenizer(max_words=cfg.data.max_words)
+
+    # --- resumable state -----------------------------------------------------------------------------
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` (read by :func:`load_state`) stopped."""
         try:
             with torch.no_grad():
-                for n, p in model.named_trainable_parameters():
+                for n, p in self.model.named_trainable_parameters():
                     p.copy_(state["trainable"][n])
-            if optimizer:
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            if self.optimizer:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise CheckpointError(f"{state_path}: does not fit the model of {run_dir / 'config.yaml'} "
+            raise CheckpointError(f"{self.state_path}: does not fit the model of {self.run_dir / 'config.yaml'} "
                                   f"({type(e).__name__}: {e}); was the config edited? Start a new run (new out_dir)") from None
-        epoch, batch_in_epoch, step = state["epoch"], state["batch"], state["step"]
-        history, best = state.get("history", []), state.get("best")
-        skips.load_state_dict(state.get("skips"))
-        if main:
-            log.info("resumed %s at epoch %d, batch %d (step %d)", run_dir, epoch, batch_in_epoch, step)
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch"], state["step"]
+        self.history, self.best = state.get("history", []), state.get("best")
+        self.skips.load_state_dict(state.get("skips"))
+        if self.main:
+            log.info("resumed %s at epoch %d, batch %d (step %d)", self.run_dir, self.epoch, self.batch_in_epoch, self.step)
 
-    def checkpoint_state() -> None:
-        if main and trainable:
-            save_state(state_path, trainable={k: v.cpu() for k, v in model.trainable_state_dict().items()},
-                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                       rng=_rng_state(), epoch=epoch, batch=batch_in_epoch, step=step, history=history, best=best,
-                       skips=skips.state_dict(batch_in_epoch))
+    def checkpoint(self) -> None:
+        """Write ``state.pt`` (main process; a run that trains nothing has no state)."""
+        if self.main and self.trainable:
+            save_state(self.state_path, trainable={k: v.cpu() for k, v in self.model.trainable_state_dict().items()},
+                       optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                       scaler=self.scaler.state_dict(), rng=_rng_state(), epoch=self.epoch, batch=self.batch_in_epoch,
+                       step=self.step, history=self.history, best=self.best,
+                       skips=self.skips.state_dict(self.batch_in_epoch))
 
-    def run_eval(ds: VideoTextDataset, split: str) -> dict[str, Any]:
-        out = evaluate(model, ds, batch_size=cfg.eval.batch_size, device=device, num_workers=cfg.data.num_workers,
-                       max_words=cfg.data.max_words, precision=o.precision, postprocess=cfg.eval.postprocess,
-                       dsl_temperature=cfg.eval.dsl_temperature, qb_k=cfg.eval.qb_k, qb_beta=cfg.eval.qb_beta,
-                       querybank_captions=data.train.captions if cfg.eval.postprocess == "qbnorm" else None,
-                       progress=progress)
-        return out.metrics
-
-    extra = {"backbone": cfg.model.backbone, "dataset": cfg.data.dataset}
-    model.train()
-    while trainable and epoch < o.epochs:
-        loader.set_epoch(epoch, start_batch=batch_in_epoch)
-        skips.start_epoch(batch_in_epoch)
-        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{o.epochs}",
-                   disable=not (main and progress), dynamic_ncols=True)
+    # --- training ------------------------------------------------------------------------------------
+    def train_epoch(self) -> None:
+        """The rest of the current epoch (all of it, unless resumed mid-epoch): steps, log lines, checkpoints."""
+        cfg = self.cfg
+        self.loader.set_epoch(self.epoch, start_batch=self.batch_in_epoch)
+        self.skips.start_epoch(self.batch_in_epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
+                   disable=not (self.main and self.progress), dynamic_ncols=True)
         t_last, seen = time.perf_counter(), 0
-        for batch in loader:
-            # each video's crop and flip depend only on (seed, epoch, its sample index), like its frames: the
-            # same on any number of processes, micro-batches or workers, and after a resume
-            draws = augment_draws(cfg.seed, epoch, batch["index"]) if cfg.data.augment else None
-            video = to_model_input(batch["video"].to(device, non_blocking=True), train=cfg.data.augment, draws=draws)
-            tokens = tokenizer(batch["text"]).to(device)
-            loss = _step(net, model, video, tokens, o.accumulate, amp_dtype, device, scaler)
-            if o.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, o.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            with torch.no_grad():
-                model.clip.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            batch_in_epoch += 1
-            seen += video.shape[0] * env.world_size
-            loss = all_reduce_mean(loss, device)
-            lr = optimizer.param_groups[0]["lr"]
+        for batch in self.loader:
+            loss, videos = self._optimiser_step(batch)
+            seen += videos * self.env.world_size
+            lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if step % cfg.log_every == 0 or batch_in_epoch == steps_per_epoch:
+            if self.step % cfg.log_every == 0 or self.batch_in_epoch == self.steps_per_epoch:
                 now = time.perf_counter()
                 rate = seen / max(now - t_last, 1e-9)
                 t_last, seen = now, 0
-                record({"step": step, "epoch": epoch + batch_in_epoch / steps_per_epoch, "loss": loss, "lr": lr, "videos_per_s": rate})
-                if writer:
-                    writer.add_scalar("train/loss", loss, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/videos_per_s", rate, step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint_state()
-            if cfg.stop_after_steps is not None and step >= cfg.stop_after_steps:
+                self._log_step(loss, lr, rate)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.checkpoint()
+            if self.stop_after is not None and self.step >= self.stop_after:
                 bar.close()
-                os._exit(3)  # simulate a crash: no cleanup, no final checkpoint
+                os._exit(3)  # the test hook (TEST_STOP_ENV) simulates a crash: no cleanup, no final checkpoint
         bar.close()
-        epoch, batch_in_epoch = epoch + 1, 0
-        entry: dict[str, Any] = {"epoch": epoch, "step": step}
-        entry["skipped"] = skips.end_epoch(epoch, steps_per_epoch, device)  # logged; DataError over data.max_skipped
-        if main:
-            save_checkpoint(model, run_dir / "last.safetensors", extra={**extra, "epoch": epoch})
-            if data.val is not None and (cfg.eval.every_epoch or epoch == o.epochs):
-                entry["val"] = run_eval(data.val, "val")
-                score = selection_score(entry["val"], o.select_metric)
-                if best is None or score > best["score"]:
-                    best = {"epoch": epoch, "score": score, "val": entry["val"]}
-                    save_checkpoint(model, run_dir / "best.safetensors", extra={**extra, "epoch": epoch, "val": entry["val"]})
-                if writer:
-                    for d in ("t2v", "v2t"):
-                        writer.add_scalar(f"val/{d}_R1", entry["val"][d]["R1"], epoch)
-                record({"epoch": epoch, "split": "val", **entry["val"]})
-        history.append(entry)
-        checkpoint_state()
-        env.barrier()
 
-    results: dict[str, Any] = {}
-    if main:
-        last_test = run_eval(test, "test")
-        results = {"method": cfg.model.method, "dataset": cfg.data.dataset, "epochs": o.epochs, "steps": step,
-                   "trainable": model.parameter_counts()["trainable"], "validation": data.val_note,
-                   "last": {"epoch": epoch, "test": last_test}, "history": history}
+    def _optimiser_step(self, batch: dict[str, Any]) -> tuple[float, int]:
+        """One optimiser step on ``batch``: (the loss averaged over processes, this process's videos)."""
+        cfg, o, device = self.cfg, self.cfg.optim, self.device
+        # each video's crop and flip depend only on (seed, epoch, its sample index), like its frames: the
+        # same on any number of processes, micro-batches or workers, and after a resume
+        draws = augment_draws(cfg.seed, self.epoch, batch["index"]) if cfg.data.augment else None
+        video = to_model_input(batch["video"].to(device, non_blocking=True), train=cfg.data.augment, draws=draws)
+        tokens = self.tokenizer(batch["text"]).to(device)
+        loss = _step(self.net, self.model, video, tokens, o.accumulate, self.amp_dtype, device, self.scaler)
+        if o.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable, o.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.model.clip.clamp_logit_scale()
+        self.step += 1
+        self.batch_in_epoch += 1
+        return all_reduce_mean(loss, device), video.shape[0]
+
+    def _log_step(self, loss: float, lr: float, rate: float) -> None:
+        epoch = self.epoch + self.batch_in_epoch / self.steps_per_epoch
+        self.record({"step": self.step, "epoch": epoch, "loss": loss, "lr": lr, "videos_per_s": rate})
+        if self.writer:
+            self.writer.add_scalar("train/loss", loss, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+            self.writer.add_scalar("train/videos_per_s", rate, self.step)
+
+    # --- validation and model selection ------------------------------------------------------------------
+    def end_epoch(self) -> None:
+        """Close the epoch: the bound on skipped samples, last.safetensors, validation and model selection
+        (main process), then the resumable state."""
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        entry: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
+        # logged; a DataError when the epoch lost more than data.max_skipped
+        entry["skipped"] = self.skips.end_epoch(self.epoch, self.steps_per_epoch, self.device)
+        if self.main:
+            save_checkpoint(self.model, self.run_dir / "last.safetensors", extra={**self.extra, "epoch": self.epoch})
+            if self.data.val is not None and (self.cfg.eval.every_epoch or self.epoch == self.cfg.optim.epochs):
+                entry["val"] = self._validate()
+        self.history.append(entry)
+        self.checkpoint()
+        self.env.barrier()
+
+    def _validate(self) -> dict[str, Any]:
+        """Val metrics of this epoch's model; best.safetensors when it scores best so far (never on test)."""
+        val = self.evaluate(self.data.val)
+        score = selection_score(val, self.cfg.optim.select_metric)
+        if self.best is None or score > self.best["score"]:
+            self.best = {"epoch": self.epoch, "score": score, "val": val}
+            save_checkpoint(self.model, self.run_dir / "best.safetensors",
+                            extra={**self.extra, "epoch": self.epoch, "val": val})
+        if self.writer:
+            for d in ("t2v", "v2t"):
+                self.writer.add_scalar(f"val/{d}_R1", val[d]["R1"], self.epoch)
+        self.record({"epoch": self.epoch, "split": "val", **val})
+        return val
+
+    def evaluate(self, ds: VideoTextDataset) -> dict[str, Any]:
+        cfg = self.cfg
+        out = evaluate(self.model, ds, batch_size=cfg.eval.batch_size, device=self.device, num_workers=cfg.data.num_workers,
+                       max_words=cfg.data.max_words, precision=cfg.optim.precision, postprocess=cfg.eval.postprocess,
+                       dsl_temperature=cfg.eval.dsl_temperature, qb_k=cfg.eval.qb_k, qb_beta=cfg.eval.qb_beta,
+                       querybank_captions=self.data.train.captions if cfg.eval.postprocess == "qbnorm" else None,
+                       progress=self.progress)
+        return out.metrics
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """One line of metrics.jsonl (main process)."""
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(entry) + "\n")
+            self.metrics_file.flush()
+
+    # --- the end -----------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Test, write results.json (main process), close the files and leave the process group."""
+        results = self._test_and_write_results() if self.main else {}
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self.writer:
+            self.writer.close()
+        self.env.barrier()
+        self.env.teardown()
+        return results
+
+    def _test_and_write_results(self) -> dict[str, Any]:
+        """Test metrics of the last and of the val-selected epoch, and what the run skipped."""
+        cfg, run_dir, best = self.cfg, self.run_dir, self.best
+        last_test = self.evaluate(self.test)
+        results: dict[str, Any] = {
+            "method": cfg.model.method, "dataset": cfg.data.dataset, "epochs": cfg.optim.epochs, "steps": self.step,
+            "trainable": self.model.parameter_counts()["trainable"], "validation": self.data.val_note,
+            "last": {"epoch": self.epoch, "test": last_test}, "history": self.history}
         if best is not None and (run_dir / "best.safetensors").exists():
-            if best["epoch"] != epoch:
-                load_trainable(model, run_dir / "best.safetensors")
-                sel_test = run_eval(test, "test")
+            if best["epoch"] != self.epoch:
+                load_trainable(self.model, run_dir / "best.safetensors")
+                sel_test = self.evaluate(self.test)
             else:
                 sel_test = last_test
-            results["selected"] = {"epoch": best["epoch"], "val": best["val"], "test": sel_test, "by": o.select_metric}
-        record({"split": "test", "last": last_test, "selected": results.get("selected", {}).get("test")})
-        results["skipped"] = skips.summary(history, test=last_test)
+            results["selected"] = {"epoch": best["epoch"], "val": best["val"], "test": sel_test, "by": cfg.optim.select_metric}
+        self.record({"split": "test", "last": last_test, "selected": results.get("selected", {}).get("test")})
+        results["skipped"] = self.skips.summary(self.history, test=last_test)
         if results["skipped"]["warn"]:
             log.warning("%s (listed in %s, 'skipped')", results["skipped"]["message"], run_dir / "results.json")
         (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if progress:
+        if self.progress:
             print_summary(results)
-    if metrics_file:
-        metrics_file.close()
-    if writer:
-        writer.close()
-    env.barrier()
-    env.teardown()
-    return results
+        return results
 
 
 def _step(net: nn.Module, model, video: torch.Tensor, tokens: torch.Tensor, chunks: int, amp_dtype, device: torch.device,

@@ -1,4 +1,6 @@
-"""``get_dataset``: annotations of a known format -> a ready :class:`VideoTextDataset`."""
+"""Loading a dataset: ``get_dataset`` turns annotations of a known format (:mod:`vop.data.formats`)
+into a ready :class:`~vop.data.dataset.VideoTextDataset`, leaving out videos that a
+``vop data verify`` manifest lists as bad or whose file is missing."""
 from __future__ import annotations
 
 import logging
