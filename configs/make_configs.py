@@ -2,6 +2,11 @@
 
     python configs/make_configs.py        # regenerate (a test checks the files are up to date)
 
+It also writes configs/msrvtt-9k/ablations/*.yaml: the paper's ablations (uni-modal prompts,
+prompted depth, prompt length, VoP^F's K_s) as the same recipe as configs/msrvtt-9k/vop.yaml (or
+vop-f.yaml) with one ablated option each; the rows are those of ``vop demo --ablations``
+(src/vop/demo/ablations.py) on ViT-B/32's 12 layers.
+
 Setting (paper, Sec. 4.1): CLIP ViT-B/32, 224 px, 12 frames and 32 words (64 frames and 64 words
 for the paragraph datasets DiDeMo and ActivityNet), batch 32, AdamW with weight decay 0.2, cosine
 decay, 5 epochs. The paper searched each method's learning rate in [1e-6, 1e-2] and did not publish
@@ -52,12 +57,43 @@ def render(name: str, method: str) -> str:
     return head + yaml.safe_dump(config(name, method), sort_keys=False)
 
 
+ABLATION_DATASET = "msrvtt-9k"
+ABLATION_LAYERS = 12  # ViT-B/32's layers per tower
+
+
+def ablation_configs() -> dict[str, str]:
+    """{file name: text} of configs/msrvtt-9k/ablations/: one file per distinct run of the ablation table."""
+    from vop.demo.ablations import ablations
+
+    name, files, rows_of = ABLATION_DATASET, {}, {}
+    for a in ablations(ABLATION_LAYERS):
+        for r in a.rows:
+            rows_of.setdefault((r.method, r.options), []).append(f"{a.title}: {r.label}")
+    for (method, options), rows in rows_of.items():
+        slug = method + "".join(f"_{k}{v}" for k, v in options)
+        cfg = config(name, method)
+        cfg["model"]["options"] = dict(options)
+        cfg["out_dir"] = f"runs/{name}/ablations/{slug}"
+        head = (f"# The paper's ablations on {name} (see configs/make_configs.py): {method}"
+                + (f" with {', '.join(f'{k}={v}' for k, v in options)}" if options else ", its defaults") + ".\n"
+                + "".join(f"# Row of {row}\n" for row in rows)
+                + f"# Learning rates: {method_facts(method).rates.why}.\n"
+                f"# Every row: for c in configs/{name}/ablations/*.yaml; do vop train --config \"$c\" "
+                f"data.root=/path/to/{DATASETS[name][0]} model.backbone=/path/to/ViT-B-32.pt; done\n")
+        files[f"{slug}.yaml"] = head + yaml.safe_dump(cfg, sort_keys=False)
+    return files
+
+
 def main() -> None:
     here = Path(__file__).parent
     for name in DATASETS:
         (here / name).mkdir(exist_ok=True)
         for method in list_methods():
             (here / name / f"{method}.yaml").write_text(render(name, method))
+    folder = here / ABLATION_DATASET / "ablations"
+    folder.mkdir(exist_ok=True)
+    for fname, text in ablation_configs().items():
+        (folder / fname).write_text(text)
 
 
 if __name__ == "__main__":

@@ -165,3 +165,107 @@ def write_report(out: Path, results: dict[str, Any], dataset, sims: dict[str, to
     write_figure(out / "figure1.png", results)
     write_qualitative(out, dataset, sims, s["frames"])
     (out / "results.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------
+# `vop demo --ablations`: ablations.md, ablations.png
+# ------------------------------------------------------------------------------------------------
+def ablation_table_md(ablation: dict[str, Any], runs: dict[str, Any]) -> str:
+    lines = ["| setting | run | trainable | t2v R@1 | R@5 | R@10 | MnR | v2t R@1 | temporal R@1 | held-out R@1 | train s / seed |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in ablation["rows"]:
+        r = runs[row["run"]]
+        s = r["summary"]
+        cells = [row["label"], f"`{row['run']}`", f"{r['counts']['trainable']:,}"]
+        cells += [_fmt(s["t2v"][k]) for k in ("R1", "R5", "R10", "MnR")] + [_fmt(s["v2t"]["R1"])]
+        cells += [_fmt(s[k]) if k in s else "-" for k in ("temporal_R1", "heldout_R1")]
+        secs = [x["train_seconds"] for x in r["runs"]]
+        cells.append(f"{sum(secs) / len(secs):.0f}" if any(secs) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def verdicts_md(ablation: dict[str, Any]) -> str:
+    lines = []
+    for v in ablation.get("verdicts", []):
+        lines.append(f"- {v['comparison']}: {v['a_R1']:.1f} vs {v['b_R1']:.1f}, margin {v['margin']:+.1f} "
+                     f"against a seed spread of {v['spread']:.1f}: **{v['verdict']}**")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def ablations_md(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    seeds = s["seeds"]
+    m = results["machine"]
+    load = results.get("load_average", {})
+    md = [
+        "# vop demo --ablations: the paper's ablation study on the synthetic world",
+        "",
+        f"Backbone `{s['backbone']}` ({results['layers']} layers per tower), world `{s['world_size']}` (seed "
+        f"{s['world_seed']}), {s['frames']} frames at {s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}; "
+        f"{seeds} training seed(s) per run; checkpoints selected on the validation split, scores on test. "
+        f"{results['rows']} table rows from {results['distinct_runs']} distinct runs "
+        f"({results['distinct_trainings']} trainings per seed; rows with the same method and options share one run).",
+        f"Run on {results['date']} ({m['cpus']} CPUs, {m['torch_threads']} torch threads, torch {m['torch']}"
+        + (f", {m['cuda']}" if m.get("cuda") else "") + f"): {results['wall_seconds']:.0f} s, peak memory "
+        f"{results['peak_rss_mib']:.0f} MiB"
+        + (f"; load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end" if load else "") + ".",
+        "",
+        (f"Mean ± standard deviation over {seeds} seeds. " if seeds > 1 else "One seed (no spread: verdicts are not findings). ")
+        + "Verdicts compare t2v R@1 means; the seed spread of a difference is sqrt(std_a² + std_b²), the "
+        "standard deviation of the difference of two single-seed runs; a margin inside it is not a finding.",
+        "",
+    ]
+    for a in results["ablations"]:
+        md += [f"## {a['title']}", "", f"Paper: {a['claim']}.", "", ablation_table_md(a, results["runs"]), verdicts_md(a)]
+    md += ["![R@1 against the ablated quantity](ablations.png)", ""]
+    return "\n".join(md)
+
+
+def write_ablation_figure(path: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, abls = results["runs"], results["ablations"]
+    zs = next((r for r in runs.values() if r["method"] == "zeroshot"), None)
+    cols = 2
+    rows_n = (len(abls) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(10, 3.6 * rows_n), dpi=110, squeeze=False)
+    for ax, a in zip(axes.flat, abls):
+        rows = a["rows"]
+        numeric = all(isinstance(r["x"], (int, float)) for r in rows)
+        xs = [r["x"] if numeric else i for i, r in enumerate(rows)]
+        mean = [runs[r["run"]]["summary"]["t2v"]["R1"]["mean"] for r in rows]
+        std = [runs[r["run"]]["summary"]["t2v"]["R1"]["std"] for r in rows]
+        ax.errorbar(xs, mean, yerr=std, fmt="o-", color="tab:red", capsize=3, label="t2v R@1 (mean ± std)")
+        if zs is not None and all(runs[r["run"]]["method"] != "zeroshot" for r in rows):
+            ax.axhline(zs["summary"]["t2v"]["R1"]["mean"], color="grey", ls="--", lw=1, label="zero-shot")
+        if numeric and any(isinstance(r["x"], int) and r["x"] > 0 for r in rows) and a["name"] == "length":
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(r["x"]) for r in rows], fontsize=8)
+        ax.set_xlabel(a["x_label"], fontsize=8)
+        ax.set_ylabel("t2v R@1", fontsize=8)
+        ax.set_title(a["title"], fontsize=9)
+        params = [runs[r["run"]]["counts"]["trainable"] for r in rows]
+        if len(set(params)) > 1:
+            ax2 = ax.twinx()
+            ax2.plot(xs, params, "s:", color="tab:blue", alpha=0.7, label="trainable parameters")
+            ax2.set_ylabel("trainable parameters", fontsize=8, color="tab:blue")
+            ax2.tick_params(axis="y", labelsize=7, colors="tab:blue")
+            ax2.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(abls):]:
+        ax.axis("off")
+    seeds = results["settings"]["seeds"]
+    fig.suptitle(f"Ablations on the synthetic world ({seeds} seed{'s' if seeds > 1 else ''}; cf. the paper's Sec. 4.3)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_ablations(out: Path, results: dict[str, Any]) -> None:
+    (out / "ablations.md").write_text(ablations_md(results), encoding="utf-8")
+    write_ablation_figure(out / "ablations.png", results)

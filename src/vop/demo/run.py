@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import resource
 import shutil
@@ -98,14 +99,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True,
-             say: Callable[[str], None] = print) -> dict[str, Any]:
-    s = settings or DemoSettings()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
+def prepare(out: Path, s: DemoSettings, *, progress: bool = True, say: Callable[[str], None] = print):
+    """The synthetic world (generated once per folder), the backbone and the test split."""
     world = out / "world"
     say(f"[1/4] synthetic world ({s.world_size}) -> {world}")
     if not (world / "world.json").exists():
@@ -114,15 +109,79 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
     test = get_dataset("collection", world, "test", frames=s.frames, size=s.image_size, train=False)
     say(f"      test split: {len(test.videos)} videos, {len(test.captions)} captions "
         f"({len(temporal_subset(test))} in the temporal-order subset)")
+    return world, clip, test
 
+
+def evaluate_zeroshot(s: DemoSettings, clip, test, *, progress: bool = True):
+    """Zero-shot CLIP (frames mean-pooled) on the test split: (run record, model, evaluation)."""
+    model = vop.create_model("zeroshot", clip, frames=s.frames)
+    ev = evaluate(model, test, batch_size=32, num_workers=s.num_workers, progress=progress)
+    run = {"seed": None, "test": {k: ev.metrics[k] for k in ("t2v", "v2t")}, "diagnostics": diagnostics(ev, test),
+           "train_seconds": 0.0}
+    return run, model, ev
+
+
+def run_dir_name(method: str, options: dict[str, Any] | None, seed: int) -> str:
+    """runs/<method>[_<option><value>...]-seed<seed>: the demo's names for runs without options."""
+    opts = "".join(f"_{k}{v}" for k, v in sorted((options or {}).items()))
+    return f"{method}{opts}-seed{seed}"
+
+
+def train_and_evaluate(s: DemoSettings, out: Path, world: Path, clip, test, method: str, seed: int,
+                       options: dict[str, Any] | None = None):
+    """Train one (method, options, seed) with the training engine real datasets use (learning rates:
+    the method's ``demo_rates``), reload the checkpoint selected on validation, evaluate it on test.
+
+    Returns (run record, the reloaded model, its test evaluation).
+    """
+    rates = vop.method_facts(method).demo_rates  # chosen on the world's validation split (docs/results.md)
+    lr, blr = rates.lr, rates.backbone_lr
+    run_dir = out / "runs" / run_dir_name(method, options, seed)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cfg = load_config(RunConfig, None, [
+        f"data.root={world}", "data.dataset=collection", f"model.backbone={s.backbone}", f"model.method={method}",
+        f"model.frames={s.frames}", f"model.image_size={s.image_size}", f"optim.epochs={s.epochs}",
+        f"optim.batch_size={s.batch_size}", f"optim.lr={lr}", f"optim.backbone_lr={blr}",
+        "optim.warmup_fraction=0.1", f"data.num_workers={s.num_workers}", "eval.batch_size=32",
+        f"seed={seed}", f"out_dir={run_dir}", "log_every=20",
+        *(f"model.options.{k}={v}" for k, v in (options or {}).items())])
+    t0 = time.perf_counter()
+    summary = train(cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    ckpt = run_dir / ("best.safetensors" if (run_dir / "best.safetensors").exists() else "last.safetensors")
+    model = vop.load_checkpoint(ckpt, clip)
+    ev = evaluate(model, test, batch_size=32, num_workers=s.num_workers)
+    run = {"seed": seed, "checkpoint": str(ckpt.relative_to(out)), "selected_epoch": summary.get("selected", {}).get("epoch"),
+           "test": {k: ev.metrics[k] for k in ("t2v", "v2t")}, "diagnostics": diagnostics(ev, test),
+           "train_seconds": seconds}
+    return run, model, ev
+
+
+def machine() -> dict[str, Any]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True,
+             say: Callable[[str], None] = print) -> dict[str, Any]:
+    s = settings or DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    world, clip, test = prepare(out, s, progress=progress, say=say)
     results: dict[str, Any] = {"settings": asdict(s), "methods": {}}
     sims: dict[str, torch.Tensor] = {}  # seed-0 test scores, for the qualitative page
     say("[2/4] zero-shot CLIP (frames mean-pooled)")
-    zs = vop.create_model("zeroshot", clip, frames=s.frames)
-    ev = evaluate(zs, test, batch_size=32, num_workers=s.num_workers, progress=progress)
+    run, zs, ev = evaluate_zeroshot(s, clip, test, progress=progress)
     sims["zeroshot"] = ev.sim
-    run = {"seed": None, "test": {k: ev.metrics[k] for k in ("t2v", "v2t")}, "diagnostics": diagnostics(ev, test),
-           "train_seconds": 0.0}
     results["methods"]["zeroshot"] = {"counts": zs.parameter_counts(), "runs": [run], "summary": aggregate([run])}
     _say_row(say, "zeroshot", results["methods"]["zeroshot"]["summary"])
 
@@ -133,28 +192,11 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
             continue
         runs = []
         for seed in range(s.seeds):
-            rates = vop.method_facts(method).demo_rates  # chosen on the world's validation split (docs/results.md)
-            lr, blr = rates.lr, rates.backbone_lr
-            run_dir = out / "runs" / f"{method}-seed{seed}"
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            cfg = load_config(RunConfig, None, [
-                f"data.root={world}", "data.dataset=collection", f"model.backbone={s.backbone}", f"model.method={method}",
-                f"model.frames={s.frames}", f"model.image_size={s.image_size}", f"optim.epochs={s.epochs}",
-                f"optim.batch_size={s.batch_size}", f"optim.lr={lr}", f"optim.backbone_lr={blr}",
-                "optim.warmup_fraction=0.1", f"data.num_workers={s.num_workers}", "eval.batch_size=32",
-                f"seed={seed}", f"out_dir={run_dir}", "log_every=20"])
             t0 = time.perf_counter()
-            summary = train(cfg, progress=False)
-            seconds = time.perf_counter() - t0
-            ckpt = run_dir / ("best.safetensors" if (run_dir / "best.safetensors").exists() else "last.safetensors")
-            model = vop.load_checkpoint(ckpt, clip)
-            ev = evaluate(model, test, batch_size=32, num_workers=s.num_workers)
+            run, model, ev = train_and_evaluate(s, out, world, clip, test, method, seed)
             if seed == 0:
                 sims[method] = ev.sim
-            runs.append({"seed": seed, "checkpoint": str(ckpt.relative_to(out)), "selected_epoch": summary.get("selected", {}).get("epoch"),
-                         "test": {k: ev.metrics[k] for k in ("t2v", "v2t")}, "diagnostics": diagnostics(ev, test),
-                         "train_seconds": seconds})
+            runs.append(run)
             counts = model.parameter_counts()
             eta.done(method, time.perf_counter() - t0)
         results["methods"][method] = {"counts": counts, "runs": runs, "summary": aggregate(runs)}
@@ -162,12 +204,10 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
         if eta.left:
             say(f"      {eta.report()}")
 
-    results["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": __import__("os").cpu_count(),
-                          "processor": platform.processor() or platform.machine(),
-                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    results["machine"] = machine()
     results["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results["wall_seconds"] = time.perf_counter() - t_start
-    results["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["peak_rss_mib"] = peak_rss_mib()
     say("[4/4] report")
     from vop.demo.report import write_report
 
