@@ -52,7 +52,7 @@ def _build(videos, ckpt, out, **kw):
 
 def test_index_equals_evaluation_embeddings_and_records_metadata(world, ckpt, tmp_path):
     from vop.data import get_dataset
-    from vop.engine.evaluate import encode_videos
+    from vop.runtime import encode_videos
 
     r = _build(world / "captions.jsonl", ckpt, tmp_path / "ix", split="test", batch_size=5)
     assert (r.total, r.encoded, r.reused, r.failed) == (16, 16, 0, {})
@@ -85,9 +85,15 @@ def test_index_equals_evaluation_embeddings_and_records_metadata(world, ckpt, tm
 
 def test_killed_run_resumes_and_updates_incrementally(videos, ckpt, tmp_path):
     out = tmp_path / "ix"
+    import inspect
+
+    from vop.retrieval.index import TEST_STOP_ENV
+
+    assert not any(n.startswith("_") for n in inspect.signature(build_index).parameters)  # the hook is no parameter
     code = (f"from vop.retrieval import build_index; build_index({str(videos)!r}, {str(ckpt)!r}, {str(out)!r}, "
-            "image_size=32, batch_size=2, flush_videos=4, progress=False, _stop_after_parts=2)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            "image_size=32, batch_size=2, flush_videos=4, progress=False)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, TEST_STOP_ENV: "2"})
     assert proc.returncode == 3, proc.stderr[-2000:]  # killed after 2 flushed parts (8 videos), no merge yet
     # a new index is built next to its folder, which appears only when complete
     work = building_path(out)

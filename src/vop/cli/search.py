@@ -36,10 +36,10 @@ def index_cmd(
 ) -> None:
     """Encode every video of a folder or annotation file into a searchable index (resumable; run it
     again to add new or changed videos). Under torchrun, the ranks share the encoding."""
-    from vop.cli.train import parse_device
     from vop.retrieval.index import build_index
+    from vop.runtime import resolve_device
 
-    parse_device(device)  # a clear error for a bad --device, before anything is loaded
+    resolve_device(device)  # a clear error for a bad --device, before anything is loaded
     params = {"nlist": nlist, "nprobe": nprobe, "M": hnsw_m, "ef_search": ef_search}
     params = {k: v for k, v in params.items() if v is not None}
     r = build_index(videos, checkpoint, out, backbone=backbone, batch_size=batch_size, split=split, root=root, frames=frames,
@@ -123,9 +123,9 @@ def serve_cmd(
     import torch
 
     from vop.retrieval.service import SearchService
-    from vop.retrieval.web import _require, serve
+    from vop.retrieval.web import require_web, serve
 
-    _require()
+    require_web()
     if threads > 0:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

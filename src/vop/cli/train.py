@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from vop.data.formats import format_names
+
 
 def train_cmd(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML run configuration (see configs/)."),
@@ -35,7 +37,7 @@ def eval_cmd(
     method: Optional[str] = typer.Option(None, "--method", help="Evaluate an untrained method instead (e.g. zeroshot)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights (default: the one recorded in the checkpoint)."),
     backbone_arch: Optional[str] = typer.Option(None, "--backbone-arch", help="Architecture of the --method backbone's weights (ViT-H-14 ...; default: the file's record or inferred)."),
-    dataset: str = typer.Option(..., "--dataset", help="msrvtt, didemo, activitynet, lsmdc or collection."),
+    dataset: str = typer.Option(..., "--dataset", help=f"{format_names()}."),
     root: str = typer.Option(..., "--root", help="Dataset folder."),
     split: str = typer.Option("test", "--split"),
     frames: Optional[int] = typer.Option(None, "--frames", help="Frames per video (default: the checkpoint's)."),
@@ -57,6 +59,8 @@ def eval_cmd(
     from vop.data import get_dataset
     from vop.engine.evaluate import coverage_line, evaluate
     from vop.errors import ConfigError
+    from vop.methods.checkpoint import checkpoint_facts
+    from vop.runtime import resolve_device
 
     if (checkpoint is None) == (method is None):
         raise ConfigError("give exactly one of --checkpoint or --method")
@@ -69,13 +73,13 @@ def eval_cmd(
     if postprocess not in ("none", "dsl"):
         raise ConfigError(f"--postprocess must be none or dsl, got {postprocess!r} (QB-Norm needs training captions: "
                           "use eval.postprocess=qbnorm in a training config)")
-    dev = parse_device(device)
+    dev = resolve_device(device)
     if checkpoint and os.path.isdir(checkpoint):  # the authors' ModelScope folder: its backbone is inside
         model = vop.load_checkpoint(checkpoint, backbone)
     elif checkpoint:
         meta = vop.read_checkpoint_meta(checkpoint)
-        bb = backbone or meta.get("extra", {}).get("backbone")
-        if bb is None and meta["method"] != "full":
+        bb = backbone or meta.get("backbone")
+        if bb is None and not checkpoint_facts(checkpoint, meta).whole_model:
             raise ConfigError(f"{checkpoint}: records no backbone; pass --backbone")
         model = vop.load_checkpoint(checkpoint, bb)
     else:
@@ -106,27 +110,6 @@ def eval_cmd(
         r = m[d]
         typer.echo(f"{d}  " + "  ".join(f"{k} {r[key]:.1f}{mark}" for k, key in
                                         (("R@1", "R1"), ("R@5", "R5"), ("R@10", "R10"), ("MdR", "MdR"), ("MnR", "MnR"))))
-
-
-def parse_device(device: str):
-    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``; a clear ConfigError otherwise."""
-    import torch
-
-    from vop.errors import ConfigError
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu (or auto)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-    return dev
 
 
 def register(app: typer.Typer) -> None:

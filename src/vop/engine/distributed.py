@@ -31,9 +31,11 @@ class DistEnv:
         return self.rank == 0
 
     def device(self, prefer: str = "auto") -> torch.device:
-        if prefer == "cpu" or (prefer == "auto" and not torch.cuda.is_available()):
-            return torch.device("cpu")
-        return torch.device("cuda", self.local_rank)
+        """This process's device for a ``device`` setting (auto, cpu, cuda): the CPU, or the GPU of its
+        local rank (:func:`vop.runtime.resolve_device`; a ConfigError for anything else)."""
+        from vop.runtime import resolve_device
+
+        return resolve_device(prefer, local_rank=self.local_rank, what="device")
 
     def setup(self, device: torch.device) -> None:
         if not self.enabled or dist.is_initialized():

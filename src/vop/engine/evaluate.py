@@ -10,62 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from vop.data import build_loader, to_model_input
-from vop.data.dataset import VideoDataset, VideoTextDataset
+from vop.data.dataset import VideoTextDataset
 from vop.engine.metrics import dual_softmax, qb_norm, retrieval_metrics, similarity_chunked
 from vop.errors import DataError
 from vop.methods.base import VideoTextModel
+# the batched encoders are vop.runtime's (shared with vop.retrieval); importable from here as before
+from vop.runtime import autocast_dtype, encode_texts, encode_videos
 
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for a device: bf16 on CUDA (fp16 if asked), none (fp32) on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
-
-
-@torch.no_grad()
-def encode_texts(model: VideoTextModel, captions: Sequence[str], *, batch_size: int = 256, device: torch.device | str = "cpu",
-                 max_words: int | None = 32, precision: str = "auto", progress: bool = False) -> torch.Tensor:
-    """L2-normalised caption embeddings (N, D), float32 on the CPU."""
-    device = torch.device(device)
-    tok = model.tokenizer(max_words=max_words)
-    dtype = autocast_dtype(device, precision)
-    out = []
-    it = range(0, len(captions), batch_size)
-    for i in tqdm(it, desc="texts", disable=not progress, leave=False):
-        tokens = tok(list(captions[i : i + batch_size])).to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, model.clip.cfg.embed_dim)
-
-
-@torch.no_grad()
-def encode_videos(model: VideoTextModel, videos: VideoDataset, *, batch_size: int = 16, device: torch.device | str = "cpu",
-                  num_workers: int = 0, precision: str = "auto", progress: bool = False) -> tuple[torch.Tensor, list[str], dict]:
-    """L2-normalised video embeddings of every decodable gallery video.
-
-    Returns (embeddings (V, D) float32 CPU, their video ids in gallery order, failures {id: reason}).
-    """
-    device = torch.device(device)
-    dtype = autocast_dtype(device, precision)
-    loader = build_loader(videos, batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
-    embs, ids = [], []
-    for batch in tqdm(loader, desc="videos", disable=not progress, leave=False):
-        x = to_model_input(batch["video"].to(device, non_blocking=True))
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            embs.append(F.normalize(model.encode_video(x).float(), dim=-1).cpu())
-        ids.extend(batch["video_id"])
-    failures = {k: f.error for k, f in loader.failures.items()}
-    emb = torch.cat(embs) if embs else torch.zeros(0, model.clip.cfg.embed_dim)
-    return emb, ids, failures
+__all__ = ["evaluate", "EvalOutput", "postprocess_similarity", "coverage_line", "autocast_dtype", "encode_texts",
+           "encode_videos"]
 
 
 def _refuse_partial(dataset: VideoTextDataset, failures: dict[str, str] | None = None) -> None:

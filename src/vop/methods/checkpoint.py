@@ -1,9 +1,12 @@
 """Prompt checkpoints: only the trainable tensors (safetensors) plus what is needed to rebuild the model.
 
-Metadata (JSON under the ``vop`` key): method, options, frames, backbone architecture, a fingerprint
-of the backbone weights the prompts were trained on, library version. A prompt file loaded onto a
-different backbone or method fails with a clear message. For a method that trains every CLIP weight
-(its facts say ``backbone="all"``: ``full``) the file is the whole model.
+Metadata (JSON under the ``vop`` key): method, options, frames, backbone architecture, the backbone
+the model was trained on (``backbone``: a weights path, shipped name or architecture name; null if not
+recorded) and a fingerprint of its weights, library version. Files written before ``backbone`` was a
+field of its own recorded it as ``extra.backbone``: :func:`read_checkpoint_meta` gives it as
+``backbone``. A prompt file loaded onto a different backbone or method fails with a clear message.
+For a method that trains every CLIP weight (its facts say ``backbone="all"``: ``full``) the file is
+the whole model.
 
 A folder instead of a file is one of the authors' released ModelScope models (vop.methods.modelscope).
 """
@@ -37,12 +40,34 @@ def checkpoint_facts(path: str | os.PathLike, meta: dict[str, Any]) -> MethodFac
                               "upgrade vop or use the version that wrote it") from None
 
 
-def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the trainable tensors of ``model`` and its metadata; atomic (temp file + rename)."""
+def backbone_record(backbone: str | os.PathLike | None) -> str | None:
+    """What a checkpoint records of its backbone: an existing weights file as an absolute path (the
+    checkpoint may be used from another folder), a shipped or architecture name as it is."""
+    if backbone is None:
+        return None
+    if not isinstance(backbone, (str, os.PathLike)):
+        raise TypeError(f"backbone: a weights path or a backbone name, got {type(backbone).__name__}")
+    p = Path(backbone)
+    return str(p.resolve()) if p.exists() else str(backbone)
+
+
+def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[str, Any] | None = None,
+                    backbone: str | os.PathLike | None = None) -> Path:
+    """Write the trainable tensors of ``model`` and its metadata; atomic (temp file + rename).
+
+    ``backbone``: the CLIP weights the model was trained on (a path or name), recorded so that
+    :func:`load_checkpoint` finds them again; for files of earlier callers also taken from
+    ``extra["backbone"]``. ``extra``: anything else to keep with the file (dataset, epoch ...).
+    """
     from safetensors.torch import save_file
 
     from vop import __version__
 
+    extra = dict(extra or {})
+    if backbone is None:
+        backbone = extra.get("backbone")
+    elif extra.get("backbone") is not None and str(extra["backbone"]) != str(backbone):
+        raise ValueError(f"backbone {backbone!r} and extra['backbone'] {extra['backbone']!r} differ")
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
     meta = {
@@ -52,11 +77,12 @@ def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[
         "frames": model.frames,
         "arch": model.clip.cfg.to_dict(),
         "arch_name": arch_name(model.clip.cfg),
+        "backbone": backbone_record(backbone),
         "backbone_fingerprint": model.backbone_fingerprint,
         "counts": model.parameter_counts(),
         "vop_version": __version__,
         "torch_version": torch.__version__,
-        "extra": extra or {},
+        "extra": extra,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -66,14 +92,15 @@ def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[
 
 
 def read_checkpoint_meta(path: str | os.PathLike, backbone: CLIP | str | os.PathLike | None = None) -> dict[str, Any]:
-    """A checkpoint's metadata. ``backbone`` only matters for a ModelScope folder (default: its ViT-B-32.pt)."""
+    """A checkpoint's metadata, with ``backbone`` (str or None) also for files that recorded it only
+    in ``extra``. ``backbone`` only matters for a ModelScope folder (default: its ViT-B-32.pt)."""
     from safetensors import safe_open
 
     path = Path(path)
     if path.is_dir():
         from vop.methods.modelscope import read_folder_meta
 
-        return read_folder_meta(path, backbone)
+        return _with_backbone(read_folder_meta(path, backbone))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such prompt checkpoint")
     try:
@@ -89,6 +116,12 @@ def read_checkpoint_meta(path: str | os.PathLike, backbone: CLIP | str | os.Path
     meta = json.loads(meta)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown prompt checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    return _with_backbone(meta)
+
+
+def _with_backbone(meta: dict[str, Any]) -> dict[str, Any]:
+    if "backbone" not in meta:  # written before it was a field: it was in extra (if anywhere)
+        meta["backbone"] = (meta.get("extra") or {}).get("backbone")
     return meta
 
 
@@ -101,7 +134,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
 
 
-def _check_backbone(path: Path, meta: dict[str, Any], clip: CLIP, check_fingerprint: bool) -> None:
+def check_backbone(path: str | os.PathLike, meta: dict[str, Any], clip: CLIP, check_fingerprint: bool = True) -> None:
+    """A clear CheckpointError unless ``clip`` is the backbone a checkpoint (``meta``, read from ``path``)
+    was trained on: same architecture and, with ``check_fingerprint`` and for a method that does not
+    hold every weight, the same weights."""
     from vop.backbone.checkpoint import weights_fingerprint
 
     want = CLIPConfig.from_dict(meta["arch"])
@@ -127,8 +163,9 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
                     check_fingerprint: bool = True) -> VideoTextModel:
     """Rebuild a trained model: the method and options from the file, the backbone as given.
 
-    ``backbone`` may be omitted only for ``full`` checkpoints (they hold every weight) and for the
-    authors' ModelScope folders (their backbone is in the folder).
+    Without ``backbone``: the one the checkpoint records (``meta["backbone"]``, as ``vop train``
+    writes it); none is needed for a checkpoint that holds every weight (``full``: its facts say
+    ``whole_model``) nor for the authors' ModelScope folders (their backbone is in the folder).
     """
     from vop.methods import create_model, resolve_backbone
 
@@ -139,17 +176,22 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
         return load_folder(path, backbone, check_fingerprint)
     meta = read_checkpoint_meta(path)
     facts = checkpoint_facts(path, meta)
-    if backbone is None:
-        if not facts.whole_model:
-            raise CheckpointError(f"{path}: a {meta['method']!r} checkpoint holds only prompts; give the backbone weights too")
+    source = backbone
+    if source is None and not facts.whole_model:
+        source = meta.get("backbone")
+        if source is None:
+            raise CheckpointError(f"{path}: a {meta['method']!r} checkpoint holds only prompts and records no backbone; "
+                                  "give the backbone weights too")
+    if source is None:
         clip = CLIP(CLIPConfig.from_dict(meta["arch"]))
     else:
         try:  # weights are read as the recorded architecture (heads and activation are not in every file)
-            clip = resolve_backbone(backbone, arch=CLIPConfig.from_dict(meta["arch"]))
+            clip = resolve_backbone(source, arch=CLIPConfig.from_dict(meta["arch"]))
         except CheckpointError as e:
             name = meta.get("arch_name") or "the recorded architecture"
-            raise CheckpointError(f"{path}: cannot load its backbone ({name}) from {backbone}: {e}") from None
-    _check_backbone(path, meta, clip, check_fingerprint)
+            recorded = "" if backbone is not None else " (the backbone recorded in the checkpoint; pass another one)"
+            raise CheckpointError(f"{path}: cannot load its backbone ({name}) from {source}{recorded}: {e}") from None
+    check_backbone(path, meta, clip, check_fingerprint)
     if backbone is not None and facts.trains_backbone:
         clip = copy.deepcopy(clip)  # the file overwrites backbone tensors: leave the caller's CLIP as it was
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
@@ -170,7 +212,7 @@ def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[st
             f"{model.options_dict()} / {model.frames}"
         )
     if CLIPConfig.from_dict(meta["arch"]) != model.clip.cfg:
-        _check_backbone(path, meta, model.clip, False)
+        check_backbone(path, meta, model.clip, False)
     if path.is_dir():
         from vop.methods.modelscope import load_folder_tensors
 

@@ -43,7 +43,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -97,23 +96,16 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
 # the model an index is built with
 
 
-def _resolve_backbone_name(backbone: str | None) -> str | None:
-    """Existing paths become absolute (the index may be used from another folder); shipped names and
-    architecture names stay as they are."""
-    if backbone is None:
-        return None
-    p = Path(backbone)
-    return str(p.resolve()) if p.exists() else str(backbone)
-
-
 def checkpoint_info(checkpoint: str | os.PathLike, backbone: str | None = None) -> dict[str, Any]:
     """What an index records about its model: enough to rebuild it and to notice a changed file."""
     import vop
+    from vop.methods.checkpoint import backbone_record, checkpoint_facts
 
     path = Path(checkpoint)
     meta = vop.read_checkpoint_meta(path, backbone if path.is_dir() else None)
-    bb = backbone or meta.get("extra", {}).get("backbone")
-    if bb is None and meta["method"] != "full":
+    whole = checkpoint_facts(path, meta).whole_model  # its file holds every weight: no backbone to record
+    bb = backbone or meta.get("backbone")
+    if bb is None and not whole:
         raise ConfigError(f"{path}: records no backbone; pass --backbone (the CLIP weights the prompts were trained on)")
     return {
         "checkpoint": str(path.resolve()),
@@ -122,7 +114,7 @@ def checkpoint_info(checkpoint: str | os.PathLike, backbone: str | None = None) 
         "options": meta["options"],
         "frames": meta["frames"],
         "arch_name": meta.get("arch_name"),
-        "backbone": _resolve_backbone_name(bb) if meta["method"] != "full" else None,
+        "backbone": backbone_record(bb) if not whole else None,
         "backbone_fingerprint": meta.get("backbone_fingerprint"),
         "checkpoint_meta": meta,
     }
@@ -404,6 +396,17 @@ def _check_compatible(path: Path, old: dict, new: dict) -> None:
                           "mixed with new ones: pass --rebuild to re-encode every video, or choose another --out")
 
 
+#: Test hook, not a setting: with ``VOP_TEST_STOP_AFTER_PARTS=N`` in the environment, :func:`build_index`
+#: ends the process abruptly (``os._exit(3)``: no merge, no cleanup) once it has flushed N parts, as a
+#: kill would. tests/test_retrieval_index.py sets it in a subprocess to test resuming a killed run.
+TEST_STOP_ENV = "VOP_TEST_STOP_AFTER_PARTS"
+
+
+def _test_stop_after_parts() -> int | None:
+    value = os.environ.get(TEST_STOP_ENV, "").strip()
+    return int(value) if value else None
+
+
 def build_index(
     videos: str | os.PathLike,
     checkpoint: str | os.PathLike,
@@ -428,7 +431,6 @@ def build_index(
     flush_videos: int = 256,
     flush_seconds: float = 60.0,
     progress: bool = True,
-    _stop_after_parts: int | None = None,
 ) -> BuildReport:
     """Encode every video of ``videos`` (a folder, or a collection annotation file) with the model of
     ``checkpoint`` into the index folder ``out``; resumable and incremental (see the module docstring).
@@ -437,13 +439,15 @@ def build_index(
     it, ``"ivf"``/``"hnsw"`` (re)build it with ``faiss_params`` (nlist, nprobe / M, ef_construction,
     ef_search). Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 merges and returns the
     full report.
+
+    The phases, in order: load the model (:func:`_load_model`), open the target folder
+    (:func:`_open_target`), plan what is left to encode (:func:`_plan`), encode this rank's share into
+    parts (:func:`_encode_share`), then on rank 0 merge the index and every part (:func:`_merge`) and
+    write the next generation (:func:`_write`).
     """
     import torch.distributed as dist
 
-    from vop.engine.evaluate import autocast_dtype
-
     t0 = time.perf_counter()
-    out = Path(out)
     env = _dist_env()
     own_group = False
     work_dir: Path | None = None  # set while a new index is being built next to ``out``
@@ -451,19 +455,8 @@ def build_index(
         dist.init_process_group("gloo")  # CPU collectives (barriers) also when ranks encode on GPUs
         own_group = True
     try:
-        if batch_size < 1 or thumb_frames < 1 or thumb_height < 2:
-            raise ConfigError("batch size, thumbnail frames and height must be positive")
-        if faiss not in (None, "none", "ivf", "hnsw"):
-            raise ConfigError(f"--faiss must be none, ivf or hnsw, got {faiss!r}")
-        if faiss in ("ivf", "hnsw"):
-            from vop.retrieval.ann import require_faiss
-
-            require_faiss()  # fail before encoding anything
-        info = checkpoint_info(checkpoint, backbone)
-        dev = env.device(device) if env.enabled else torch.device(
-            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-        model = load_index_model(info, device=dev, check_sha=False)
-        info["backbone_fingerprint"] = model.backbone_fingerprint
+        _check_args(batch_size, thumb_frames, thumb_height, faiss)
+        model, dev, info = _load_model(checkpoint, backbone, device, env)
         # before any folder is made or video decoded: can this model take that many frames?
         frames = model.check_frames(frames, str(checkpoint))
         if image_size is not None and image_size < 1:
@@ -473,113 +466,14 @@ def build_index(
         new_meta = {"model": info, "settings": {"frames": settings.frames, "image_size": settings.image_size,
                                                 "max_words": max_words, "thumb_frames": thumb_frames,
                                                 "thumb_height": thumb_height, "content_hash": content_hash}}
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"{out}: exists and is not an index folder")
-        target, work = out, building_path(out)
-        if env.is_main and (work / "index.json").is_file() and not _holds_files(out, allowed=()):
-            _move_into_place(work, out)  # a run killed between its last write and the rename
-        if env.enabled:
-            dist.barrier()
-        old = read_meta(out) if out.exists() else None
-        if old is None and _holds_files(out, allowed=()):
-            if _holds_files(out):
-                raise ConfigError(f"{out}: is a folder that holds other files; give a new or empty folder for the index")
-            if env.is_main and not work.exists():  # parts/ and thumbs/ left by an older vop: go on with them
-                os.replace(out, work)
-        if env.enabled:
-            dist.barrier()
-        if old is None:  # a new index is built next to the target and renamed at the end: never half there
-            out = work_dir = work
-        if old is not None and not rebuild:
-            _check_compatible(out, old, new_meta)
-        walk_skipped: dict[str, str] = {}
-        sources, missing = list_sources(videos, split=split, root=root, exclude=[target, work], skipped=walk_skipped)
-        by_id = {s.id: s for s in sources}
-        if len(by_id) != len(sources):
-            raise DataError(f"{videos}: the same video id appears twice")
-
-        # what is already done: the current generation, plus parts of interrupted runs
-        parts_dir, thumb_dir = out / "parts", out / "thumbs"
-        if env.is_main:
-            parts_dir.mkdir(parents=True, exist_ok=True)
-            thumb_dir.mkdir(parents=True, exist_ok=True)
-            if rebuild:
-                for p in parts_dir.glob("*"):
-                    p.unlink()
-        if env.enabled:
-            dist.barrier()
-        base_entries, base_emb, base_failed = [], None, []
-        if old is not None and not rebuild:
-            idx = VideoIndex.open(out)
-            base_entries, base_emb, base_failed = idx.entries, idx.emb, old.get("failed", [])
-        parts = _read_parts(parts_dir)
-
-        current = {s.id: file_signature(s.path, False) for s in sources}
-
-        def done(src: Source, entry: dict) -> bool:
-            sig = current[src.id]
-            if content_hash and "sha256" in entry and (entry.get("size") != sig["size"] or entry.get("mtime_ns") != sig["mtime_ns"]):
-                sig = file_signature(src.path, True)
-            return same_file(entry, sig)
-
-        done_ids: set[str] = set()
-        for e in base_entries:
-            if e["id"] in by_id and done(by_id[e["id"]], e):
-                done_ids.add(e["id"])
-        for _, entries, failed in parts:
-            for e in entries:
-                if e["id"] in by_id and done(by_id[e["id"]], e):
-                    done_ids.add(e["id"])
-            if not retry_failed:
-                for e in failed:
-                    if e["id"] in by_id and done(by_id[e["id"]], e):
-                        done_ids.add(e["id"])
-        if not retry_failed:
-            for e in base_failed:
-                if e["id"] in by_id and done(by_id[e["id"]], e):
-                    done_ids.add(e["id"])
-        todo = [s for s in sources if s.id not in done_ids]
-        mine = todo[env.rank::env.world_size]
-
-        # encode this rank's share, flushing parts as we go
-        report = BuildReport(target, rank=env.rank, missing=missing, skipped=walk_skipped)
-        encoded = 0
-        if mine:
-            model.eval()
-            dtype = autocast_dtype(dev)
-            ds = _IndexItems(mine, settings, thumb_dir)
-            loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
-                                worker_init_fn=_worker_init if num_workers > 0 else None)
-            p_emb: list[np.ndarray] = []
-            p_entries: list[dict] = []
-            p_failed: list[dict] = []
-            last_flush, n_parts = time.monotonic(), 0
-            bar = tqdm(total=len(mine), desc="index", unit="video", disable=not (progress and env.is_main))
-            for items in loader:
-                good = [it for it in items if "error" not in it]
-                for it in items:
-                    if "error" in it:
-                        log.warning("skipped unreadable video %s (%s)", it["id"], it["error"])
-                        p_failed.append({"id": it["id"], "path": it["path"], "error": it["error"], **it.get("signature", {})})
-                if good:
-                    from vop.data.transforms import to_model_input
-
-                    x = to_model_input(torch.stack([it["video"] for it in good]).to(dev))
-                    with torch.no_grad(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                        v = F.normalize(model.encode_video(x).float(), dim=-1).cpu().numpy()
-                    p_emb.append(v)
-                    p_entries.extend(_entry(it, by_id[it["id"]]) for it in good)
-                    encoded += len(good)
-                bar.update(len(items))
-                if len(p_entries) + len(p_failed) >= flush_videos or time.monotonic() - last_flush > flush_seconds:
-                    _write_part(parts_dir, env.rank, p_emb, p_entries, p_failed)
-                    p_emb, p_entries, p_failed, last_flush = [], [], [], time.monotonic()
-                    n_parts += 1
-                    if _stop_after_parts is not None and n_parts >= _stop_after_parts:
-                        os._exit(3)  # tests: an abrupt kill after some work was saved
-            if p_entries or p_failed:
-                _write_part(parts_dir, env.rank, p_emb, p_entries, p_failed)
-            bar.close()
+        tgt = _open_target(Path(out), new_meta, env, rebuild)
+        if tgt.building:
+            work_dir = tgt.out
+        plan = _plan(tgt, videos, env, split=split, root=root, content_hash=content_hash, rebuild=rebuild,
+                     retry_failed=retry_failed)
+        report = BuildReport(tgt.target, rank=env.rank, missing=plan.missing, skipped=plan.skipped)
+        encoded = _encode_share(plan, model, dev, settings, env, batch_size=batch_size, num_workers=num_workers,
+                                flush_videos=flush_videos, flush_seconds=flush_seconds, progress=progress)
         report.encoded = encoded
         counts = [encoded]
         if env.enabled:
@@ -594,54 +488,14 @@ def build_index(
                 dist.barrier()
             return report
 
-        # rank 0: merge the current generation and every part into the next generation
-        parts = _read_parts(parts_dir)
-        rows: dict[str, tuple[np.ndarray, dict]] = {}
-        failed: dict[str, dict] = {}
-        if base_emb is not None:
-            for e, v in zip(base_entries, base_emb):
-                if e["id"] in by_id and done(by_id[e["id"]], e):
-                    rows[e["id"]] = (v, e)
-            for e in base_failed:
-                if e["id"] in by_id and done(by_id[e["id"]], e) and e["id"] not in rows and not retry_failed:
-                    failed[e["id"]] = e
-        for emb, entries, fails in parts:  # in the order they were written: later wins
-            for e, v in zip(entries, emb):
-                if e["id"] in by_id and done(by_id[e["id"]], e):
-                    rows[e["id"]] = (v, e)
-                    failed.pop(e["id"], None)
-            for e in fails:
-                if e["id"] in by_id and done(by_id[e["id"]], e):
-                    rows.pop(e["id"], None)
-                    failed[e["id"]] = e
-        order = [s.id for s in sources if s.id in rows]  # source order: a resumed build equals a fresh one
-        emb = np.stack([rows[i][0] for i in order]) if order else np.zeros((0, model.clip.cfg.embed_dim), np.float32)
-        entries = [rows[i][1] for i in order]
-        report.total = len(entries)
-        report.reused = len(done_ids & set(rows))
-        report.removed = sum(1 for e in base_entries if e["id"] not in by_id)
-        report.failed = {i: e["error"] for i, e in failed.items()}
-
-        faiss_meta = old.get("faiss") if (old is not None and faiss is None) else None
-        if faiss in ("ivf", "hnsw"):
-            faiss_meta = {"kind": faiss, "params": dict(faiss_params or {})}
-        elif faiss_meta is not None and faiss_params:
-            faiss_meta = {"kind": faiss_meta["kind"], "params": {**faiss_meta["params"], **faiss_params}}
-        changed = (old is None or rebuild or bool(parts) or report.removed > 0 or faiss is not None
-                   or len(entries) != old.get("count") or bool(faiss_params))
-        if changed:
-            meta = write_index(out, emb, entries, {
-                **new_meta, "source": {"videos": str(Path(videos).resolve()), "split": split},
-                "failed": list(failed.values()), "missing": [{"id": k, "error": v} for k, v in missing.items()],
-                "faiss": faiss_meta, "last_run": {"world_size": env.world_size, "encoded_per_rank": counts,
-                                                  "device": str(dev), "batch_size": batch_size}}, old=old)
-            report.faiss = meta.get("faiss")
-            for p in parts_dir.glob("r*.npz"):
-                p.unlink()
-            if out != target:
-                _move_into_place(out, target)
-        else:
-            report.faiss = old.get("faiss")
+        merged = _merge(plan, retry_failed, model.clip.cfg.embed_dim)
+        report.total = len(merged.entries)
+        report.reused = len(plan.done_ids & merged.ids)
+        report.removed = sum(1 for e in plan.base_entries if e["id"] not in plan.by_id)
+        report.failed = {i: e["error"] for i, e in merged.failed.items()}
+        run = {"world_size": env.world_size, "encoded_per_rank": counts, "device": str(dev), "batch_size": batch_size}
+        report.faiss = _write(tgt, plan, merged, new_meta, run, videos=videos, split=split, rebuild=rebuild,
+                              removed=report.removed, faiss=faiss, faiss_params=faiss_params)
         report.seconds = time.perf_counter() - t0
         if env.enabled:
             dist.barrier()
@@ -656,6 +510,257 @@ def build_index(
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def _check_args(batch_size: int, thumb_frames: int, thumb_height: int, faiss: str | None) -> None:
+    if batch_size < 1 or thumb_frames < 1 or thumb_height < 2:
+        raise ConfigError("batch size, thumbnail frames and height must be positive")
+    if faiss not in (None, "none", "ivf", "hnsw"):
+        raise ConfigError(f"--faiss must be none, ivf or hnsw, got {faiss!r}")
+    if faiss in ("ivf", "hnsw"):
+        from vop.retrieval.ann import require_faiss
+
+        require_faiss()  # fail before encoding anything
+
+
+def _load_model(checkpoint: str | os.PathLike, backbone: str | None, device: str, env) -> tuple[Any, torch.device, dict[str, Any]]:
+    """Phase 1: the model on this rank's device, and what the index records about it."""
+    from vop.runtime import resolve_device
+
+    info = checkpoint_info(checkpoint, backbone)
+    dev = resolve_device(device, local_rank=env.local_rank if env.enabled else None)
+    model = load_index_model(info, device=dev, check_sha=False)
+    info["backbone_fingerprint"] = model.backbone_fingerprint
+    return model, dev, info
+
+
+@dataclass
+class _Target:
+    """Where a run writes: ``target`` is the index folder asked for; ``out`` is where its files are
+    now (``target``, or for a new index the building folder next to it: ``building``)."""
+
+    target: Path
+    out: Path
+    work: Path
+    old: dict[str, Any] | None  # the index's index.json; None for a new index
+    building: bool
+
+
+def _open_target(out: Path, new_meta: dict[str, Any], env, rebuild: bool) -> _Target:
+    """Phase 2: finish a run killed before its rename, adopt what an older vop left, refuse a folder of
+    other files or an index built with other settings (unless ``rebuild``)."""
+    import torch.distributed as dist
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not an index folder")
+    target, work = out, building_path(out)
+    if env.is_main and (work / "index.json").is_file() and not _holds_files(out, allowed=()):
+        _move_into_place(work, out)  # a run killed between its last write and the rename
+    if env.enabled:
+        dist.barrier()
+    old = read_meta(out) if out.exists() else None
+    if old is None and _holds_files(out, allowed=()):
+        if _holds_files(out):
+            raise ConfigError(f"{out}: is a folder that holds other files; give a new or empty folder for the index")
+        if env.is_main and not work.exists():  # parts/ and thumbs/ left by an older vop: go on with them
+            os.replace(out, work)
+    if env.enabled:
+        dist.barrier()
+    if old is None:  # a new index is built next to the target and renamed at the end: never half there
+        return _Target(target, work, work, None, True)
+    if not rebuild:
+        _check_compatible(out, old, new_meta)
+    return _Target(target, out, work, old, False)
+
+
+@dataclass
+class _Plan:
+    """What a run has to do: the source's videos, what the index and the parts of interrupted runs
+    already hold, and this rank's share of the rest (``mine``)."""
+
+    sources: list[Source]
+    by_id: dict[str, Source]
+    missing: dict[str, str]
+    skipped: dict[str, str]
+    parts_dir: Path
+    thumb_dir: Path
+    content_hash: bool
+    current: dict[str, dict]  # size + mtime of every source video now
+    base_entries: list[dict] = field(default_factory=list)
+    base_emb: np.ndarray | None = None
+    base_failed: list[dict] = field(default_factory=list)
+    done_ids: set[str] = field(default_factory=set)
+    mine: list[Source] = field(default_factory=list)
+
+    def unchanged(self, entry: dict) -> bool:
+        """Whether ``entry`` (of the index or a part) is of a video still in the source, unchanged."""
+        src = self.by_id.get(entry["id"])
+        if src is None:
+            return False
+        sig = self.current[src.id]
+        if self.content_hash and "sha256" in entry and (entry.get("size") != sig["size"] or entry.get("mtime_ns") != sig["mtime_ns"]):
+            sig = file_signature(src.path, True)
+        return same_file(entry, sig)
+
+
+def _plan(tgt: _Target, videos: str | os.PathLike, env, *, split: str, root: str | os.PathLike | None,
+          content_hash: bool, rebuild: bool, retry_failed: bool) -> _Plan:
+    """Phase 3: list the source, read what is already done (the current generation, plus parts of
+    interrupted runs) and deal the rest out to the ranks."""
+    import torch.distributed as dist
+
+    out = tgt.out
+    walk_skipped: dict[str, str] = {}
+    sources, missing = list_sources(videos, split=split, root=root, exclude=[tgt.target, tgt.work], skipped=walk_skipped)
+    by_id = {s.id: s for s in sources}
+    if len(by_id) != len(sources):
+        raise DataError(f"{videos}: the same video id appears twice")
+
+    parts_dir, thumb_dir = out / "parts", out / "thumbs"
+    if env.is_main:
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        thumb_dir.mkdir(parents=True, exist_ok=True)
+        if rebuild:
+            for p in parts_dir.glob("*"):
+                p.unlink()
+    if env.enabled:
+        dist.barrier()
+    plan = _Plan(sources, by_id, missing, walk_skipped, parts_dir, thumb_dir, content_hash,
+                 {s.id: file_signature(s.path, False) for s in sources})
+    if tgt.old is not None and not rebuild:
+        idx = VideoIndex.open(out)
+        plan.base_entries, plan.base_emb, plan.base_failed = idx.entries, idx.emb, tgt.old.get("failed", [])
+
+    done_ids = plan.done_ids
+    for e in plan.base_entries:
+        if plan.unchanged(e):
+            done_ids.add(e["id"])
+    for _, entries, failed in _read_parts(parts_dir):
+        for e in entries:
+            if plan.unchanged(e):
+                done_ids.add(e["id"])
+        if not retry_failed:
+            for e in failed:
+                if plan.unchanged(e):
+                    done_ids.add(e["id"])
+    if not retry_failed:
+        for e in plan.base_failed:
+            if plan.unchanged(e):
+                done_ids.add(e["id"])
+    todo = [s for s in sources if s.id not in done_ids]
+    plan.mine = todo[env.rank::env.world_size]
+    return plan
+
+
+def _encode_share(plan: _Plan, model, dev: torch.device, settings: _Settings, env, *, batch_size: int, num_workers: int,
+                  flush_videos: int, flush_seconds: float, progress: bool) -> int:
+    """Phase 4: encode this rank's share, flushing parts to ``parts/`` as it goes; the number encoded."""
+    from vop.runtime import autocast_dtype, embed_video_batch
+
+    mine = plan.mine
+    if not mine:
+        return 0
+    stop_after = _test_stop_after_parts()
+    encoded = 0
+    model.eval()
+    dtype = autocast_dtype(dev)
+    ds = _IndexItems(mine, settings, plan.thumb_dir)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate,
+                        worker_init_fn=_worker_init if num_workers > 0 else None)
+    p_emb: list[np.ndarray] = []
+    p_entries: list[dict] = []
+    p_failed: list[dict] = []
+    last_flush, n_parts = time.monotonic(), 0
+    bar = tqdm(total=len(mine), desc="index", unit="video", disable=not (progress and env.is_main))
+    for items in loader:
+        good = [it for it in items if "error" not in it]
+        for it in items:
+            if "error" in it:
+                log.warning("skipped unreadable video %s (%s)", it["id"], it["error"])
+                p_failed.append({"id": it["id"], "path": it["path"], "error": it["error"], **it.get("signature", {})})
+        if good:
+            # the evaluation's computation (vop.runtime), so an index of a split ranks as `vop eval` does
+            p_emb.append(embed_video_batch(model, torch.stack([it["video"] for it in good]), dev, dtype).numpy())
+            p_entries.extend(_entry(it, plan.by_id[it["id"]]) for it in good)
+            encoded += len(good)
+        bar.update(len(items))
+        if len(p_entries) + len(p_failed) >= flush_videos or time.monotonic() - last_flush > flush_seconds:
+            _write_part(plan.parts_dir, env.rank, p_emb, p_entries, p_failed)
+            p_emb, p_entries, p_failed, last_flush = [], [], [], time.monotonic()
+            n_parts += 1
+            if stop_after is not None and n_parts >= stop_after:
+                os._exit(3)  # tests (TEST_STOP_ENV): an abrupt kill after some work was saved
+    if p_entries or p_failed:
+        _write_part(plan.parts_dir, env.rank, p_emb, p_entries, p_failed)
+    bar.close()
+    return encoded
+
+
+@dataclass
+class _Merged:
+    """The next generation: ``emb`` row i = ``entries[i]``, in source order; unreadable videos; the parts merged."""
+
+    emb: np.ndarray
+    entries: list[dict]
+    failed: dict[str, dict]
+    parts: list[tuple[np.ndarray, list[dict], list[dict]]]
+
+    @property
+    def ids(self) -> set[str]:
+        return {e["id"] for e in self.entries}
+
+
+def _merge(plan: _Plan, retry_failed: bool, dim: int) -> _Merged:
+    """Phase 5 (rank 0): the current generation and every part (in the order they were written: later
+    wins), restricted to the source's unchanged videos, in source order."""
+    parts = _read_parts(plan.parts_dir)
+    rows: dict[str, tuple[np.ndarray, dict]] = {}
+    failed: dict[str, dict] = {}
+    if plan.base_emb is not None:
+        for e, v in zip(plan.base_entries, plan.base_emb):
+            if plan.unchanged(e):
+                rows[e["id"]] = (v, e)
+        for e in plan.base_failed:
+            if plan.unchanged(e) and e["id"] not in rows and not retry_failed:
+                failed[e["id"]] = e
+    for emb, entries, fails in parts:
+        for e, v in zip(entries, emb):
+            if plan.unchanged(e):
+                rows[e["id"]] = (v, e)
+                failed.pop(e["id"], None)
+        for e in fails:
+            if plan.unchanged(e):
+                rows.pop(e["id"], None)
+                failed[e["id"]] = e
+    order = [s.id for s in plan.sources if s.id in rows]  # source order: a resumed build equals a fresh one
+    emb = np.stack([rows[i][0] for i in order]) if order else np.zeros((0, dim), np.float32)
+    return _Merged(emb, [rows[i][1] for i in order], failed, parts)
+
+
+def _write(tgt: _Target, plan: _Plan, merged: _Merged, new_meta: dict[str, Any], run: dict[str, Any], *,
+           videos: str | os.PathLike, split: str, rebuild: bool, removed: int, faiss: str | None,
+           faiss_params: dict[str, Any] | None) -> dict | None:
+    """Phase 6 (rank 0): write the next generation if anything changed, clear the merged parts, rename
+    a new index into place. Returns the index's FAISS settings."""
+    old = tgt.old
+    faiss_meta = old.get("faiss") if (old is not None and faiss is None) else None
+    if faiss in ("ivf", "hnsw"):
+        faiss_meta = {"kind": faiss, "params": dict(faiss_params or {})}
+    elif faiss_meta is not None and faiss_params:
+        faiss_meta = {"kind": faiss_meta["kind"], "params": {**faiss_meta["params"], **faiss_params}}
+    changed = (old is None or rebuild or bool(merged.parts) or removed > 0 or faiss is not None
+               or len(merged.entries) != old.get("count") or bool(faiss_params))
+    if not changed:
+        return old.get("faiss")
+    meta = write_index(tgt.out, merged.emb, merged.entries, {
+        **new_meta, "source": {"videos": str(Path(videos).resolve()), "split": split},
+        "failed": list(merged.failed.values()), "missing": [{"id": k, "error": v} for k, v in plan.missing.items()],
+        "faiss": faiss_meta, "last_run": run}, old=old)
+    for p in plan.parts_dir.glob("r*.npz"):
+        p.unlink()
+    if tgt.out != tgt.target:
+        _move_into_place(tgt.out, tgt.target)
+    return meta.get("faiss")
 
 
 _BUILDING = ".vop-building"

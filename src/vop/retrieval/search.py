@@ -15,42 +15,35 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vop.errors import CheckpointError
 from vop.retrieval.index import VideoIndex, checkpoint_sha256, load_index_model
+from vop.runtime import encode_texts, resolve_device
 
 __all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hits"]
 
 
-@torch.no_grad()
 def encode_queries(model, texts: Sequence[str], max_words: int | None = 32, tokenizer=None) -> torch.Tensor:
-    """L2-normalised text embeddings (Q, D), float32 CPU: the computation of
-    :func:`vop.engine.evaluate.encode_texts` (same tokenizer budget, same normalisation)."""
-    tok = tokenizer or model.tokenizer(max_words=max_words)
-    p = next(model.parameters())
-    return F.normalize(model.encode_text(tok(list(texts)).to(p.device)).float(), dim=-1).cpu()
+    """L2-normalised text embeddings (Q, D), float32 CPU, on the model's device: :func:`vop.runtime.encode_texts`
+    (the evaluation's tokenizer budget and normalisation) on all ``texts`` in one batch, in fp32."""
+    device = next(model.parameters()).device
+    return encode_texts(model, texts, batch_size=max(1, len(texts)), device=device, max_words=max_words,
+                        precision="fp32", tokenizer=tokenizer)
 
 
 def shares_backbone(meta: dict[str, Any]) -> bool:
     """Whether a checkpoint's method trains only tensors outside CLIP (prompts, adapters, zero-shot),
-    so that its model can sit on a shared backbone. Decided on a meta-device model (no memory)."""
-    from vop.backbone.clip import CLIP
-    from vop.backbone.config import CLIPConfig
-    from vop.methods import create_model
+    so that its model can sit on a shared backbone: its facts (``trains_backbone``) say so."""
+    from vop.methods import method_facts
 
-    if meta["method"] == "full":
-        return False
-    with torch.device("meta"):
-        m = create_model(meta["method"], CLIP(CLIPConfig.from_dict(meta["arch"])), frames=meta["frames"], **meta["options"])
-    return not any(n.startswith("clip.") for n, _ in m.named_trainable_parameters())
+    return not method_facts(meta["method"]).trains_backbone
 
 
 class BackbonePool:
     """One CLIP per backbone name (weights file, shipped name or architecture), loaded on first use."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.clips: dict[tuple[str, Any], Any] = {}
 
     def clip(self, backbone: str, arch: Any = None):
@@ -66,7 +59,7 @@ class BackbonePool:
         """The model of an index's ``model`` record. Returns ``(model, shared)``."""
         from vop.backbone.config import CLIPConfig
         from vop.methods import create_model
-        from vop.methods.checkpoint import _check_backbone, load_trainable
+        from vop.methods.checkpoint import check_backbone, load_trainable
 
         meta = info["checkpoint_meta"]
         ckpt = Path(checkpoint or info["checkpoint"])
@@ -78,7 +71,7 @@ class BackbonePool:
         if checkpoint_sha256(ckpt) != info["checkpoint_sha256"]:
             raise CheckpointError(f"{ckpt}: differs from the checkpoint this index was built with; re-run `vop index`")
         clip = self.clip(str(bb), arch=CLIPConfig.from_dict(meta["arch"]))
-        _check_backbone(ckpt, meta, clip, True)
+        check_backbone(ckpt, meta, clip, True)
         model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
         load_trainable(model, ckpt, meta)
         return model.to(self.device).eval(), True

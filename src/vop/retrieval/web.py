@@ -30,7 +30,7 @@ from urllib.parse import unquote_to_bytes
 from vop.errors import ConfigError
 from vop.retrieval.service import RequestError, SearchService
 
-__all__ = ["create_app", "serve", "server_config", "is_loopback", "default_allowed_hosts", "MAX_QUERY_BYTES"]
+__all__ = ["create_app", "serve", "require_web", "server_config", "is_loopback", "default_allowed_hosts", "MAX_QUERY_BYTES"]
 
 MAX_QUERY_BYTES = 16 * 1024  # a query of MAX_QUERY_CHARS characters, percent-encoded UTF-8, fits with room
 MAX_REQUEST_HEAD = 4 * 1024 * 1024  # what uvicorn (h11) reads of a request line + headers before it gives up
@@ -41,7 +41,8 @@ VIDEO_TYPES = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", 
                ".mov": "video/quicktime", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo"}
 
 
-def _require():
+def require_web() -> None:
+    """A ConfigError naming the extra to install when FastAPI or uvicorn is missing."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -130,7 +131,7 @@ async def _send_json(send, status: int, obj) -> None:
 def create_app(service: SearchService, allowed_hosts: Iterable[str] | None = None):
     """A FastAPI app around ``service``; ``allowed_hosts``: Host names answered besides IP addresses
     (default :func:`default_allowed_hosts`: localhost)."""
-    _require()
+    require_web()
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
@@ -203,7 +204,7 @@ def is_loopback(host: str) -> bool:
 def serve(service: SearchService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
           allowed_hosts: Iterable[str] = ()) -> None:
     """Run the app with uvicorn until interrupted; ``allowed_hosts`` are added to the default names."""
-    _require()
+    require_web()
     import uvicorn
 
     if not is_loopback(host):
@@ -224,7 +225,7 @@ def serve(service: SearchService, host: str = "127.0.0.1", port: int = 8000, log
 def server_config(service: SearchService, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                   allowed_hosts: Iterable[str] = ()):
     """The uvicorn configuration ``serve`` runs (tests start it on their own socket)."""
-    _require()
+    require_web()
     import uvicorn
 
     app = create_app(service, default_allowed_hosts(host) + list(allowed_hosts))
