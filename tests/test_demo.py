@@ -84,9 +84,9 @@ def test_temporal_analysis_script(demo_out):
 def test_eta_from_measured_progress():
     """The training phase's remaining time: a method's later seeds take what its first took;
     methods not run yet take the mean of those measured."""
-    from vop.demo.run import _Eta
+    from vop.demo.run import Eta
 
-    eta = _Eta(["full", "vop", "vop-c"], seeds=2)
+    eta = Eta(["full", "vop", "vop-c"], seeds=2)
     assert eta.left == 6
     eta.done("full", 100.0)
     assert eta.remaining_seconds() == 500.0  # 1 full (100) + 2 vop + 2 vop-c at the mean (100)

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 import vop
-from vop.demo.run import (DemoSettings, _Eta, _minutes, aggregate, evaluate_zeroshot, machine, peak_rss_mib, prepare,
+from vop.demo.run import (DemoSettings, Eta, minutes, aggregate, evaluate_zeroshot, machine, peak_rss_mib, prepare,
                           train_and_evaluate)
 
 LENGTHS = (1, 2, 4, 8, 16)
@@ -165,7 +165,7 @@ def run_ablations(out_dir: str | Path, settings: DemoSettings | None = None, *, 
 
     say(f"[3/4] {len(trained)} distinct trainings x {s.seeds} seed(s), {s.epochs} epoch(s) each "
         f"({len(trained) * s.seeds} trainings)")
-    eta = _Eta(trained, s.seeds)
+    eta = Eta(trained, s.seeds)
     for seed in range(s.seeds):  # seed-major: a stopped run still has every row at the first seeds
         for key in trained:
             r = distinct[key]
@@ -191,7 +191,7 @@ def run_ablations(out_dir: str | Path, settings: DemoSettings | None = None, *, 
 
     write_ablations(out, results)
     (out / "ablations.json").write_text(json.dumps(results, indent=2))
-    say(f"done in {_minutes(results['wall_seconds'])} (peak memory {results['peak_rss_mib']:.0f} MiB): "
+    say(f"done in {minutes(results['wall_seconds'])} (peak memory {results['peak_rss_mib']:.0f} MiB): "
         f"{out / 'ablations.md'}, {out / 'ablations.png'}, {out / 'ablations.json'}")
     return results
 

@@ -186,7 +186,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
     _say_row(say, "zeroshot", results["methods"]["zeroshot"]["summary"])
 
     say(f"[3/4] adapting {len(s.methods)} method(s) x {s.seeds} seed(s), {s.epochs} epoch(s) each")
-    eta = _Eta([m for m in s.methods if m != "zeroshot"], s.seeds)
+    eta = Eta([m for m in s.methods if m != "zeroshot"], s.seeds)
     for method in s.methods:
         if method == "zeroshot":
             continue
@@ -218,7 +218,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
     return results
 
 
-class _Eta:
+class Eta:
     """Remaining time of the training phase from measured progress: a method's seeds take what its
     first seed took; methods not run yet take the mean of those measured so far."""
 
@@ -241,11 +241,11 @@ class _Eta:
 
     def report(self) -> str:
         total = sum(len(ts) for ts in self.took.values()) + self.left
-        return (f"{total - self.left}/{total} trainings done; about {_minutes(self.remaining_seconds())} left "
+        return (f"{total - self.left}/{total} trainings done; about {minutes(self.remaining_seconds())} left "
                 "for the rest of this phase, then a few seconds for the report")
 
 
-def _minutes(seconds: float) -> str:
+def minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 

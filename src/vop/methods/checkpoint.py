@@ -192,11 +192,20 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
             recorded = "" if backbone is not None else " (the backbone recorded in the checkpoint; pass another one)"
             raise CheckpointError(f"{path}: cannot load its backbone ({name}) from {source}{recorded}: {e}") from None
     check_backbone(path, meta, clip, check_fingerprint)
-    if backbone is not None and facts.trains_backbone:
+    if backbone is not None and (facts.trains_backbone or _holds_clip_tensors(path)):
         clip = copy.deepcopy(clip)  # the file overwrites backbone tensors: leave the caller's CLIP as it was
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
     load_trainable(model, path, meta)
     return model
+
+
+def _holds_clip_tensors(path: Path) -> bool:
+    """Whether the file holds CLIP tensors (a method whose options unfreeze some, e.g. MV-Adapter's
+    ``train_clip_bias``, although its facts say it keeps CLIP frozen by default)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("clip.") for k in f.keys())
 
 
 def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:

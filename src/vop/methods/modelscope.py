@@ -33,6 +33,7 @@ from vop.backbone.clip import CLIP
 from vop.backbone.config import arch_name
 from vop.errors import CheckpointError
 from vop.methods.base import VideoTextModel
+from vop.methods.registry import method_facts
 
 FORMAT = "modelscope-vop"
 CONFIG, BACKBONE = "configuration.json", "ViT-B-32.pt"
@@ -214,7 +215,7 @@ def load_folder(path: str | os.PathLike, backbone: Any = None, check_fingerprint
     clip = _backbone(folder, backbone)
     sd = read_weights(folder)
     meta = _describe(folder, _clip_copies(folder, sd, clip), clip, backbone)
-    if isinstance(backbone, CLIP) and meta["method"] not in ("vop", "zeroshot"):
+    if isinstance(backbone, CLIP) and method_facts(meta["method"]).trains_backbone:
         clip = copy.deepcopy(clip)  # the weights overwrite backbone tensors: leave the caller's CLIP as it was
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
     load_folder_tensors(model, folder, sd, check=check_fingerprint)
