@@ -167,7 +167,18 @@ def test_paper_configs_load_and_are_current():
             assert cfg.optim.batch_size == 32 and cfg.model.frames in (12, 64)
             assert cfg.data.val_split or cfg.data.val_fraction > 0  # never select on test
             n += 1
-    assert n == 5 * 13
+    assert n == 5 * len(vop.list_methods())
+    # the later methods' own recipes, next to the protocol (configs/<dataset>/as-published/)
+    for name, method in mc.AS_PUBLISHED:
+        path = root / name / "as-published" / f"{method}.yaml"
+        assert path.read_text() == mc.as_published(name, method), f"{path} is stale: run configs/make_configs.py"
+        cfg = load_config(RunConfig, path, ["data.root=/data"])
+        check_config(cfg)
+        vop.count_parameters(method, "ViT-B-16" if "B-16" in cfg.model.backbone else "ViT-B-32",
+                             frames=cfg.model.frames, **cfg.model.options)  # the options build the model
+        assert cfg.data.val_split or cfg.data.val_fraction > 0
+    assert {p.relative_to(root).as_posix() for p in root.glob("*/as-published/*.yaml")} == \
+        {f"{name}/as-published/{method}.yaml" for name, method in mc.AS_PUBLISHED}
 
 
 def test_vop_learns_on_synthetic_world(world, tmp_path):

@@ -39,12 +39,22 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, t, width) -> queries, keys, values, each (n, heads, t, width / heads): the fused input
+        projection, for a method that attends over its own choice of keys (DGL's global-local attention)."""
         n, t, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return self.out_proj(out.transpose(1, 2).reshape(n, t, d))
+        return q, k, v
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """(n, heads, t, width / heads) attention outputs -> (n, t, width): heads merged, output projection."""
+        n, h, t, hd = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, h * hd))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        q, k, v = self.qkv(x)
+        return self.project_out(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
 
 class MLP(nn.Module):

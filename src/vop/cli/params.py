@@ -20,6 +20,7 @@ def params_table(backbone, frames: int) -> list[dict]:
             "percent": 100.0 * c["trainable"] / c["backbone"],
             "paper_count": c["counted"],
             "uncounted": c["uncounted"],
+            "inert": c["inert"],
             "backbone": c["backbone"],
         })
     return rows
@@ -57,6 +58,10 @@ def params(
     if any(r["uncounted"] for r in rows):
         console.print("The paper does not count VoP^F's frame position embedding "
                       f"({max(r['uncounted'] for r in rows):,} here); it is trainable and included on the left.")
+    inert = [f"{r['method']} {r['inert']:,}" for r in rows if r["inert"]]
+    if inert:
+        console.print(f"Inert (trainable and included on the left, but provably never influencing the output): "
+                      f"{', '.join(inert)}.")
 
 
 def register(app: typer.Typer) -> None:

@@ -48,7 +48,8 @@ log = logging.getLogger("vop.train")
 
 
 class _Pair(nn.Module):
-    """What DDP wraps: forward returns the normalised (video, text) features."""
+    """What DDP wraps: forward returns the normalised (video, text) features (a pairwise model: the raw
+    per-frame video embeddings (B, F, D) and text (B, D), scored by its ``similarity``)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -101,15 +102,16 @@ def check_config(cfg: RunConfig, world_size: int = 1) -> None:
 def _check_model_options(cfg: RunConfig) -> None:
     """Build the model on the meta device (no memory, no weights read), so that method options out of
     range (ks beyond the layers, n_position beyond n_video ...) fail before any work. For a weights
-    file whose architecture is not given (model.backbone_arch), ks is checked against its depth right
-    after the backbone is read (the same ConfigError)."""
+    file whose architecture is not given (model.backbone_arch), the method's ``depth_options`` (ks ...)
+    are checked against its depth right after the backbone is read (the same ConfigError)."""
     arch = cfg.model.backbone_arch
     if arch is None and is_arch(cfg.model.backbone) and not os.path.exists(cfg.model.backbone):
         arch = cfg.model.backbone
     options = dict(cfg.model.options)
     if arch is None:  # a weights file: check what does not depend on its depth on any architecture
         arch = "tiny"
-        options.pop("ks", None)
+        for name in get_method(cfg.model.method).depth_options:
+            options.pop(name, None)
     from vop.backbone.clip import CLIP
 
     with torch.device("meta"):
@@ -518,19 +520,21 @@ class _Run:
 
 def _step(net: nn.Module, model, video: torch.Tensor, tokens: torch.Tensor, chunks: int, amp_dtype, device: torch.device,
           scaler) -> float:
-    """Forward + backward of one contrastive batch (split in ``chunks`` micro-batches, exactly)."""
+    """Forward + backward of one contrastive batch (split in ``chunks`` micro-batches, exactly). A pairwise
+    model (``model.pairwise``) is scored with its ``similarity`` over the (global) batch."""
     def embed(i: int):
         n = video.shape[0] // chunks
         sl = slice(i * n, (i + 1) * n) if chunks > 1 else slice(None)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return net(video[sl], tokens[sl])
 
+    similarity = model.similarity if getattr(model, "pairwise", False) else None
     if chunks == 1:
         v, t = embed(0)
-        loss = contrastive_loss(v, t, model.logit_scale)
+        loss = contrastive_loss(v, t, model.logit_scale, similarity)
         scaler.scale(loss).backward()
         return loss.item()
-    return accumulated_backward(embed, chunks, lambda: model.logit_scale, getattr(net, "no_sync", None))
+    return accumulated_backward(embed, chunks, lambda: model.logit_scale, getattr(net, "no_sync", None), similarity)
 
 
 def _tensorboard(run_dir: Path):

@@ -13,6 +13,9 @@ from vop.backbone.config import CLIPConfig, is_arch
 from vop.methods import baselines  # noqa: F401,I001
 from vop.methods import adapters  # noqa: F401
 from vop.methods import vop  # noqa: F401  (the six VoP variants)
+from vop.methods import dgl  # noqa: F401  (DGL, AAAI'24: dgl, dgl-l)
+from vop.methods import mv_adapter  # noqa: F401  (MV-Adapter, CVPR'24)
+from vop.methods import cma  # noqa: F401  (Cross-Modal Adapter, arXiv'22 / PR'25)
 from vop.methods.base import VideoTextModel
 from vop.methods.registry import MethodFacts, Rates, get_method, list_methods, method_facts, parse_options, register
 

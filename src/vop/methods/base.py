@@ -45,8 +45,18 @@ class VideoTextModel(nn.Module):
     #: declared by ``@register(...)``; what checkpoints, optimiser, demo and configs read
     facts: ClassVar[MethodFacts] = MethodFacts(label="base", rates=Rates(1e-3, 0.0))
     Options: ClassVar[type] = NoOptions
+    #: options whose valid values depend on the backbone's depth (VoP^F's ks, MV-Adapter's cmt_layers):
+    #: a run config naming a weights file is checked for them once the file is read, not before
+    depth_options: ClassVar[tuple[str, ...]] = ()
     #: names of trainable tensors the paper does not count (reported separately)
     uncounted: ClassVar[tuple[str, ...]] = ()
+    #: names (suffixes) of trainable tensors that provably never influence the output (DGL-linear's postfix
+    #: projection, whose tokens sit after [EOT] under the causal mask): counted, and reported as "inert"
+    inert: ClassVar[tuple[str, ...]] = ()
+    #: scores need the text: ``encode_video`` returns per-frame embeddings (B, F, D) and ``similarity``
+    #: pools them per text (Cross-Modal Adapter's query score); ``forward`` then returns the raw frames and
+    #: text. Read it on the model instance (a method may decide per instance, from its options).
+    pairwise: bool = False
 
     def __init__(self, clip: CLIP, frames: int = 12, options: Any = None):
         super().__init__()
@@ -214,11 +224,14 @@ class VideoTextModel(nn.Module):
         return self
 
     def parameter_counts(self) -> dict[str, int]:
-        """trainable (everything the optimiser updates), counted (the paper's way), uncounted, backbone."""
+        """trainable (everything the optimiser updates), counted (the paper's way), uncounted, inert (trainable
+        tensors that never influence the output; part of trainable and counted), backbone."""
         trainable = sum(p.numel() for _, p in self.named_trainable_parameters())
         uncounted = sum(p.numel() for n, p in self.named_trainable_parameters() if self.uncounted and n.endswith(self.uncounted))
+        inert = sum(p.numel() for n, p in self.named_trainable_parameters() if self.inert and n.endswith(self.inert))
         backbone = sum(p.numel() for p in self.clip.parameters())
-        return {"trainable": trainable, "counted": trainable - uncounted, "uncounted": uncounted, "backbone": backbone}
+        return {"trainable": trainable, "counted": trainable - uncounted, "uncounted": uncounted, "inert": inert,
+                "backbone": backbone}
 
     def __repr__(self) -> str:  # short: the full module tree of CLIP is not useful here
         c = self.parameter_counts()

@@ -130,6 +130,7 @@ class Context:
 class PerFrame:
     options = (DepthOptions,)
     uncounted: tuple[str, ...] = ()
+    depth_options: tuple[str, ...] = ()  # depth is capped at the backbone's layers
 
     def text_depth(self, model: VideoTextModel) -> int:
         layers, depth = model.clip.tower_config("text").layers, model.opts.depth
@@ -144,6 +145,7 @@ class PerFrame:
 class Split:
     options = (SplitOptions,)
     uncounted = ("frame_position",)
+    depth_options = ("ks",)
 
     def text_depth(self, model: VideoTextModel) -> int:
         return model.clip.tower_config("text").layers
@@ -239,4 +241,5 @@ for _name, _cls, _label, _source, _flow, _rates in VARIANTS:
     options = compose_options(f"{_cls}Options", PromptOptions, *flow.options, *source.options)
     CLASSES[_name] = register(_name, label=_label, rates=_rates)(
         type(_cls, (PromptedVoP,), {"source": source, "flow": flow, "Options": options, "uncounted": flow.uncounted,
+                                    "depth_options": flow.depth_options,
                                     "__module__": __name__, "__doc__": f"{_label}: {_source} frame tokens, {_flow} flow."}))
