@@ -57,7 +57,8 @@ def run_one(method: str, args: argparse.Namespace) -> dict:
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             v, t = model(video, tokens)
-            logits = model.logit_scale * t @ v.t()
+            # a pairwise method (cma) scores raw frames with its own similarity
+            logits = model.logit_scale * (model.similarity(t, v) if model.pairwise else t @ v.t())
             loss = (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().t(), labels)) / 2
         if opt is not None:  # zeroshot trains nothing: its "step" is the forward pass
             loss.backward()

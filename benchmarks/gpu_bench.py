@@ -62,7 +62,7 @@ PEAK_BF16_TFLOPS: list[tuple[str, float, str]] = [
     ("A100", 312.0, "A100 data sheet"),
     ("L40S", 362.0, "L40S data sheet"),
 ]
-TRAIN_METHODS = "full,vop,vop-f,vop-fc"
+TRAIN_METHODS = "full,vop,vop-f,vop-fc,dgl,dgl-l,mv-adapter,cma"
 
 
 def peak_tflops(name: str) -> tuple[float | None, str]:
@@ -192,7 +192,8 @@ def train_step_fn(ctx: Ctx, model, video, tokens):
     def step():
         with ctx.autocast():
             v, t = model(video, tokens)
-            logits = model.logit_scale * t @ v.t()
+            # a pairwise method (cma) scores raw frames with its own similarity
+            logits = model.logit_scale * (model.similarity(t, v) if getattr(model, "pairwise", False) else t @ v.t())
             loss = (F.cross_entropy(logits.float(), labels) + F.cross_entropy(logits.float().t(), labels)) / 2
         loss.backward()
         opt.step()
@@ -235,7 +236,9 @@ def train_entry(ctx: Ctx, method: str, batch: int, steps: int, warmup: int, flop
     r["frames_per_s"] = batch * a.frames / r["step_s"]
     if flops:
         r["flops"] = count_flops(step)
-        with ctx.torch.no_grad(), ctx.autocast():
+        # forward FLOPs do not depend on grad mode; counted with grad enabled because FlopCounterMode's
+        # module tracker rejects no-grad views of parameters (a module returning expanded prompt tokens)
+        with ctx.autocast():
             r["flops_forward"] = count_flops(lambda: model(video, tokens))
         r.update(mfu_fields(ctx, r["flops"], r["step_s"]))
     return r

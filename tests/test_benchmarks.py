@@ -47,7 +47,7 @@ def test_gpu_sh_cpu_tiny(tmp_path):
     errors = [(s, k, e["error"]) for s, d in S.items() for k, e in d.items() if isinstance(e, dict) and "error" in e]
     assert not errors, errors
     train = S["train"]
-    assert set(train) == {"full", "vop", "vop-f", "vop-fc"}
+    assert set(train) == {"full", "vop", "vop-f", "vop-fc", "dgl", "dgl-l", "mv-adapter", "cma"}
     for r in train.values():
         assert r["step_s"] > 0 and r["flops"] > 0 and r["mfu"] is not None
         assert r["videos_per_s"] == pytest.approx(2 / r["step_s"])
