@@ -44,7 +44,9 @@ CHILD = """
     for method in vop.list_methods():
         model = vop.create_model(method, clip, frames=4).train()
         v, t = model(video, tokens)
-        assert v.shape == t.shape == (2, clip.cfg.embed_dim), (method, v.shape, t.shape)
+        # a pairwise model (cma's query score) returns the per-frame embeddings, scored by its similarity
+        want = (2, 4, clip.cfg.embed_dim) if model.pairwise else (2, clip.cfg.embed_dim)
+        assert v.shape == want and t.shape == (2, clip.cfg.embed_dim), (method, v.shape, t.shape)
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             continue

@@ -31,7 +31,8 @@ def main(out: str, method: str) -> None:
     sl = slice(env.rank * per, (env.rank + 1) * per)
     net = DDP(Wrap(model)) if env.enabled else Wrap(model)
     v, t = net(video[sl], tokens[sl])
-    loss = contrastive_loss(v, t, model.logit_scale)
+    # a pairwise model (cma's query score) is scored by its similarity over the gathered (B, F, D) frames
+    loss = contrastive_loss(v, t, model.logit_scale, model.similarity if model.pairwise else None)
     loss.backward()
     if env.is_main:
         torch.save({n: p.grad for n, p in model.named_trainable_parameters()} | {"__loss": loss.detach()}, out)

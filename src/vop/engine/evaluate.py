@@ -3,6 +3,13 @@
 Each unique video is decoded and encoded once (test sampling); captions are encoded in batches.
 Gallery videos that cannot be decoded are left out and reported (never replaced by zeros): their
 captions are removed from the queries and the count is in the result.
+
+Pairwise models (``model.pairwise``: cma's query-score pooling, where a video's pooled embedding
+depends on the text) keep the raw text (T, D) and per-frame video embeddings (V, F, D); the texts x
+videos matrix is built from ``model.similarity`` in blocks of bounded size
+(:func:`vop.runtime.pairwise_similarity`: never a texts x videos x frames tensor of the whole gallery).
+Everything downstream (metrics, DSL / QB-Norm, the demo's diagnostics) reads that matrix as for a dual
+encoder, whose path is unchanged (normalised embeddings, one matrix product).
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ from vop.engine.metrics import dual_softmax, qb_norm, retrieval_metrics, similar
 from vop.errors import DataError
 from vop.methods.base import VideoTextModel
 # the batched encoders are vop.runtime's (shared with vop.retrieval); importable from here as before
-from vop.runtime import autocast_dtype, encode_texts, encode_videos
+from vop.runtime import autocast_dtype, encode_texts, encode_videos, is_pairwise, pairwise_similarity
 
 __all__ = ["evaluate", "EvalOutput", "postprocess_similarity", "coverage_line", "autocast_dtype", "encode_texts",
            "encode_videos"]
@@ -46,6 +53,9 @@ def coverage_line(m: dict) -> str:
 
 @dataclass
 class EvalOutput:
+    """``text_emb`` (T, D) and ``video_emb`` (V, D): L2-normalised; for a pairwise model the raw text (T, D)
+    and per-frame (V, F, D) embeddings its similarity reads. ``sim`` (T, V): the unscaled scores."""
+
     metrics: dict[str, Any]
     text_emb: torch.Tensor
     video_emb: torch.Tensor
@@ -70,6 +80,15 @@ def postprocess_similarity(sim: torch.Tensor, kind: str = "none", *, dsl_tempera
             raise ValueError("QB-Norm needs a querybank: similarities of training captions to the gallery")
         return {"t2v": qb_norm(sim, querybank, k=qb_k, beta=qb_beta), "v2t": sim}
     raise ValueError(f"unknown post-processing {kind!r} (none, dsl, qbnorm)")
+
+
+def _similarity(model: VideoTextModel, text_emb: torch.Tensor, video_emb: torch.Tensor,
+                device: torch.device | str) -> torch.Tensor:
+    """The (texts x videos) float32 CPU score matrix: a dual encoder's dot products of normalised
+    embeddings, or a pairwise model's similarity computed in bounded blocks on ``device``."""
+    if is_pairwise(model):
+        return pairwise_similarity(model, text_emb, video_emb, device=device).float()
+    return similarity_chunked(text_emb, video_emb)
 
 
 def evaluate(model: VideoTextModel, dataset: VideoTextDataset, *, batch_size: int = 16, text_batch_size: int = 256,
@@ -98,13 +117,13 @@ def evaluate(model: VideoTextModel, dataset: VideoTextDataset, *, batch_size: in
         video_emb = video_emb[torch.tensor([order[v] for v in dataset.videos], dtype=torch.long)]
         text_emb = encode_texts(model, dataset.captions, batch_size=text_batch_size, device=device, max_words=max_words,
                                 precision=precision, progress=progress)
-        sim = similarity_chunked(text_emb, video_emb)
+        sim = _similarity(model, text_emb, video_emb, device)
         bank = None
         if postprocess == "qbnorm":
             if not querybank_captions:
                 raise ValueError("QB-Norm needs training captions as a querybank")
-            bank = similarity_chunked(encode_texts(model, querybank_captions, batch_size=text_batch_size, device=device,
-                                                   max_words=max_words, precision=precision), video_emb)
+            bank = _similarity(model, encode_texts(model, querybank_captions, batch_size=text_batch_size, device=device,
+                                                   max_words=max_words, precision=precision), video_emb, device)
         sims = postprocess_similarity(sim, postprocess, dsl_temperature=dsl_temperature, querybank=bank, qb_k=qb_k, qb_beta=qb_beta)
         gt = dataset.text_to_video
         metrics = {"t2v": retrieval_metrics(sims["t2v"], gt)["t2v"], "v2t": retrieval_metrics(sims["v2t"], gt)["v2t"],

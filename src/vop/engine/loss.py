@@ -3,6 +3,10 @@
 With several processes the features of every rank are gathered with gradients and every rank
 computes the loss over the global batch; DDP's gradient averaging then gives exactly the gradient
 of one process on the concatenated batch (tested).
+
+Pairwise models (``model.pairwise``: cma's query-score pooling) pass their ``similarity``: the features
+are then the raw per-frame video embeddings (B, F, D) and text (B, D), gathered as they are, and the
+logits are ``logit_scale * similarity(text, frames)`` over the global batch (B x B).
 """
 from __future__ import annotations
 
@@ -14,19 +18,29 @@ import torch.nn.functional as F
 from vop.engine.distributed import gather_with_grad
 
 
-def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     similarity: Similarity | None = None) -> torch.Tensor:
     """Mean of text->video and video->text cross-entropy; inputs L2-normalised, pairs on the diagonal.
 
     ``video`` and ``text`` are this rank's features; they are gathered across ranks first.
+    ``similarity``: a pairwise model's ``similarity(text (B, D), frames (B, F, D)) -> (B, B)`` (unscaled);
+    then ``video`` holds the raw per-frame embeddings and the logits are ``logit_scale`` times it.
     """
     video, text = gather_with_grad(video), gather_with_grad(text)
-    logits = logit_scale * text.float() @ video.float().t()
+    if similarity is not None:
+        logits = logit_scale * similarity(text, video).float()
+    else:
+        logits = logit_scale * text.float() @ video.float().t()
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
 def accumulated_backward(embed: Callable[[int], tuple[torch.Tensor, torch.Tensor]], chunks: int,
-                         logit_scale: Callable[[], torch.Tensor], no_sync: Callable[[], object] | None = None) -> float:
+                         logit_scale: Callable[[], torch.Tensor], no_sync: Callable[[], object] | None = None,
+                         similarity: Similarity | None = None) -> float:
     """Contrastive loss over ``chunks`` micro-batches as ONE batch, with micro-batch memory (GradCache).
 
     Accumulating per-micro-batch losses would shrink the contrastive batch (fewer negatives) and
@@ -34,13 +48,15 @@ def accumulated_backward(embed: Callable[[int], tuple[torch.Tensor, torch.Tensor
     loss over the whole batch and its gradient w.r.t. the embeddings, (3) re-embeds each micro-batch
     with graph and back-propagates the cached embedding gradients. The result equals the gradient of
     the full batch (the model is deterministic: frames and augmentations are fixed per sample).
-    ``embed(i)`` returns the normalised (video, text) features of micro-batch i.
+    ``embed(i)`` returns the normalised (video, text) features of micro-batch i (a pairwise model, with
+    its ``similarity`` given: the raw (frames (b, F, D), text (b, D)); the cached features are then the
+    per-frame embeddings, and the loss over the whole batch is :func:`contrastive_loss`'s).
     """
     with torch.no_grad():
         parts = [embed(i) for i in range(chunks)]
     videos = torch.cat([p[0] for p in parts]).detach().requires_grad_(True)
     texts = torch.cat([p[1] for p in parts]).detach().requires_grad_(True)
-    loss = contrastive_loss(videos, texts, logit_scale())
+    loss = contrastive_loss(videos, texts, logit_scale(), similarity)
     loss.backward()  # gradients w.r.t. features (and the logit scale, if it is trained)
     sizes = [p[0].shape[0] for p in parts]
     gv, gt = videos.grad.split(sizes), texts.grad.split(sizes)

@@ -190,9 +190,16 @@ class VideoTextModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
 
-    def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity (texts x videos), unscaled."""
+    def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosine similarity (texts x videos), unscaled. ``cache``: this model's :meth:`gallery_cache` of
+        ``video_emb`` (rows aligned with the videos), if the caller keeps one; the same scores."""
         return F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).t()
+
+    def gallery_cache(self, video_emb: torch.Tensor) -> torch.Tensor | None:
+        """Work on the videos alone that :meth:`similarity` can reuse across queries (one row per video, so
+        an index slices it with the videos), or None. Pairwise methods with per-video precomputation
+        (cma's frame Gram matrices) return it; a gallery computes it once and passes ``cache=``."""
+        return None
 
     def forward(self, video: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns L2-normalised (video_emb, text_emb)."""

@@ -212,12 +212,17 @@ class CrossModalAdapter(VideoTextModel):
         :meth:`similarity`. ``pool="mean"``: meanP (B, D), as every dual-encoder method."""
         return self.encode_frames(video) if self.pairwise else super().encode_video(video)
 
-    def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor) -> torch.Tensor:
+    def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
         """``pool="qscore"``: text (T, D) x frames (V, F, D) -> (T, V) query-score cosines, unscaled
-        (:func:`qscore_similarity`; memory T x V x F, never T x V x D). ``pool="mean"``: the base cosine."""
+        (:func:`qscore_similarity`; memory T x V x F, never T x V x D); ``cache``: the videos' Gram
+        matrices (:meth:`gallery_cache`). ``pool="mean"``: the base cosine."""
         if not self.pairwise:
             return super().similarity(text_emb, video_emb)
-        return qscore_similarity(text_emb, video_emb, self.opts.tau)
+        return qscore_similarity(text_emb, video_emb, self.opts.tau, gram=cache)
+
+    def gallery_cache(self, video_emb: torch.Tensor) -> torch.Tensor | None:
+        """The videos' F x F Gram matrices (:func:`frame_gram`), reused by every query of a gallery."""
+        return frame_gram(video_emb) if self.pairwise else None
 
     def forward(self, video: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``pool="qscore"``: raw (frames (B, F, D), text (B, D)), neither normalised: the scores need the

@@ -1,10 +1,13 @@
-"""A video index: one L2-normalised embedding per video, its metadata and a thumbnail strip.
+"""A video index: one L2-normalised embedding per video (or, for a pairwise model, its per-frame
+embeddings), its metadata and a thumbnail strip.
 
 Layout of an index folder::
 
     INDEX/index.json            format, model (checkpoint path + SHA-256 + metadata, backbone), settings,
-                                counts, failed/missing videos, FAISS settings, current file names
-    INDEX/embeddings-<g>.npy    float32 (N, D), row i = line i of videos-<g>.jsonl
+                                counts, failed/missing videos, FAISS settings, current file names,
+                                ``pairwise`` (and ``frames_per_video`` when true)
+    INDEX/embeddings-<g>.npy    float32 (N, D), row i = line i of videos-<g>.jsonl; for a pairwise model
+                                (``pairwise: true``) float32 (N, F, D), the raw per-frame embeddings
     INDEX/videos-<g>.jsonl      id, path, size, mtime_ns[, sha256], duration, num_frames, fps, width,
                                 height, frame_indices, thumb[, captions]
     INDEX/thumbs/*.jpg          frame strips (PNG where FFmpeg has no JPEG encoder)
@@ -26,6 +29,12 @@ index of a dataset split ranks videos exactly as ``vop eval`` does.
 
 Several processes can share the encoding (``torchrun --nproc_per_node N -m vop.cli.main index ...``):
 each rank encodes every N-th remaining video and writes its own parts; rank 0 merges.
+
+Pairwise models (``model.pairwise``: Cross-Modal Adapter's query score, where a video's pooled embedding
+depends on the text) cannot be searched with one vector per video: the index keeps the per-frame
+embeddings (F times the storage), every query is scored exactly against every video with the model's
+similarity (:func:`pairwise_search`, in bounded blocks, as the evaluation scores them), and no FAISS index
+is built for them (an approximate index cannot express the per-text pooling: asking for one is an error).
 """
 from __future__ import annotations
 
@@ -50,10 +59,15 @@ from vop.errors import CheckpointError, ConfigError, DataError
 from vop.retrieval.sources import Source, file_signature, list_sources, same_file
 
 __all__ = ["FORMAT", "VideoIndex", "build_index", "BuildReport", "checkpoint_info", "load_index_model",
-           "write_index", "sha256_file", "checkpoint_sha256", "building_path"]
+           "write_index", "sha256_file", "checkpoint_sha256", "building_path", "exact_search", "pairwise_search",
+           "NO_ANN_FOR_PAIRWISE"]
 
 FORMAT = "vop-index/1"
 log = logging.getLogger("vop.retrieval")
+
+#: why a pairwise index has no approximate (FAISS) index
+NO_ANN_FOR_PAIRWISE = ("scores the frames of every video per query (text-conditioned pooling): there is no single "
+                       "vector per video for an approximate nearest-neighbour index, so search is exact")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -144,7 +158,8 @@ def load_index_model(info: dict[str, Any], *, backbone: Any = None, checkpoint: 
 
 @dataclass
 class VideoIndex:
-    """A loaded index: ``emb`` (N, D) float32, ``entries`` (N dicts), ``meta`` (index.json)."""
+    """A loaded index: ``emb`` (N, D) float32 (a pairwise index: (N, F, D), the raw per-frame embeddings),
+    ``entries`` (N dicts), ``meta`` (index.json)."""
 
     path: Path
     meta: dict[str, Any]
@@ -152,6 +167,7 @@ class VideoIndex:
     entries: list[dict[str, Any]]
     _faiss: Any = field(default=None, repr=False)
     _emb_t: torch.Tensor | None = field(default=None, repr=False)
+    _cache: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "VideoIndex":
@@ -166,9 +182,12 @@ class VideoIndex:
                 entries = [json.loads(line) for line in f if line.strip()]
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: index files unreadable ({e}); re-run `vop index` to repair it") from None
-        if emb.ndim != 2 or emb.shape[0] != len(entries) or emb.shape[1] != meta["dim"]:
+        pairwise = bool(meta.get("pairwise", False))
+        want = f"(N, {meta.get('frames_per_video')}, {meta['dim']}) per-frame" if pairwise else f"(N, {meta['dim']})"
+        if (emb.ndim != (3 if pairwise else 2) or emb.shape[0] != len(entries) or emb.shape[-1] != meta["dim"]
+                or (pairwise and emb.shape[1] != meta.get("frames_per_video"))):
             raise DataError(f"{path}: {files['embeddings']} holds {emb.shape} but {files['videos']} lists {len(entries)} "
-                            f"videos of dim {meta['dim']}; re-run `vop index` to repair it")
+                            f"videos and index.json {want} embeddings; re-run `vop index` to repair it")
         return cls(path, meta, np.ascontiguousarray(emb, dtype=np.float32), entries)
 
     def __len__(self) -> int:
@@ -177,6 +196,19 @@ class VideoIndex:
     @property
     def dim(self) -> int:
         return int(self.meta["dim"])
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether the index holds per-frame embeddings of a pairwise model (scored with its similarity)."""
+        return bool(self.meta.get("pairwise", False))
+
+    def check_model(self, model: Any) -> None:
+        """Refuse a model whose kind of scores (pairwise or dual encoder) does not match the index's."""
+        mp = bool(getattr(model, "pairwise", False))
+        if mp != self.pairwise:
+            kind = lambda p: "pairwise (per-frame embeddings)" if p else "dual-encoder (one vector per video)"  # noqa: E731
+            raise ConfigError(f"{self.path}: a {kind(self.pairwise)} index, but the model ({type(model).__name__}) is "
+                              f"{kind(mp)}: they cannot be mixed; re-run `vop index` with this model (--rebuild)")
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -201,10 +233,26 @@ class VideoIndex:
         return self._faiss
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 5, *, exact: bool | None = None,
-               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               nprobe: int | None = None, ef_search: int | None = None, model: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for each L2-normalised query (Q, D): ``(scores (Q, k'), rows (Q, k'))``, best first,
         ``k' = min(k, N)``. Exact (one matrix product) unless the index has FAISS and ``exact`` is not True.
-        Ties are ordered by row."""
+        Ties are ordered by row.
+
+        A pairwise index needs its ``model`` (the queries are then its raw text embeddings): every video is
+        scored exactly with the model's similarity (:func:`pairwise_search`); ``exact``, ``nprobe`` and
+        ``ef_search`` do not apply (there is no approximate index)."""
+        if self.pairwise:
+            if model is None:
+                raise ConfigError(f"{self.path}: a pairwise index ({self.model_info.get('method')}) is scored by its "
+                                  "model's similarity: search it with vop.retrieval.Searcher (or pass model=)")
+            self.check_model(model)
+            q = (queries.detach().cpu().float() if torch.is_tensor(queries)
+                 else torch.as_tensor(np.asarray(queries, dtype=np.float32)))
+            if q.ndim == 1:
+                q = q[None]
+            if q.shape[1] != self.dim:
+                raise ValueError(f"queries have dim {q.shape[1]}, the index {self.dim}")
+            return pairwise_search(model, self.emb_tensor, q, k, cache=self.gallery_cache(model))
         q = queries.detach().cpu().float().numpy() if torch.is_tensor(queries) else np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -227,6 +275,41 @@ class VideoIndex:
             self._emb_t = torch.from_numpy(self.emb)
         return self._emb_t
 
+    def gallery_cache(self, model: Any) -> torch.Tensor | None:
+        """The model's :meth:`~vop.methods.base.VideoTextModel.gallery_cache` of every stored video (cma: the
+        F x F frame Gram matrices, N x F^2 float32: 0.58 GB at 1M videos, F = 12), computed once on first use
+        and kept, so that a query costs N x F x D multiply-adds instead of N x F x (F + 1) x D. None when
+        the model keeps no per-video work."""
+        if self._cache is None:
+            v = self.emb_tensor
+            step, parts = 1 << 16, []
+            with torch.no_grad():
+                for s in range(0, v.shape[0], step):
+                    part = model.gallery_cache(v[s:s + step])
+                    if part is None:
+                        return None
+                    parts.append(part)
+            self._cache = torch.cat(parts) if parts else None
+        return self._cache
+
+
+def _topk_merge(best_s: torch.Tensor, best_i: torch.Tensor, scores: torch.Tensor, start: int,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    kk = min(k, scores.shape[1])
+    v, i = scores.topk(kk, dim=1)
+    best_s = torch.cat([best_s, v], 1)
+    best_i = torch.cat([best_i, i + start], 1)
+    if best_s.shape[1] > k:
+        v, j = best_s.topk(k, dim=1)
+        best_s, best_i = v, best_i.gather(1, j)
+    return best_s, best_i
+
+
+def _ordered(best_s: torch.Tensor, best_i: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic order: score descending, then row ascending."""
+    order = np.lexsort((best_i.numpy(), -best_s.numpy().astype(np.float64)), axis=1)
+    return np.take_along_axis(best_s.numpy(), order, 1), np.take_along_axis(best_i.numpy(), order, 1)
+
 
 @torch.no_grad()
 def exact_search(emb: torch.Tensor, q: torch.Tensor, k: int, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
@@ -238,16 +321,42 @@ def exact_search(emb: torch.Tensor, q: torch.Tensor, k: int, chunk: int = 1 << 1
     best_i = torch.zeros((q.shape[0], 0), dtype=torch.long)
     for s in range(0, n, chunk):
         scores = q @ emb[s:s + chunk].T  # (Q, c): the same product as vop.engine.metrics.similarity_chunked
-        kk = min(k, scores.shape[1])
-        v, i = scores.topk(kk, dim=1)
-        best_s = torch.cat([best_s, v], 1)
-        best_i = torch.cat([best_i, i + s], 1)
-        if best_s.shape[1] > k:
-            v, j = best_s.topk(k, dim=1)
-            best_s, best_i = v, best_i.gather(1, j)
-    # deterministic order: score descending, then row ascending
-    order = np.lexsort((best_i.numpy(), -best_s.numpy().astype(np.float64)), axis=1)
-    return np.take_along_axis(best_s.numpy(), order, 1), np.take_along_axis(best_i.numpy(), order, 1)
+        best_s, best_i = _topk_merge(best_s, best_i, scores, s, k)
+    return _ordered(best_s, best_i)
+
+
+@torch.no_grad()
+def pairwise_search(model: Any, frames: torch.Tensor, q: torch.Tensor, k: int, *, cache: torch.Tensor | None = None,
+                    max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of a pairwise model: ``model.similarity(q (Q, D) raw text, frames (N, F, D))`` for every
+    video, streamed over blocks of videos (and of at most 256 queries) so that no queries x videos x frames
+    tensor over ``max_bytes`` (default :data:`vop.runtime.PAIRWISE_CHUNK_BYTES`, float32) exists and only
+    the running top-k is kept. Scores are the model's unscaled similarity (cosines for cma), computed on
+    the CPU like :func:`exact_search`. ``cache``: the model's gallery cache of ``frames`` (kept by
+    :meth:`VideoIndex.gallery_cache`; cma's Gram matrices: the same scores, F times less work per query).
+    Best first; ties by row."""
+    from vop.runtime import pairwise_chunks
+
+    n, fr = frames.shape[0], frames.shape[1]
+    nq = q.shape[0]
+    k = min(k, n)
+    scores_out = np.zeros((nq, k), np.float32)
+    rows_out = np.zeros((nq, k), np.int64)
+    if k == 0 or nq == 0:
+        return scores_out, rows_out
+    tc, vc = pairwise_chunks(nq, fr, n, max_bytes)
+    q = q.float()
+    for t0 in range(0, nq, tc):
+        qt = q[t0:t0 + tc]
+        best_s = torch.full((qt.shape[0], 0), float("-inf"))
+        best_i = torch.zeros((qt.shape[0], 0), dtype=torch.long)
+        for s in range(0, n, vc):
+            f = frames[s:s + vc]
+            scores = model.similarity(qt, f, cache=None if cache is None else cache[s:s + vc])
+            best_s, best_i = _topk_merge(best_s, best_i, scores.float(), s, k)
+        sc, rw = _ordered(best_s, best_i)
+        scores_out[t0:t0 + tc], rows_out[t0:t0 + tc] = sc, rw
+    return scores_out, rows_out
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
@@ -338,6 +447,7 @@ class BuildReport:
     rank: int = 0
     merged: bool = True      # False on ranks other than 0 (they only encode)
     faiss: dict | None = None
+    pairwise: bool = False   # per-frame embeddings of a pairwise model: exact search only, no FAISS
 
     @property
     def videos_per_second(self) -> float:
@@ -391,6 +501,9 @@ def _check_compatible(path: Path, old: dict, new: dict) -> None:
     for k in ("frames", "image_size"):
         if old["settings"][k] != new["settings"][k]:
             diffs.append(f"{k} {old['settings'][k]} vs {new['settings'][k]}")
+    if bool(old.get("pairwise", False)) != bool(new.get("pairwise", False)):
+        kind = lambda p: "per-frame (pairwise)" if p else "one vector per video"  # noqa: E731
+        diffs.append(f"embeddings {kind(old.get('pairwise', False))} vs {kind(new.get('pairwise', False))}")
     if diffs:
         raise ConfigError(f"{path}: was built with different settings ({'; '.join(diffs)}); its embeddings cannot be "
                           "mixed with new ones: pass --rebuild to re-encode every video, or choose another --out")
@@ -437,7 +550,8 @@ def build_index(
 
     ``faiss``: None keeps the index's current FAISS setting (none for a new index), ``"none"`` removes
     it, ``"ivf"``/``"hnsw"`` (re)build it with ``faiss_params`` (nlist, nprobe / M, ef_construction,
-    ef_search). Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 merges and returns the
+    ef_search). A pairwise model (``model.pairwise``) gets per-frame embeddings and no FAISS index:
+    ``"ivf"``/``"hnsw"`` is then a ConfigError (before any video is decoded), a kept setting is dropped. Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 merges and returns the
     full report.
 
     The phases, in order: load the model (:func:`_load_model`), open the target folder
@@ -457,6 +571,14 @@ def build_index(
     try:
         _check_args(batch_size, thumb_frames, thumb_height, faiss)
         model, dev, info = _load_model(checkpoint, backbone, device, env)
+        pairwise = bool(getattr(model, "pairwise", False))
+        if pairwise and faiss in ("ivf", "hnsw"):
+            raise ConfigError(f"--faiss {faiss}: {checkpoint} is a {info['method']} model that {NO_ANN_FOR_PAIRWISE}; "
+                              "leave out --faiss (or pass --faiss none)")
+        if faiss in ("ivf", "hnsw"):
+            from vop.retrieval.ann import require_faiss
+
+            require_faiss()  # fail before encoding anything
         # before any folder is made or video decoded: can this model take that many frames?
         frames = model.check_frames(frames, str(checkpoint))
         if image_size is not None and image_size < 1:
@@ -465,13 +587,14 @@ def build_index(
                              thumb_height, content_hash)
         new_meta = {"model": info, "settings": {"frames": settings.frames, "image_size": settings.image_size,
                                                 "max_words": max_words, "thumb_frames": thumb_frames,
-                                                "thumb_height": thumb_height, "content_hash": content_hash}}
+                                                "thumb_height": thumb_height, "content_hash": content_hash},
+                    "pairwise": pairwise}
         tgt = _open_target(Path(out), new_meta, env, rebuild)
         if tgt.building:
             work_dir = tgt.out
         plan = _plan(tgt, videos, env, split=split, root=root, content_hash=content_hash, rebuild=rebuild,
                      retry_failed=retry_failed)
-        report = BuildReport(tgt.target, rank=env.rank, missing=plan.missing, skipped=plan.skipped)
+        report = BuildReport(tgt.target, rank=env.rank, missing=plan.missing, skipped=plan.skipped, pairwise=pairwise)
         encoded = _encode_share(plan, model, dev, settings, env, batch_size=batch_size, num_workers=num_workers,
                                 flush_videos=flush_videos, flush_seconds=flush_seconds, progress=progress)
         report.encoded = encoded
@@ -488,7 +611,9 @@ def build_index(
                 dist.barrier()
             return report
 
-        merged = _merge(plan, retry_failed, model.clip.cfg.embed_dim)
+        pairwise = bool(getattr(model, "pairwise", False))
+        row_shape = (settings.frames, model.clip.cfg.embed_dim) if pairwise else (model.clip.cfg.embed_dim,)
+        merged = _merge(plan, retry_failed, row_shape)
         report.total = len(merged.entries)
         report.reused = len(plan.done_ids & merged.ids)
         report.removed = sum(1 for e in plan.base_entries if e["id"] not in plan.by_id)
@@ -517,10 +642,6 @@ def _check_args(batch_size: int, thumb_frames: int, thumb_height: int, faiss: st
         raise ConfigError("batch size, thumbnail frames and height must be positive")
     if faiss not in (None, "none", "ivf", "hnsw"):
         raise ConfigError(f"--faiss must be none, ivf or hnsw, got {faiss!r}")
-    if faiss in ("ivf", "hnsw"):
-        from vop.retrieval.ann import require_faiss
-
-        require_faiss()  # fail before encoding anything
 
 
 def _load_model(checkpoint: str | os.PathLike, backbone: str | None, device: str, env) -> tuple[Any, torch.device, dict[str, Any]]:
@@ -710,10 +831,16 @@ class _Merged:
         return {e["id"] for e in self.entries}
 
 
-def _merge(plan: _Plan, retry_failed: bool, dim: int) -> _Merged:
+def _merge(plan: _Plan, retry_failed: bool, row_shape: tuple[int, ...]) -> _Merged:
     """Phase 5 (rank 0): the current generation and every part (in the order they were written: later
-    wins), restricted to the source's unchanged videos, in source order."""
+    wins), restricted to the source's unchanged videos, in source order. ``row_shape``: one video's
+    embedding, (D,) or (F, D) for a pairwise model; a part of another shape (left by a run with another
+    model) is refused."""
     parts = _read_parts(plan.parts_dir)
+    for emb, entries, _ in parts:
+        if entries and tuple(emb.shape[1:]) != tuple(row_shape):
+            raise DataError(f"{plan.parts_dir}: holds videos encoded as {tuple(emb.shape[1:])} embeddings, this model "
+                            f"gives {tuple(row_shape)} (a run with another model was interrupted here): pass --rebuild")
     rows: dict[str, tuple[np.ndarray, dict]] = {}
     failed: dict[str, dict] = {}
     if plan.base_emb is not None:
@@ -733,7 +860,7 @@ def _merge(plan: _Plan, retry_failed: bool, dim: int) -> _Merged:
                 rows.pop(e["id"], None)
                 failed[e["id"]] = e
     order = [s.id for s in plan.sources if s.id in rows]  # source order: a resumed build equals a fresh one
-    emb = np.stack([rows[i][0] for i in order]) if order else np.zeros((0, dim), np.float32)
+    emb = np.stack([rows[i][0] for i in order]) if order else np.zeros((0, *row_shape), np.float32)
     return _Merged(emb, [rows[i][1] for i in order], failed, parts)
 
 
@@ -748,8 +875,13 @@ def _write(tgt: _Target, plan: _Plan, merged: _Merged, new_meta: dict[str, Any],
         faiss_meta = {"kind": faiss, "params": dict(faiss_params or {})}
     elif faiss_meta is not None and faiss_params:
         faiss_meta = {"kind": faiss_meta["kind"], "params": {**faiss_meta["params"], **faiss_params}}
+    if new_meta.get("pairwise"):
+        if faiss_meta is not None or faiss_params:
+            log.warning("no FAISS index for %s: the model %s", tgt.target, NO_ANN_FOR_PAIRWISE)
+        faiss_meta, faiss_params = None, None
     changed = (old is None or rebuild or bool(merged.parts) or removed > 0 or faiss is not None
-               or len(merged.entries) != old.get("count") or bool(faiss_params))
+               or len(merged.entries) != old.get("count") or bool(faiss_params)
+               or (old.get("faiss") is not None and faiss_meta is None))
     if not changed:
         return old.get("faiss")
     meta = write_index(tgt.out, merged.emb, merged.entries, {
@@ -790,6 +922,8 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], me
 
     ``meta`` needs ``model`` and ``settings`` (see :func:`build_index`); ``faiss`` = None or
     ``{"kind": "ivf"|"hnsw", "params": {...}}``. Also used by the benchmark to write synthetic indexes.
+    ``emb`` (N, F, D): the per-frame embeddings of a pairwise model (``pairwise: true`` is recorded, with
+    ``frames_per_video``; no FAISS index can be built over them).
     """
     from vop import __version__
 
@@ -798,8 +932,13 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], me
     old = old if old is not None else read_meta(out)
     gen = int(old.get("generation", 0)) + 1 if old else 1
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[0] != len(entries):
+    if emb.ndim not in (2, 3) or emb.shape[0] != len(entries):
         raise ValueError(f"{emb.shape[0]} embeddings for {len(entries)} entries")
+    pairwise = emb.ndim == 3
+    if meta.get("pairwise", pairwise) != pairwise:
+        raise ValueError(f"embeddings of shape {emb.shape} for an index with pairwise={meta.get('pairwise')}")
+    if pairwise and meta.get("faiss"):
+        raise ConfigError(f"no FAISS index over per-frame embeddings: a pairwise model {NO_ANN_FOR_PAIRWISE}")
     files = {"embeddings": f"embeddings-{gen}.npy", "videos": f"videos-{gen}.jsonl"}
     _atomic_save_npy(out / files["embeddings"], emb)
     _atomic_write(out / files["videos"], "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
@@ -813,7 +952,10 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], me
         faiss_meta = {"kind": faiss_meta["kind"], "params": params, "file": files["faiss"]}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     full = {"format": FORMAT, "generation": gen, "vop_version": __version__, "created": (old or {}).get("created", now),
-            "updated": now, "dim": int(emb.shape[1]), "count": len(entries), **meta, "faiss": faiss_meta, "files": files}
+            "updated": now, "dim": int(emb.shape[-1]), "count": len(entries), **meta, "faiss": faiss_meta, "files": files,
+            "pairwise": pairwise}
+    if pairwise:
+        full["frames_per_video"] = int(emb.shape[1])
     _atomic_write(out / "index.json", json.dumps(full, indent=2, ensure_ascii=False).encode("utf-8"))
     # the old generation and unreferenced thumbnails go only after index.json points at the new one
     keep = set(files.values())

@@ -5,6 +5,10 @@ checkpoint recorded in ``index.json``). :class:`BackbonePool` loads each CLIP ba
 lightweight model per index on top of it, so several prompt sets share one copy of CLIP's weights
 (methods that change CLIP's own tensors -- ``full``, ``bias``, ``proj``, ``partial`` -- cannot share
 and get their own copy).
+
+A pairwise model (``model.pairwise``: cma's query score) has an index of per-frame embeddings; its
+queries are its raw text embeddings, scored against every video with the model's similarity
+(:func:`vop.retrieval.index.pairwise_search`), exactly as the evaluation scores them.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ __all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hit
 
 def encode_queries(model, texts: Sequence[str], max_words: int | None = 32, tokenizer=None) -> torch.Tensor:
     """L2-normalised text embeddings (Q, D), float32 CPU, on the model's device: :func:`vop.runtime.encode_texts`
-    (the evaluation's tokenizer budget and normalisation) on all ``texts`` in one batch, in fp32."""
+    (the evaluation's tokenizer budget and normalisation) on all ``texts`` in one batch, in fp32. A pairwise
+    model's are raw (as its similarity reads them), as in the evaluation."""
     device = next(model.parameters()).device
     return encode_texts(model, texts, batch_size=max(1, len(texts)), device=device, max_words=max_words,
                         precision="fp32", tokenizer=tokenizer)
@@ -111,8 +116,19 @@ class Searcher:
             model, shared = pool.model_for(info, backbone=backbone, checkpoint=checkpoint)
         else:
             model, shared = load_index_model(info, backbone=backbone, checkpoint=checkpoint, device=device), False
+        index.check_model(model)  # a pairwise model and an index of one vector per video (or the reverse) do not mix
         settings = index.meta["settings"]  # (its frame count only mattered for encoding the videos)
         return cls(index, model, settings.get("max_words", 32), shared)
+
+    @property
+    def pairwise(self) -> bool:
+        return self.index.pairwise
+
+    def rank(self, q: torch.Tensor, k: int, *, exact: bool | None = None, nprobe: int | None = None,
+             ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (scores, rows) for encoded queries (:meth:`encode`): the index's search, with the model
+        for a pairwise index."""
+        return self.index.search(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, model=self.model)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         return encode_queries(self.model, texts, tokenizer=self._tok)
@@ -123,5 +139,5 @@ class Searcher:
         if not len(texts):
             return []
         q = self.encode(texts)
-        scores, rows = self.index.search(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search)
+        scores, rows = self.rank(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search)
         return [hits(self.index, s, r) for s, r in zip(scores, rows)]

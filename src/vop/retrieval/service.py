@@ -70,7 +70,7 @@ class Loaded:
         return {"name": self.name, "videos": len(self.index), "method": info["method"],
                 "checkpoint": Path(info["checkpoint"]).name, "backbone": info.get("backbone"),
                 "shared_backbone": self.searcher.shared, "dim": self.index.dim,
-                "search": self.index.faiss_kind or "exact"}
+                "search": self.index.faiss_kind or "exact", "pairwise": self.index.pairwise}
 
 
 class SearchService:
@@ -154,7 +154,7 @@ class SearchService:
         k = self.check_k(k)
         emb = self._embed(ld, q)
         with self._lock:
-            scores, rows = ld.index.search(emb, k, exact=exact)
+            scores, rows = ld.searcher.rank(emb, k, exact=exact)
         results = []
         for rank, (s, r) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1):
             if r < 0:
