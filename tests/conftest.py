@@ -4,6 +4,16 @@ import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A command run in-process (`vop demo --threads 1`) sets torch's thread count for the process:
+    restore it, so that later tests reduce in the same order (bit-exact comparisons depend on it)."""
+    yield
+    if torch.get_num_threads() != _THREADS:
+        torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")
