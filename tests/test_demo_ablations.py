@@ -41,7 +41,7 @@ def test_table_structure_and_shared_runs(abl_out, res):
     assert list(abls) == ["modality", "depth", "length", "ks"]
     keys = {name: [r["run"] for r in a["rows"]] for name, a in abls.items()}
     assert keys["modality"] == ["zeroshot", "vop[n_video=0]", "vop[n_text=0]", "vop"]
-    assert keys["depth"] == ["vop[depth=1]", "vop[depth=2]", "vop"]
+    assert keys["depth"] == ["vop[depth=1]", "vop[depth=2]", "vop", "vop[depth=2,prompt_from=output]"]
     assert keys["length"] == ["vop[n_text=1,n_video=1]", "vop[n_text=2,n_video=2]", "vop[n_text=4,n_video=4]", "vop",
                               "vop[n_text=16,n_video=16]"]
     assert keys["ks"] == [f"vop-f[ks={k}]" for k in range(L)] + ["vop"]  # K_s = L is basic VoP: its run is reused
@@ -50,10 +50,10 @@ def test_table_structure_and_shared_runs(abl_out, res):
     # basic VoP with its defaults is "both", "every layer" and "8 tokens": one run, trained once per seed
     distinct = {k for ks in keys.values() for k in ks}
     assert set(res["runs"]) == distinct
-    assert res["rows"] == 17 and res["distinct_runs"] == len(distinct) == 14 and res["distinct_trainings"] == 13
+    assert res["rows"] == 18 and res["distinct_runs"] == len(distinct) == 15 and res["distinct_trainings"] == 14
     seeds = res["settings"]["seeds"]
     trained_dirs = {p.name for p in (abl_out / "runs").iterdir()}
-    assert len(trained_dirs) == 13 * seeds
+    assert len(trained_dirs) == 14 * seeds
     md = (abl_out / "ablations.md").read_text()
     for a in res["ablations"]:
         assert f"## {a['title']}" in md and a["claim"] in md
@@ -102,10 +102,11 @@ def test_every_ablated_model_has_the_ablated_shape(abl_out, res):
             assert text == ([depth, n_text, dt] if n_text else None), key  # n_text=0: no text prompt parameters
             assert video == ([depth, n_video, dv] if n_video else None), key  # n_video=0: no video prompt parameters
             assert set(shapes) == {n for n, s in (("text_prompts.tokens", text), ("video_prompts.source.shared", video)) if s}
-            if n_video:  # prompts are written into the first `depth` layers and no other
+            if n_video:  # prompts are written into the first `depth` layers (the last, from the output) and no other
                 src = model.video_prompts.source
                 x = __import__("torch").zeros(2, 3, dv)
-                assert [src.tokens(i, x, 1, 2) is not None for i in range(L)] == [i < depth for i in range(L)], key
+                first = L - depth if entry["options"].get("prompt_from") == "output" else 0
+                assert [src.tokens(i, x, 1, 2) is not None for i in range(L)] == [first <= i < first + depth for i in range(L)], key
         else:
             assert entry["method"] == "vop-f"
             ks = entry["options"]["ks"]

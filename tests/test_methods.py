@@ -342,3 +342,28 @@ def test_encode_video_is_meanP(method, tiny_clip, video_batch):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     # and it is not the mean of the unnormalised frames (the old convention)
     assert not np.allclose(got, frames.mean(1), atol=1e-3)
+
+
+def test_prompts_in_the_last_layers(tiny_clip, video_batch, token_batch):
+    """prompt_from="output": the last `depth` layers get prompts (the ablation of where prompts help);
+    with every layer prompted it is the same model as from the input."""
+    L = tiny_clip.cfg.vision.layers
+    m = create_model("vop", tiny_clip, frames=4, depth=1, prompt_from="output")
+    assert m.text_prompts.start == tiny_clip.cfg.text.layers - 1 and m.video_prompts.source.start == L - 1
+    x = torch.zeros(2, 3, tiny_clip.cfg.vision.width)
+    assert [m.video_prompts.source.tokens(i, x, 1, 2) is not None for i in range(L)] == [i == L - 1 for i in range(L)]
+    assert m.parameter_counts()["trainable"] == create_model("vop", tiny_clip, frames=4, depth=1).parameter_counts()["trainable"]
+    torch.manual_seed(0)
+    a = create_model("vop", tiny_clip, frames=4, prompt_from="output").eval()
+    torch.manual_seed(0)
+    b = create_model("vop", tiny_clip, frames=4).eval()
+    with torch.no_grad():
+        assert torch.equal(a.encode_video(video_batch), b.encode_video(video_batch))
+        assert torch.equal(a.encode_text(token_batch), b.encode_text(token_batch))
+        # the first layer's prompts and the last layer's are different models
+        c = create_model("vop", tiny_clip, frames=4, depth=1, prompt_from="output").eval()
+        d = create_model("vop", tiny_clip, frames=4, depth=1).eval()
+        d.load_state_dict(c.state_dict())
+        assert not torch.allclose(c.encode_video(video_batch), d.encode_video(video_batch), atol=1e-4)
+    with pytest.raises(ConfigError, match="prompt_from"):
+        create_model("vop", tiny_clip, prompt_from="middle")

@@ -76,7 +76,7 @@ def video():
 def test_vop_folder_matches_the_authors_forward(vop_folder, video):
     model = vop.load_checkpoint(vop_folder).eval()
     assert model.name == "vop" and model.frames == 4
-    assert model.options_dict() == {"n_text": 4, "n_video": 3, "depth": None, "semantics": "modelscope", "n_text_suffix": 2}
+    assert model.options_dict() == {"n_text": 4, "n_video": 3, "depth": None, "prompt_from": "input", "semantics": "modelscope", "n_text_suffix": 2}
     assert (model.clip.cfg.vision.heads, model.clip.cfg.text.heads) == (1, 1)  # the authors' width // 64
     tok = model.tokenizer()
     tokens = tok(TEXTS)

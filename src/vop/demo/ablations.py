@@ -4,7 +4,8 @@ Four ablations of the paper (Sec. 4.3), each a table of rows; a row is a (method
 
 - (a) uni-modal prompts: zero-shot CLIP, text prompts only (``n_video=0``), video prompts only
   (``n_text=0``), both (basic VoP);
-- (b) prompted depth: prompts in the first layer only, the first half of the layers, every layer;
+- (b) prompted depth: prompts in the first layer only, the first half of the layers, every layer, and
+  the last half only (``prompt_from="output"``: where prompts help);
 - (c) prompt length: 1, 2, 4, 8, 16 tokens per side (``n_text = n_video``);
 - (d) VoP^F's K_s (frame-level layers before the joint video layers) over 0..layers.
 
@@ -94,8 +95,12 @@ def ablations(layers: int) -> list[Ablation]:
         Ablation(
             "depth", "(b) Prompted depth", "prompted layers (from the input)",
             "inserting prompts into every layer of both encoders gives the best results",
-            [row(_depth_label(d, layers), "vop", d, depth=d) for d in depth_values],
-            comparisons=[("gt", _depth_label(layers, layers), _depth_label(d, layers)) for d in depth_values if d != layers]),
+            [row(_depth_label(d, layers), "vop", d, depth=d) for d in depth_values]
+            # where prompts help: the same number of prompted layers at the top instead of the bottom
+            + [row(f"last {half} layers only", "vop", f"last {half}", depth=half, prompt_from="output")],
+            comparisons=[("gt", _depth_label(layers, layers), _depth_label(d, layers)) for d in depth_values if d != layers]
+            + [("gt", _depth_label(layers, layers), f"last {half} layers only"),
+               ("gt", _depth_label(half, layers), f"last {half} layers only")]),
         Ablation(
             "length", "(c) Prompt length", "prompt tokens per side (n_text = n_video)",
             "only 8 prompt tokens per side remain competitive",

@@ -51,7 +51,8 @@ def run_prompted(x: torch.Tensor, run: Run, layers: range, tokens_at: Callable[[
 # text
 # ------------------------------------------------------------------------------------------------
 class TextPrompts(nn.Module):
-    """Deep text prompts: layer i < depth gets its own n x d_t tokens, inserted right after [SOT].
+    """Deep text prompts: each of ``depth`` layers from ``start`` (default: the first ``depth`` layers) gets
+    its own n x d_t tokens, inserted right after [SOT].
 
     The text tower is causal, so tokens placed before the words can influence every word and [EOT],
     while [SOT] itself is untouched.
@@ -60,14 +61,16 @@ class TextPrompts(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"tokens"}
 
-    def __init__(self, layers: int, depth: int, n: int, width: int):
+    def __init__(self, layers: int, depth: int, n: int, width: int, start: int = 0):
         super().__init__()
         self.layers, self.depth, self.n = layers, min(depth, layers), n
+        self.start = start  # the first prompted layer (0: from the input; layers - depth: the last layers)
         self.tokens = prompt_param(self.depth, n, width)
 
     def forward(self, x: torch.Tensor, run: Run) -> torch.Tensor:
         B = x.shape[0]
-        at = lambda i, _x: self.tokens[i].expand(B, -1, -1) if i < self.depth and self.n else None  # noqa: E731
+        lo, hi = self.start, self.start + self.depth
+        at = lambda i, _x: self.tokens[i - lo].expand(B, -1, -1) if lo <= i < hi and self.n else None  # noqa: E731
         return run_prompted(x, run, range(self.layers), at)
 
 
@@ -107,9 +110,15 @@ class SplitTextPrompts(nn.Module):
 # video: sources of frame-level prompt tokens, per layer
 # ------------------------------------------------------------------------------------------------
 class FrameTokens(nn.Module):
-    """Base of frame-level prompt sources: ``tokens(i, x, B, F)`` -> (B*F, n, d_v) or None."""
+    """Base of frame-level prompt sources: ``tokens(i, x, B, F)`` -> (B*F, n, d_v) or None. The ``depth``
+    prompted layers start at layer ``start`` (0: the first layers; a source built for the last layers
+    gets ``start = layers - depth``); ``layer(i)`` is the row of layer i's tokens, or None."""
 
     depth: int = 0
+    start: int = 0
+
+    def layer(self, i: int) -> int | None:
+        return i - self.start if self.start <= i < self.start + self.depth else None
 
     def tokens(self, i: int, x: torch.Tensor, B: int, F: int) -> torch.Tensor | None:
         raise NotImplementedError
@@ -132,9 +141,10 @@ class SharedFrameTokens(FrameTokens):
         self._first_norm = (first_norm,) if first_norm is not None else ()  # the backbone's: not registered here
 
     def tokens(self, i, x, B, F):
-        if i >= self.depth or self.n == 0:
+        j = self.layer(i)
+        if j is None or self.n == 0:
             return None
-        t = self._first_norm[0](self.shared[0]) if i == 0 and self._first_norm else self.shared[i]
+        t = self._first_norm[0](self.shared[0]) if i == 0 and self._first_norm else self.shared[j]
         return t.expand(B * F, -1, -1)
 
 
@@ -154,12 +164,13 @@ class PositionFrameTokens(FrameTokens):
         self.position = prompt_param(depth, frames, n_pos, width)
 
     def tokens(self, i, x, B, F):
-        if i >= self.depth:
+        j = self.layer(i)
+        if j is None:
             return None
         if F != self.frames:
             raise ValueError(f"position-specific prompts were built for {self.frames} frames, got {F}")
-        shared = self.shared[i].expand(B, F, -1, -1)
-        pos = self.position[i].expand(B, -1, -1, -1)
+        shared = self.shared[j].expand(B, F, -1, -1)
+        pos = self.position[j].expand(B, -1, -1, -1)
         return torch.cat([shared, pos], dim=2).flatten(0, 1)
 
 
@@ -198,10 +209,11 @@ class ContextFrameTokens(FrameTokens):
         self.context = context
 
     def tokens(self, i, x, B, F):
-        if i >= self.depth:
+        j = self.layer(i)
+        if j is None:
             return None
         gen = self.context(x[:, 0].reshape(B, F, -1)).flatten(0, 1)
-        return torch.cat([self.shared[i].expand(B * F, -1, -1), gen.to(x.dtype)], dim=1)
+        return torch.cat([self.shared[j].expand(B * F, -1, -1), gen.to(x.dtype)], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ paper reports 14.1M). VoP^F's frame position embedding (9,216) is trainable but,
 reported separately (``uncounted``).
 
 Ablations as options: ``n_video=0`` (text-only prompts), ``n_text=0`` (video-only), ``depth``
-(prompted layers counted from the input), ``n_text``/``n_video`` (prompt length), ``ks``.
+(prompted layers counted from the input, or the last ``depth`` layers with ``prompt_from="output"``),
+``n_text``/``n_video`` (prompt length), ``ks``.
 
 ``semantics="modelscope"`` (basic VoP only) runs the same prompts the way the authors' released code
 does (their ModelScope models load with ``vop.load_checkpoint(FOLDER)``): the first layer's video
@@ -54,6 +55,7 @@ class PromptOptions:
 @dataclass
 class DepthOptions:
     depth: int | None = None  # None: every layer (the paper's best)
+    prompt_from: str = "input"  # "input": the first `depth` layers are prompted; "output": the last `depth`
 
 
 @dataclass
@@ -132,14 +134,30 @@ class PerFrame:
     uncounted: tuple[str, ...] = ()
     depth_options: tuple[str, ...] = ()  # depth is capped at the backbone's layers
 
+    @staticmethod
+    def span(model: VideoTextModel, tower: str) -> tuple[int, int]:
+        """(first prompted layer, prompted layers) of ``tower``: ``depth`` layers from the input, or the
+        last ``depth`` layers with ``prompt_from="output"``."""
+        layers, o = model.clip.tower_config(tower).layers, model.opts
+        if o.prompt_from not in ("input", "output"):
+            raise ConfigError(f"model.options.prompt_from={o.prompt_from!r} of {model.name} must be input or output")
+        depth = layers if o.depth is None else min(o.depth, layers)
+        return (layers - depth if o.prompt_from == "output" else 0), depth
+
     def text_depth(self, model: VideoTextModel) -> int:
-        layers, depth = model.clip.tower_config("text").layers, model.opts.depth
-        return layers if depth is None else min(depth, layers)
+        return self.span(model, "text")[1]
+
+    def text_start(self, model: VideoTextModel) -> int:
+        return self.span(model, "text")[0]
 
     def __call__(self, model: VideoTextModel, source) -> nn.Module | None:
-        layers, depth = model.clip.tower_config("visual").layers, model.opts.depth
-        depth = layers if depth is None else min(depth, layers)
-        return FrameVideoPrompts(source(model, depth), layers) if model.opts.n_video and depth else None
+        layers = model.clip.tower_config("visual").layers
+        start, depth = self.span(model, "visual")
+        if not (model.opts.n_video and depth):
+            return None
+        tokens = source(model, depth)
+        tokens.start = start
+        return FrameVideoPrompts(tokens, layers)
 
 
 class Split:
@@ -149,6 +167,9 @@ class Split:
 
     def text_depth(self, model: VideoTextModel) -> int:
         return model.clip.tower_config("text").layers
+
+    def text_start(self, model: VideoTextModel) -> int:
+        return 0
 
     def __call__(self, model: VideoTextModel, source) -> nn.Module | None:
         o, v = model.opts, model.clip.tower_config("visual")
@@ -173,7 +194,7 @@ class PromptedVoP(VideoTextModel):
         t = self.clip.tower_config("text")
         text_depth = self.flow.text_depth(self)
         if self.opts.n_text and text_depth:
-            self.text_prompts = TextPrompts(t.layers, text_depth, self.opts.n_text, t.width)
+            self.text_prompts = TextPrompts(t.layers, text_depth, self.opts.n_text, t.width, start=self.flow.text_start(self))
         self.video_prompts = self.flow(self, self.source)
 
 
@@ -199,8 +220,9 @@ class VoP(PromptedVoP):
     def build_modelscope(self) -> None:
         """Prompts in every layer of both towers, laid out as in the authors' code."""
         o, t, v = self.opts, self.clip.tower_config("text"), self.clip.tower_config("visual")
-        if o.depth is not None:
-            raise ConfigError("semantics='modelscope' prompts every layer (as the authors' code): leave depth unset")
+        if o.depth is not None or o.prompt_from != "input":
+            raise ConfigError("semantics='modelscope' prompts every layer (as the authors' code): leave depth unset "
+                              "(and prompt_from)")
         if o.n_text_suffix > o.n_text:
             raise ConfigError(f"n_text_suffix={o.n_text_suffix} exceeds n_text={o.n_text}")
         if o.n_text:
