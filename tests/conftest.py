@@ -16,6 +16,17 @@ def _restore_torch_threads():
         torch.set_num_threads(_THREADS)
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The smoke-size synthetic world (48 training pairs: 6 steps of 8), one per test module (tests may
+    damage it); a module defines its own ``world`` where it needs another."""
+    from vop.data import generate_world
+
+    d = tmp_path_factory.mktemp("world")
+    generate_world(d, size="smoke")
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     """A random tiny CLIP (width 64, 2 layers, 32 px), deterministic."""

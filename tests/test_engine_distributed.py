@@ -54,15 +54,6 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vop.data import generate_world
-
-    d = tmp_path_factory.mktemp("world")
-    generate_world(d, size="smoke")  # 48 training pairs: 6 steps of 8
-    return d
-
-
 def _train_args(world, out, *extra):
     return ["train", "-q", f"data.root={world}", "data.dataset=collection", "model.backbone=tiny", "model.method=vop-f",
             "model.frames=4", "model.image_size=32", "optim.batch_size=8", "optim.epochs=1", "optim.lr=5e-3",

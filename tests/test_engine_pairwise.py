@@ -23,15 +23,6 @@ from vop.runtime import pairwise_chunks, pairwise_similarity
 TOL = 1e-6  # the metrics' tie rule (vop.engine.metrics.TIE_RTOL) on cosines <= 1
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vop.data import generate_world
-
-    d = tmp_path_factory.mktemp("world")
-    generate_world(d, size="smoke")
-    return d
-
-
 def _cfg(world, out, *extra):
     return load_config(RunConfig, None, [
         f"data.root={world}", "data.dataset=collection", "model.backbone=tiny", "model.frames=4",

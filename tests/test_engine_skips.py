@@ -14,15 +14,6 @@ from vop.engine.config import RunConfig, load_config
 from vop.errors import ConfigError, DataError
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vop.data import generate_world
-
-    d = tmp_path_factory.mktemp("world")
-    generate_world(d, size="smoke")
-    return d
-
-
 def _cfg(root, out, *extra):
     return load_config(RunConfig, None, [
         f"data.root={root}", "data.dataset=collection", "model.backbone=tiny", "model.frames=4",

@@ -13,15 +13,6 @@ from vop.engine.loss import accumulated_backward, contrastive_loss
 from vop.errors import CheckpointError, ConfigError, DataError
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vop.data import generate_world
-
-    d = tmp_path_factory.mktemp("world")
-    generate_world(d, size="smoke")
-    return d
-
-
 def _cfg(world, out, *extra):
     return load_config(RunConfig, None, [
         f"data.root={world}", "data.dataset=collection", "model.backbone=tiny", "model.frames=4",
