@@ -71,7 +71,7 @@ def test_example_method_reaches_the_command_line_as_a_plugin(tmp_path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: clip-adapter-example\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[vop.methods]\nclip-adapter = clip_adapter\n")
-    vop_script = shutil.which("vop") or "vop"
+    vop_script = shutil.which("vop", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])) or "vop"
     proc = subprocess.run([vop_script, "params", "--backbone", "ViT-B-32", "--json"], capture_output=True, text=True,
                           env=_env(tmp_path), cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

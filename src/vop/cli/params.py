@@ -7,13 +7,32 @@ from typing import Optional
 import typer
 
 
-def params_table(backbone, frames: int) -> list[dict]:
-    """One row per method; ``backbone`` is an architecture name or a CLIPConfig."""
-    from vop.methods import count_parameters, list_methods
+_COUNTS = ("trainable", "percent", "paper_count", "uncounted", "inert", "backbone")
 
-    rows = []
+
+def params_table(backbone, frames: int) -> list[dict]:
+    """One row per method; ``backbone`` is an architecture name or a CLIPConfig.
+
+    Every row has ``plugin`` (the entry point of a third-party method, else ``None``) and ``broken``
+    (``None``, or why a plugin is left out: its method failed to build, or the plugin failed to import;
+    such rows have ``None`` counts, and ``method`` is ``None`` for a plugin that registered nothing)."""
+    from vop.methods import broken_plugins, count_parameters, list_methods, plugin_of
+    from vop.errors import VopError
+    from vop.methods.registry import describe_error
+
+    rows, broken = [], []
     for method in list_methods():
-        c = count_parameters(method, backbone, frames=frames)
+        plugin = plugin_of(method)
+        try:
+            c = count_parameters(method, backbone, frames=frames)
+        except (KeyboardInterrupt, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a third-party method that fails to build is listed, not fatal
+            if plugin is None:
+                raise  # vop's own methods: a ConfigError (frames ...) is the user's, anything else a bug in vop
+            why = str(e) if isinstance(e, VopError) else describe_error(e)
+            broken.append({"method": method, **dict.fromkeys(_COUNTS), "plugin": plugin, "broken": why})
+            continue
         rows.append({
             "method": method,
             "trainable": c["trainable"],
@@ -22,8 +41,12 @@ def params_table(backbone, frames: int) -> list[dict]:
             "uncounted": c["uncounted"],
             "inert": c["inert"],
             "backbone": c["backbone"],
+            "plugin": plugin,
+            "broken": None,
         })
-    return rows
+    for ep, err in broken_plugins().items():
+        broken.append({"method": None, **dict.fromkeys(_COUNTS), "plugin": ep, "broken": f"failed to import: {err}"})
+    return rows + broken
 
 
 def params(
@@ -46,6 +69,8 @@ def params(
     from rich.console import Console
     from rich.table import Table
 
+    broken = [r for r in rows if r["broken"]]
+    rows = [r for r in rows if not r["broken"]]
     table = Table(title=f"Trainable parameters on {backbone}, {frames} frames (backbone: {rows[0]['backbone']:,})")
     table.add_column("method")
     table.add_column("trainable", justify="right")
@@ -62,6 +87,9 @@ def params(
     if inert:
         console.print(f"Inert (trainable and included on the left, but provably never influencing the output): "
                       f"{', '.join(inert)}.")
+    for r in broken:  # a third-party plugin that failed: named, left out, the rest listed
+        what = f"method {r['method']!r} of the plugin {r['plugin']}" if r["method"] else f"the plugin {r['plugin']}"
+        console.print(f"Left out, broken: {what} ({r['broken']}).", markup=False, highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

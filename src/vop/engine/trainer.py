@@ -42,7 +42,7 @@ from vop.engine.skips import SkipTracker
 from vop.errors import CheckpointError, ConfigError, DataError
 from vop.methods import create_model, get_method, resolve_backbone
 from vop.methods.checkpoint import load_trainable, save_checkpoint
-from vop.methods.registry import parse_options
+from vop.methods.registry import parse_options, plugin_errors
 
 log = logging.getLogger("vop.train")
 
@@ -72,7 +72,8 @@ class Datasets:
 def check_config(cfg: RunConfig, world_size: int = 1) -> None:
     check_ranges(cfg)  # a config built in Python skips load_config's checks
     cls = get_method(cfg.model.method)
-    parse_options(cfg.model.method, cls.Options, dict(cfg.model.options))
+    with plugin_errors(cfg.model.method):  # a third-party method's own failure: a ConfigError naming its plugin
+        parse_options(cfg.model.method, cls.Options, dict(cfg.model.options))
     o = cfg.optim
     if o.batch_size % world_size:
         raise ConfigError(f"optim.batch_size={o.batch_size} (the global contrastive batch) is not divisible by {world_size} processes")

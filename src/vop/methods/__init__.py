@@ -17,10 +17,11 @@ from vop.methods import dgl  # noqa: F401  (DGL, AAAI'24: dgl, dgl-l)
 from vop.methods import mv_adapter  # noqa: F401  (MV-Adapter, CVPR'24)
 from vop.methods import cma  # noqa: F401  (Cross-Modal Adapter, arXiv'22 / PR'25)
 from vop.methods.base import VideoTextModel
-from vop.methods.registry import MethodFacts, Rates, get_method, list_methods, method_facts, parse_options, register
+from vop.methods.registry import (MethodFacts, Rates, broken_plugins, get_method, list_methods, method_facts, parse_options,
+                                  plugin_errors, plugin_of, register)
 
 __all__ = ["create_model", "list_methods", "get_method", "method_facts", "MethodFacts", "Rates", "register",
-           "VideoTextModel", "resolve_backbone"]
+           "VideoTextModel", "resolve_backbone", "broken_plugins", "plugin_of"]
 
 
 def resolve_backbone(backbone: CLIP | CLIPConfig | str | os.PathLike, arch: str | CLIPConfig | None = None) -> CLIP:
@@ -45,9 +46,11 @@ def create_model(method: str, backbone: CLIP | CLIPConfig | str | os.PathLike = 
     ``tokenizer()`` (with the caption budget shrunk by the text prompts) and ``trainable_parameters()``.
     """
     cls = get_method(method)
-    opts = parse_options(method, cls.Options, options)
+    with plugin_errors(method):  # a third-party method's failure: one ConfigError naming its plugin
+        opts = parse_options(method, cls.Options, options)
     clip = resolve_backbone(backbone)
-    model = cls(clip, frames=frames, options=opts)
+    with plugin_errors(method):
+        model = cls(clip, frames=frames, options=opts)
     if next(clip.parameters()).device.type != "meta":
         model.backbone_fingerprint = weights_fingerprint(clip)
         # new modules live where the backbone lives

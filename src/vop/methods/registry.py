@@ -5,12 +5,13 @@ configs and the service read these facts.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
-from vop.errors import ConfigError
+from vop.errors import ConfigError, VopError
 
 if TYPE_CHECKING:
     from vop.methods.base import VideoTextModel
@@ -66,24 +67,85 @@ _METHODS: dict[str, type["VideoTextModel"]] = {}
 #: that registers them) are imported the first time the registry is listed or asked for an unknown name
 PLUGIN_GROUP = "vop.methods"
 _plugins: dict[str, str | None] = {}  # entry point -> None (loaded) or the error it raised; filled once
+_plugin_methods: dict[str, str] = {}  # method name -> the entry point ("name = value") that registered it
+#: what a plugin may not swallow: the user's Ctrl-C and a generator's close
+_NOT_CAUGHT = (KeyboardInterrupt, GeneratorExit)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error a plugin raised (``SystemExit`` said as the sys.exit call it was)."""
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({e.code!r})"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _load_plugins() -> None:
+    """Import every plugin once. A plugin that fails to import in any way (an exception, ``sys.exit``,
+    a name clash at ``register``) is recorded as broken, with what it registered before failing taken
+    back out; the rest of vop and every other method keep working. Only Ctrl-C gets through."""
     if _plugins:
         return
     from importlib.metadata import entry_points
 
     _plugins["(scanned)"] = None
+    failed = []
     for ep in entry_points(group=PLUGIN_GROUP):
+        key = f"{ep.name} = {ep.value}"
+        before = set(_METHODS)
         try:
             ep.load()
-            _plugins[f"{ep.name} = {ep.value}"] = None
-        except Exception as e:  # a broken plugin must not break vop; asking for its method says why
-            import warnings
+        except _NOT_CAUGHT:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a broken plugin must not break vop (SystemExit included)
+            for name in set(_METHODS) - before:  # all or nothing: no half-registered plugin
+                del _METHODS[name]
+            _plugins[key] = describe_error(e)
+            failed.append(key)
+            continue
+        _plugins[key] = None
+        for name in _METHODS:
+            if name not in before:
+                _plugin_methods[name] = key
+    import warnings
 
-            _plugins[f"{ep.name} = {ep.value}"] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"vop: the method plugin {ep.name} = {ep.value} (entry point group {PLUGIN_GROUP!r}) "
-                          f"failed to import: {type(e).__name__}: {e}", stacklevel=2)
+    for key in failed:  # after the scan, so that the registry is whole whatever the warnings filter does
+        warnings.warn(f"vop: the method plugin {key} (entry point group {PLUGIN_GROUP!r}) failed to import and is "
+                      f"left out: {_plugins[key]}", stacklevel=3)
+
+
+def broken_plugins() -> dict[str, str]:
+    """Plugins that failed to import: entry point (``"name = module"``) -> the error, in one line."""
+    _load_plugins()
+    return {k: err for k, err in _plugins.items() if err}
+
+
+def plugin_of(name: str) -> str | None:
+    """Where a third-party method comes from: its entry point (``"name = module"``), or the module that
+    registered it when imported directly; ``None`` for vop's own methods."""
+    if name in _plugin_methods:
+        return _plugin_methods[name]
+    cls = _METHODS.get(name)
+    if cls is None or cls.__module__ == "vop" or cls.__module__.startswith("vop."):
+        return None
+    return f"module {cls.__module__}"
+
+
+@contextlib.contextmanager
+def plugin_errors(name: str, what: str = "build") -> Iterator[None]:
+    """Around a third-party method's own code (its options, its ``__init__``/``build``): whatever it
+    raises, other than a ``VopError`` of its own or Ctrl-C, becomes one ``ConfigError`` naming the method
+    and its plugin. vop's own methods run unwrapped (a failure there is a bug in vop, shown in full)."""
+    plugin = plugin_of(name)
+    if plugin is None:
+        yield
+        return
+    try:
+        yield
+    except (VopError, *_NOT_CAUGHT):
+        raise
+    except BaseException as e:  # noqa: BLE001 - SystemExit included: a plugin must not end vop
+        raise ConfigError(f"method {name!r} (from the plugin {plugin}) failed to {what}: {describe_error(e)}; "
+                          "this is a fault of the plugin: fix or uninstall it, or use another method") from e
 
 
 def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = None,
@@ -93,8 +155,17 @@ def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = 
                         **({"demo_rates": demo_rates} if demo_rates is not None else {}))
 
     def deco(cls: type["VideoTextModel"]) -> type["VideoTextModel"]:
+        from vop.methods.base import VideoTextModel
+
         if name in _METHODS:
-            raise ValueError(f"method {name!r} registered twice")
+            other = _METHODS[name]
+            owner = "vop" if plugin_of(name) is None else f"the plugin {plugin_of(name)}"
+            raise ValueError(f"method {name!r} is already registered by {owner} ({other.__module__}.{other.__qualname__}); "
+                             f"{cls.__module__}.{cls.__qualname__} needs another name")
+        if not (isinstance(cls, type) and issubclass(cls, VideoTextModel)):
+            raise TypeError(f"@register({name!r}) decorates {cls!r}, which is not a subclass of vop.methods.VideoTextModel")
+        if not (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)):
+            raise TypeError(f"method {name!r}: {cls.__qualname__}.Options must be a dataclass, got {cls.Options!r}")
         cls.name = name
         cls.facts = facts
         _METHODS[name] = cls
@@ -114,7 +185,7 @@ def get_method(name: str) -> type["VideoTextModel"]:
     if name not in _METHODS:
         close = difflib.get_close_matches(name, _METHODS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        broken = [f"{ep} ({err})" for ep, err in _plugins.items() if err]
+        broken = [f"{ep} ({err})" for ep, err in broken_plugins().items()]
         hint += f"; method plugins that failed to import: {'; '.join(broken)}" if broken else ""
         raise ConfigError(f"unknown method {name!r}{hint}; known: {', '.join(_METHODS)}")
     return _METHODS[name]
