@@ -32,8 +32,8 @@ from typing import Any, Callable
 import torch
 
 import vop
-from vop.demo.run import (DemoSettings, Eta, minutes, aggregate, evaluate_zeroshot, machine, peak_rss_mib, prepare,
-                          train_and_evaluate)
+from vop.demo.run import (DemoSettings, Eta, minutes, aggregate, evaluate_zeroshot, machine, output_folder, peak_rss_mib,
+                          prepare, train_and_evaluate)
 
 LENGTHS = (1, 2, 4, 8, 16)
 
@@ -136,8 +136,7 @@ def trainable_shapes(model) -> dict[str, list[int]]:
 def run_ablations(out_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True,
                   say: Callable[[str], None] = print) -> dict[str, Any]:
     s = settings or DemoSettings(seeds=3)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     torch.set_num_threads(max(1, torch.get_num_threads()))

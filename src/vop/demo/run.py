@@ -12,6 +12,7 @@ import platform
 import resource
 import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -22,10 +23,12 @@ import torch
 
 import vop
 from vop.data import generate_world, get_dataset, heldout_subset, temporal_subset
+from vop.data.synth import GENERATOR, WORLD_ENTRIES, WORLD_SIZES, world_manifest
 from vop.engine.config import RunConfig, load_config
 from vop.engine.evaluate import evaluate
 from vop.engine.metrics import rank_metrics, t2v_ranks, tie_tolerance
 from vop.engine.trainer import train
+from vop.errors import ConfigError
 from vop.methods import resolve_backbone
 
 log = logging.getLogger("vop.demo")
@@ -99,11 +102,75 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def output_folder(out_dir: str | Path) -> Path:
+    """The demo's output folder, created if needed, checked writable by writing a file in it (permission
+    bits say nothing for root or a read-only mount), before any work: a ``ConfigError`` naming it else."""
+    out = Path(out_dir)
+    for p in (out, *out.parents):  # a path at or below a regular file
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "is" if p == out else f"lies below {p}, which is"
+                kind = "a broken symbolic link" if not p.exists() else "a file, not a folder"
+                raise ConfigError(f"cannot write the demo's output folder {out}: it {what} {kind}; "
+                                  "give --out a writable folder")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for d in (out, out / "world", out / "runs"):
+            if d.is_dir():
+                with tempfile.NamedTemporaryFile(dir=d, prefix=".vop-write-check-"):
+                    pass
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) != str(out) else ""
+        raise ConfigError(f"cannot write the demo's output folder {out}{where}: {e.strerror or e}; "
+                          "give --out a writable folder") from None
+    return out
+
+
+def world_problem(world: Path, s: DemoSettings) -> str | None:
+    """Whether ``world`` holds the world ``s`` asks for: ``None`` (reuse it), or why it is to be written
+    (again): ``""`` where there is none yet, else what the folder holds instead (size, seed, an older
+    generator, an interrupted generation). ``ConfigError`` where the folder holds anything that
+    :func:`vop.data.generate_world` did not write (it is never deleted)."""
+    if s.world_size not in WORLD_SIZES:
+        raise ConfigError(f"unknown world size {s.world_size!r}; choose one of {', '.join(WORLD_SIZES)}")
+    refuse = (f"; the demo keeps its synthetic world in {world} and does not overwrite what it did not write: "
+              f"use another --out, or delete {world}")
+    if not world.exists() and not world.is_symlink():
+        return ""
+    if not world.is_dir():
+        raise ConfigError(f"{world} is a file, not the demo's world folder{refuse}")
+    entries = sorted(p.name for p in world.iterdir())
+    if not entries:
+        return ""
+    meta = world_manifest(world)
+    foreign = [e for e in entries if e not in WORLD_ENTRIES]
+    if meta is None or foreign:
+        listed = ", ".join((foreign or entries)[:5]) + (" ..." if len(foreign or entries) > 5 else "")
+        why = "no world.json written by vop" if meta is None else "files vop's world generator does not write"
+        raise ConfigError(f"{world} holds something not made by vop ({why}: {listed}){refuse}")
+    old = f"size {meta.get('size')}, seed {meta.get('seed')}"
+    if meta.get("incomplete"):
+        return f"an incomplete world ({old}: its generation was interrupted)"
+    if meta.get("generator") != GENERATOR:
+        return f"a world of an older generator ({old})"
+    if meta.get("seed") != s.world_seed or meta.get("spec") != asdict(WORLD_SIZES[s.world_size]):
+        return f"the world of {old}"
+    return None
+
+
 def prepare(out: Path, s: DemoSettings, *, progress: bool = True, say: Callable[[str], None] = print):
-    """The synthetic world (generated once per folder), the backbone and the test split."""
+    """The synthetic world (generated once per folder, again when the folder holds another world that
+    vop wrote: another size, seed or generator; refused when it holds anything else), the backbone and
+    the test split."""
     world = out / "world"
+    problem = world_problem(world, s)  # before any work
     say(f"[1/4] synthetic world ({s.world_size}) -> {world}")
-    if not (world / "world.json").exists():
+    if problem is not None:
+        if problem:
+            say(f"      {world} held {problem}, not the size {s.world_size}, seed {s.world_seed} world asked for: "
+                "replaced by a new one")
+            shutil.rmtree(world)
         generate_world(world, seed=s.world_seed, size=s.world_size, progress=progress)
     clip = resolve_backbone(s.backbone)
     test = get_dataset("collection", world, "test", frames=s.frames, size=s.image_size, train=False)
@@ -158,6 +225,15 @@ def train_and_evaluate(s: DemoSettings, out: Path, world: Path, clip, test, meth
     return run, model, ev
 
 
+def check_methods(methods: list[str], clip, frames: int) -> None:
+    """Build every method on the meta device (no memory) on the backbone's architecture, so that one that
+    cannot be built (a broken plugin, an option out of range) stops the demo before any training."""
+    from vop.methods import count_parameters
+
+    for method in methods:
+        count_parameters(method, clip.cfg, frames=frames)
+
+
 def machine() -> dict[str, Any]:
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
@@ -171,12 +247,12 @@ def peak_rss_mib() -> float:
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progress: bool = True,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     s = settings or DemoSettings()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir)
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     world, clip, test = prepare(out, s, progress=progress, say=say)
+    check_methods(s.methods, clip, s.frames)
     results: dict[str, Any] = {"settings": asdict(s), "methods": {}}
     sims: dict[str, torch.Tensor] = {}  # seed-0 test scores, for the qualitative page
     say("[2/4] zero-shot CLIP (frames mean-pooled)")

@@ -50,7 +50,17 @@ from vop.data.synth.scenes import (
     swap_events,
 )
 from vop.data.synth.stills import STILL_STYLES, make_stills
-from vop.data.synth.world import WORLD_SIZES, WorldSize, generate_world, heldout_subset, load_stills, temporal_subset
+from vop.data.synth.world import (
+    GENERATOR,
+    WORLD_ENTRIES,
+    WORLD_SIZES,
+    WorldSize,
+    generate_world,
+    heldout_subset,
+    load_stills,
+    temporal_subset,
+    world_manifest,
+)
 
 __all__ = [
     "SHAPES", "COLOURS", "HELDOUT", "WorldSize", "WORLD_SIZES", "Obj", "Event", "Clip",
@@ -58,5 +68,5 @@ __all__ = [
     "write_video", "make_stills", "generate_world", "temporal_subset", "heldout_subset",
     "BACKGROUND", "SMALL", "BIG", "MOVE", "KINDS", "INVERSE", "state_before", "kind_of", "event_kinds",
     "is_heldout", "clip_summary", "VERBS", "STILL_VERBS", "SUBJECTS_ONE", "SUBJECTS_TWO", "JOINS",
-    "STILL_STYLES", "load_stills",
+    "STILL_STYLES", "load_stills", "GENERATOR", "WORLD_ENTRIES", "world_manifest",
 ]

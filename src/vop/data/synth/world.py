@@ -17,7 +17,14 @@ from vop.data.synth.renderer import render_clip, write_video
 from vop.data.synth.scenes import COLOURS, HELDOUT, KINDS, SHAPES, Clip, is_heldout, random_clip, reverse_clip, swap_events
 from vop.data.synth.stills import make_stills
 
-__all__ = ["WorldSize", "WORLD_SIZES", "generate_world", "load_stills", "temporal_subset", "heldout_subset"]
+__all__ = ["WorldSize", "WORLD_SIZES", "GENERATOR", "generate_world", "world_manifest", "WORLD_ENTRIES", "load_stills",
+           "temporal_subset", "heldout_subset"]
+
+#: recorded in every ``world.json``: what wrote the world. Bump ``version`` whenever the same seed and
+#: size would give other files (so that a folder holding a world of the old generator is recognised)
+GENERATOR = {"name": "vop.data.synth", "version": 1}
+#: the top-level entries :func:`generate_world` writes into its folder
+WORLD_ENTRIES = ("videos", "captions.jsonl", "stills", "world.json")
 
 
 @dataclass(frozen=True)
@@ -106,12 +113,19 @@ def generate_world(out: str | os.PathLike, *, seed: int = 0, size: str | WorldSi
     ``caption``, ``split``, plus ``events``, ``heldout``, ``temporal_group``, ``temporal_kind``,
     ``twin``); ``stills/images.npy.gz`` (gzipped .npy, ``(N, S, S, 3)`` uint8) +
     ``stills/captions.jsonl`` (read both with :func:`load_stills`);
-    ``world.json`` (sizes, counts, held-out compositions). Load it with
+    ``world.json`` (the generator and its version, seed, size, counts, held-out compositions; read it
+    with :func:`world_manifest`). Load it with
     ``get_dataset("collection", out, split)``.
     """
     spec = WORLD_SIZES[size] if isinstance(size, str) else size
     out = Path(out)
     items = _plan(seed, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"generator": GENERATOR, "seed": seed, "size": size if isinstance(size, str) else "custom",
+                "spec": spec.__dict__}
+    # first the manifest of an unfinished world (what is being written, by whom), replaced by the whole
+    # world.json as the last file: a folder left by an interrupted run is recognised as vop's
+    (out / "world.json").write_text(json.dumps({**manifest, "incomplete": True}, indent=1) + "\n", encoding="utf-8")
     for split in ("train", "val", "test"):
         (out / "videos" / split).mkdir(parents=True, exist_ok=True)
     rendered: dict[str, np.ndarray] = {}
@@ -147,11 +161,28 @@ def generate_world(out: str | os.PathLike, *, seed: int = 0, size: str | WorldSi
                   "captions": sum(len(i["captions"]) for i in items if i["split"] == s)} for s in _SPLIT_CODE}
     counts["test"]["temporal_videos"] = sum(1 for i in items if i.get("temporal_group"))
     counts["test"]["heldout_videos"] = sum(1 for i in items if i["split"] == "test" and is_heldout(i["clip"]))
-    world = {"seed": seed, "size": size if isinstance(size, str) else "custom", "spec": spec.__dict__,
-             "counts": counts, "stills": spec.stills, "shapes": list(SHAPES), "colours": list(COLOURS),
+    world = {**manifest, "counts": counts, "stills": spec.stills, "shapes": list(SHAPES), "colours": list(COLOURS),
              "event_kinds": list(KINDS), "heldout_compositions": [list(h) for h in HELDOUT]}
     (out / "world.json").write_text(json.dumps(world, indent=1) + "\n", encoding="utf-8")
     return world
+
+
+def world_manifest(world_dir: str | os.PathLike) -> dict | None:
+    """The ``world.json`` of a world written by :func:`generate_world` (of this or an older vop: those
+    lack ``generator``), or ``None`` where there is none or it is not vop's. ``"incomplete": true``:
+    its generation was interrupted."""
+    try:
+        meta = json.loads((Path(world_dir) / "world.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict) or "seed" not in meta:
+        return None
+    gen = meta.get("generator")
+    if gen is not None and not (isinstance(gen, dict) and gen.get("name") == GENERATOR["name"]):
+        return None
+    if gen is None and "heldout_compositions" not in meta:  # an older vop's world.json holds these
+        return None
+    return meta
 
 
 def load_stills(world_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
