@@ -129,6 +129,17 @@ def test_scripted_module_details_match_jit_load(tmp_path):
     assert list(got)[:3] == ["w", "b0", "np"] and got["w"].stride() == ref["w"].stride() == (1, 2)
 
 
+def test_storages_saved_on_cuda_are_read_to_the_cpu(benign, tmp_path):
+    """OpenAI traced their models on the GPU: storages whose location is cuda:0 (jit.load needs
+    map_location="cpu" on a CPU machine; the reader ignores the location)."""
+    data = zipfile.ZipFile(benign).read("ViT-B-32/data.pkl")
+    cpu = b"X\x03\x00\x00\x00cpu"
+    assert cpu in data
+    cuda = _rezip(benign, tmp_path / "cuda.pt", lambda n, d: d.replace(cpu, b"X\x06\x00\x00\x00cuda:0") if n == "data.pkl" else d)
+    _same(read_torchscript(cuda), torch.jit.load(str(cuda), map_location="cpu").state_dict())
+    _same(read_torchscript(cuda), read_torchscript(benign))
+
+
 def test_torchscript_is_recognised_by_content_whatever_the_name(benign, tmp_path, no_jit):
     want, _ = read_state_dict(benign)
     for name in ("weights.safetensors", "pytorch_model.bin", "clip.pth", "noext"):
@@ -309,6 +320,8 @@ def _damage_bytes(src: Path, dst: Path, at: float, length: int | None = None) ->
     (lambda s, d: _rezip(s, d, lambda n, x: x[:-4] if n == "data/0" else x),
      r"storage 0 declares 4928 float elements \(19712 bytes\), its entry holds 19708 bytes"),
     (lambda s, d: _rezip(s, d, lambda n, x: None if n == "data/0" else x), r"no ViT-B-32/data/0 in the archive"),
+    (lambda s, d: _rezip(s, d, lambda n, x: x.replace(b"(KMK@t", b"(K\xffK@t", 1) if n == "data.pkl" else x),
+     r"a tensor of shape \(255, 64\) that does not fit its storage 0 \(4928 elements\)"),
     (lambda s, d: _rezip(s, d, compress=("data/0",)), r"storage ViT-B-32/data/0 is compressed"),
     (lambda s, d: _rezip(s, d, compress=("data.pkl",)), r"ViT-B-32/data\.pkl is compressed"),
     (lambda s, d: _rezip(s, d, lambda n, x: None if n.startswith("code/__torch__/torch/nn/modules/linear") else x),

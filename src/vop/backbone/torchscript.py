@@ -90,19 +90,15 @@ def _refuse(path: Path, reason: str) -> CheckpointError:
 class _Inert:
     __slots__ = ()
 
-    def __setstate__(self, state: Any) -> None:
+    def __setstate__(self, state: Any) -> None:  # also closes BUILD's setattr path (slot state)
         raise _Refused(f"a pickle BUILD on {type(self).__name__}")
-
-    def __reduce__(self):  # never pickled back
-        raise TypeError("not picklable")
 
 
 class _StorageType(_Inert):
     __slots__ = ("name", "dtype")
 
     def __init__(self, name: str, dtype: torch.dtype):
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "dtype", dtype)
+        self.name, self.dtype = name, dtype
 
     def __call__(self, *args: Any) -> Any:
         raise _Refused(f"a call of torch.{self.name}")
@@ -113,16 +109,14 @@ class _Storage(_Inert):
     __slots__ = ("key", "dtype", "numel", "info")
 
     def __init__(self, key: str, dtype: torch.dtype, numel: int, info: zipfile.ZipInfo):
-        for k, v in (("key", key), ("dtype", dtype), ("numel", numel), ("info", info)):
-            object.__setattr__(self, k, v)
+        self.key, self.dtype, self.numel, self.info = key, dtype, numel, info
 
 
 class _TensorRef(_Inert):
     __slots__ = ("storage", "offset", "size", "stride")
 
     def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
-        for k, v in (("storage", storage), ("offset", offset), ("size", size), ("stride", stride)):
-            object.__setattr__(self, k, v)
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     @property
     def nbytes(self) -> int:
@@ -139,8 +133,7 @@ class _Function(_Inert):
     __slots__ = ("name", "fn")
 
     def __init__(self, name: str, fn: Callable[..., Any]):
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "fn", fn)
+        self.name, self.fn = name, fn
 
     def __call__(self, *args: Any) -> Any:
         return self.fn(*args)
