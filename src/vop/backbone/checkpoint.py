@@ -1,8 +1,11 @@
 """One loader for every CLIP checkpoint format people have.
 
 Accepted:
-- OpenAI TorchScript archives (``ViT-B-32.pt`` from the OpenAI release): opened with
-  ``torch.jit.load`` (TorchScript, no Python unpickling) and converted to a state dict.
+- TorchScript archives (OpenAI's released ``ViT-B-32.pt`` ..., traced or scripted, fp16 or fp32),
+  recognised by content whatever the file is called: read by a restricted reader
+  (``vop.backbone.torchscript``) that never compiles or runs the archive's code, giving the state
+  dict ``torch.jit.load(path).state_dict()`` would; an archive it cannot read as plain weights is
+  refused with the command that converts a trusted file to safetensors.
 - Plain state dicts as saved by open_clip or ``torch.save`` (``.pt``, ``.pth``, ``.bin``), optionally
   wrapped in ``{"state_dict": ...}`` / ``{"model": ...}`` and/or with ``module.`` prefixes, read with
   ``torch.load(weights_only=True)`` (never arbitrary unpickling).
@@ -16,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,6 +27,7 @@ import torch
 from vop.backbone.clip import CLIP
 from vop.backbone.config import (CLIPConfig, TextConfig, VisionConfig, arch_name, check_supported, get_arch,
                                 infer_config, is_arch, same_tensors)
+from vop.backbone.torchscript import is_torchscript, read_torchscript
 from vop.errors import CheckpointError
 
 FORMATS = (
@@ -41,16 +44,6 @@ def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
     return len(head) == 9 and int.from_bytes(head[:8], "little") < (1 << 30) and head[8:9] == b"{"
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for n in z.namelist())
-    except zipfile.BadZipFile:
-        return False
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -95,13 +88,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         meta: dict[str, Any] = {}
         if _is_safetensors(path):
             sd, meta = _read_safetensors(path)
-        elif _is_torchscript(path):
-            import warnings
-
-            with warnings.catch_warnings():  # TorchScript is deprecated, OpenAI's files still use it
-                warnings.simplefilter("ignore", DeprecationWarning)
-                sd = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        else:
+        elif is_torchscript(path):  # never torch.jit.load: the archive's code would run
+            sd = read_torchscript(path)
+        else:  # weights_only: torch 2.13 refuses a TorchScript archive here, it never dispatches to jit
             sd = _unwrap(torch.load(str(path), map_location="cpu", weights_only=True), path)
         hf_cfg = path.parent / "config.json"
         if any(k.startswith(("vision_model.", "text_model.")) for k in sd) and hf_cfg.exists():
