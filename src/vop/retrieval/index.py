@@ -3,9 +3,10 @@ embeddings), its metadata and a thumbnail strip.
 
 Layout of an index folder::
 
-    INDEX/index.json            format, model (checkpoint path + SHA-256 + metadata, backbone), settings,
-                                counts, failed/missing videos, FAISS settings, current file names,
-                                ``pairwise`` (and ``frames_per_video`` when true)
+    INDEX/index.json            format, model (checkpoint path + SHA-256 + metadata, backbone, ``files``:
+                                size + SHA-256 of the checkpoint and backbone files), settings, counts,
+                                failed/missing videos, FAISS settings, current file names, ``checksums``
+                                (size + SHA-256 of each file below), ``pairwise`` (and ``frames_per_video``)
     INDEX/embeddings-<g>.npy    float32 (N, D), row i = line i of videos-<g>.jsonl; for a pairwise model
                                 (``pairwise: true``) float32 (N, F, D), the raw per-frame embeddings
     INDEX/videos-<g>.jsonl      id, path, size, mtime_ns[, sha256], duration, num_frames, fps, width,
@@ -35,6 +36,14 @@ depends on the text) cannot be searched with one vector per video: the index kee
 embeddings (F times the storage), every query is scored exactly against every video with the model's
 similarity (:func:`pairwise_search`, in bounded blocks, as the evaluation scores them), and no FAISS index
 is built for them (an approximate index cannot express the per-text pooling: asking for one is an error).
+
+Integrity (docs/search.md, "Integrity"): :meth:`VideoIndex.open` checks ``index.json`` field by field,
+the ``.npy`` header (dtype, shape, size) before reading any data, and the recorded SHA-256 of every
+file while reading it (``verify=False`` skips the hashing); NaN/inf never enters an index (such a
+video is listed as failed) and a non-finite score is never returned; :func:`load_index_model` checks
+the checkpoint and backbone files against the sizes and SHA-256 recorded at build time before reading
+them. Damage is a DataError / CheckpointError naming the file and the command that rebuilds the index
+(:func:`rebuild_command`). Indexes written before checksums open with a warning and a NaN/inf scan.
 """
 from __future__ import annotations
 
