@@ -355,6 +355,11 @@ def test_k_is_checked_alike_for_every_kind_and_entry_point(kinds, tmp_path):
         assert s.rank(q, 16)[1].shape == (1, 16)
         with pytest.raises(ConfigError, match="NaN or inf"):
             s.index.search(np.full((1, 64), np.nan, np.float32), 3, model=s.model)
+    # the FAISS file is checksummed too
+    faiss_file = fa / json.loads((fa / "index.json").read_text())["files"]["faiss"]
+    _flip(faiss_file, faiss_file.stat().st_size // 2)
+    r, = run_all(["search", fa, "a red circle"])
+    refused(r, f"{faiss_file}: its SHA-256 differs", "--rebuild")
     for bad in ("0", "-1", "101", "abc", "\u0663", "1.0", "", 0, 101):
         with pytest.raises(RequestError, match="k must be"):
             SearchService.check_k(bad)

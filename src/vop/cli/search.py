@@ -81,7 +81,7 @@ def search_cmd(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights, if not where the index recorded them."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The index's checkpoint, if it moved."),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: PyTorch's default)."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checksums of the index's files and the hashing of the backbone file (about 1.5 s per 2 GB of embeddings; see docs/search.md)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checksums of the index's files and the hashing of the backbone file (about 1.2 s per 2 GB of embeddings; see docs/search.md)."),
 ) -> None:
     """Rank the videos of an index for a text query (k > the index's size: every video)."""
     if threads > 0:
