@@ -81,37 +81,49 @@ def search_cmd(
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights, if not where the index recorded them."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The index's checkpoint, if it moved."),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: PyTorch's default)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checksums of the index's files and the hashing of the backbone file (about 1.2 s per 2 GB of embeddings; see docs/search.md)."),
 ) -> None:
-    """Rank the videos of an index for a text query."""
+    """Rank the videos of an index for a text query (k > the index's size: every video)."""
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
     from vop.errors import ConfigError
+    from vop.retrieval.index import check_k
     from vop.retrieval.search import Searcher
 
     if (query is None) == (queries is None):
         raise ConfigError("give a query or --queries FILE (one of them)")
-    if k < 1:
-        raise ConfigError("-k must be at least 1")
+    check_k(k, "-k")
     texts = [query] if query is not None else [ln.strip() for ln in queries.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if any(not t.strip() for t in texts):
         raise ConfigError("empty query")
-    s = Searcher.open(index, backbone=backbone, checkpoint=checkpoint)
+    s = Searcher.open(index, backbone=backbone, checkpoint=checkpoint, verify=not no_verify)
     results = []
     for i in range(0, len(texts), 256):
         results.extend(s.search(texts[i:i + 256], k, exact=exact or None, nprobe=nprobe, ef_search=ef_search))
     mode = "exact" if exact or not s.index.faiss_kind else s.index.faiss_kind
     for text, hits in zip(texts, results):
         if json_out:
-            typer.echo(json.dumps({"query": text, "index": str(index), "search": mode, "results": hits}, ensure_ascii=False,
-                                  indent=None if queries else 2))
+            typer.echo(_json({"query": text, "index": str(index), "search": mode, "results": hits}, index,
+                             indent=None if queries else 2))
             continue
         if len(texts) > 1:
             typer.echo(f"\n{text}")
         for h in hits:
             dur = f"{h['duration']:6.1f}s" if h.get("duration") is not None else ""
             typer.echo(f"{h['rank']:>3}  {h['score']:.4f}  {dur}  {h['id']}")
+
+
+def _json(obj, index: Path, indent: int | None) -> str:
+    """Strict JSON (no NaN/Infinity, which JSON does not have): a non-finite number is an error naming the index."""
+    from vop.errors import DataError
+
+    try:
+        return json.dumps(obj, ensure_ascii=False, indent=indent, allow_nan=False)
+    except ValueError as e:
+        raise DataError(f"{index}: a result holds a number JSON cannot represent ({e}); the index is damaged: "
+                        "rebuild it (vop index ... --rebuild)") from None
 
 
 def serve_cmd(
@@ -122,6 +134,7 @@ def serve_cmd(
     device: str = typer.Option("cpu", "--device"),
     threads: int = typer.Option(1, "--threads", help="CPU threads per query (1 keeps latency steady on a busy or small machine)."),
     allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="Also answer requests for this host name (repeatable; * for any). Default: IP addresses, localhost and the --host name."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checksums of the indexes' files and the hashing of the backbone files at start-up (see docs/search.md)."),
 ) -> None:
     """A web page and JSON API (GET /api/search?q=...&k=...&index=...) over one or more indexes."""
     import torch
@@ -133,7 +146,7 @@ def serve_cmd(
     if threads > 0:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    svc = SearchService.load(indexes, backbone=backbone, device=device)
+    svc = SearchService.load(indexes, backbone=backbone, device=device, verify=not no_verify)
     for d in svc.describe()["indexes"]:
         typer.echo(f"{d['name']}: {d['videos']} videos, {d['method']} ({d['checkpoint']}), "
                    f"{'shared' if d['shared_backbone'] else 'own'} backbone, {d['search']} search")

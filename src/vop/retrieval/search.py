@@ -20,11 +20,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from vop.errors import CheckpointError
-from vop.retrieval.index import VideoIndex, checkpoint_sha256, load_index_model
+from vop.errors import CheckpointError, ConfigError
+from vop.retrieval.index import (VideoIndex, check_k, check_model_record, checkpoint_sha256, kind_mismatch, load_index_model,
+                                 rebuild_command, verify_model_files)
 from vop.runtime import encode_texts, resolve_device
 
-__all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hits"]
+__all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hits", "checkpoint_pairwise"]
 
 
 def encode_queries(model, texts: Sequence[str], max_words: int | None = 32, tokenizer=None) -> torch.Tensor:
@@ -44,12 +45,34 @@ def shares_backbone(meta: dict[str, Any]) -> bool:
     return not method_facts(meta["method"]).trains_backbone
 
 
+def checkpoint_pairwise(checkpoint: str | os.PathLike) -> bool | None:
+    """Whether the model of a checkpoint scores pairwise (per-frame, text-conditioned: cma's q-score),
+    from its metadata alone (the model is built on the meta device: no weights are read). The authors'
+    ModelScope folders are dual encoders. None if it cannot be told (the loading says why later)."""
+    from vop.backbone.clip import CLIP
+    from vop.backbone.config import CLIPConfig
+    from vop.methods import create_model
+    from vop.methods.checkpoint import read_checkpoint_meta
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        return False
+    try:
+        meta = read_checkpoint_meta(path)
+        with torch.device("meta"):
+            m = create_model(meta["method"], CLIP(CLIPConfig.from_dict(meta["arch"])), frames=meta["frames"], **meta["options"])
+        return bool(getattr(m, "pairwise", False))
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint: its loading gives the clear error
+        return None
+
+
 class BackbonePool:
     """One CLIP per backbone name (weights file, shipped name or architecture), loaded on first use."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = resolve_device(device)
         self.clips: dict[tuple[str, Any], Any] = {}
+        self.digests: dict[tuple[str, int, int], str] = {}  # SHA-256 of the files checked: each read once
 
     def clip(self, backbone: str, arch: Any = None):
         """``arch``: the architecture of a weights file (a name or CLIPConfig, see ``load_clip``)."""
@@ -60,8 +83,10 @@ class BackbonePool:
             self.clips[key] = resolve_backbone(backbone, arch=arch).to(self.device).eval()
         return self.clips[key]
 
-    def model_for(self, info: dict[str, Any], *, backbone: str | None = None, checkpoint: str | os.PathLike | None = None):
-        """The model of an index's ``model`` record. Returns ``(model, shared)``."""
+    def model_for(self, info: dict[str, Any], *, backbone: str | None = None, checkpoint: str | os.PathLike | None = None,
+                  verify: bool = True, where: str = "the index", rebuild: str = "vop index ... --rebuild"):
+        """The model of an index's ``model`` record. Returns ``(model, shared)``. The checkpoint and the
+        backbone weights file are checked against the index's record first (:func:`verify_model_files`)."""
         from vop.backbone.config import CLIPConfig
         from vop.methods import create_model
         from vop.methods.checkpoint import check_backbone, load_trainable
@@ -70,12 +95,20 @@ class BackbonePool:
         ckpt = Path(checkpoint or info["checkpoint"])
         bb = backbone or info.get("backbone")
         if not shares_backbone(meta) or bb is None:
-            return load_index_model(info, backbone=bb, checkpoint=ckpt, device=self.device), False
+            return load_index_model(info, backbone=bb, checkpoint=ckpt, device=self.device, verify=verify,
+                                    memo=self.digests, where=where, rebuild=rebuild), False
         if not ckpt.exists():
             raise CheckpointError(f"{ckpt}: the index's prompt checkpoint is missing; pass its new location")
-        if checkpoint_sha256(ckpt) != info["checkpoint_sha256"]:
-            raise CheckpointError(f"{ckpt}: differs from the checkpoint this index was built with; re-run `vop index`")
-        clip = self.clip(str(bb), arch=CLIPConfig.from_dict(meta["arch"]))
+        if not verify_model_files(info, checkpoint=ckpt, backbone=bb, verify=verify, memo=self.digests, where=where,
+                                  rebuild=rebuild):
+            if checkpoint_sha256(ckpt) != info["checkpoint_sha256"]:
+                raise CheckpointError(f"{ckpt}: differs from the checkpoint this index was built with; re-run `vop index`")
+        try:
+            arch = CLIPConfig.from_dict(meta["arch"])
+        except Exception as e:  # noqa: BLE001 - index.json's copy of the checkpoint's architecture is damaged
+            raise CheckpointError(f"{where}: model.checkpoint_meta.arch is damaged ({type(e).__name__}: {e}); "
+                                  f"rebuild the index: {rebuild}") from None
+        clip = self.clip(str(bb), arch=arch)
         check_backbone(ckpt, meta, clip, True)
         model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
         load_trainable(model, ckpt, meta)
@@ -103,22 +136,35 @@ class Searcher:
     model: Any
     max_words: int = 32
     shared: bool = False
+    checkpoint: str | None = None  # the file the model was loaded from (for messages)
 
     def __post_init__(self):
         self._tok = self.model.tokenizer(max_words=self.max_words)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, backbone: str | None = None, checkpoint: str | os.PathLike | None = None,
-             device: torch.device | str = "cpu", pool: BackbonePool | None = None) -> "Searcher":
-        index = VideoIndex.open(path)
-        info = index.model_info
+             device: torch.device | str = "cpu", pool: BackbonePool | None = None, verify: bool = True) -> "Searcher":
+        """The index at ``path`` (:meth:`VideoIndex.open`; ``verify=False`` skips the checksums of its files
+        and the hashing of the backbone file) and its model: the checkpoint and backbone it records (or
+        ``checkpoint`` / ``backbone``: their new locations), refused if they are not the very files the
+        index was built with, or if the model's kind of scores (pairwise or dual encoder) differs."""
+        index = VideoIndex.open(path, verify=verify)
+        where, rebuild = f"the index {index.path}", rebuild_command(index.path, index.meta)
+        info = check_model_record(index.model_info, str(index.path / "index.json"), rebuild)
+        ckpt = Path(checkpoint or info["checkpoint"])
+        if checkpoint is not None:  # another file: a model of the other kind is named as such, before any hashing
+            kind = checkpoint_pairwise(ckpt)
+            if kind is not None and kind != index.pairwise:
+                raise ConfigError(kind_mismatch(index.path, index.pairwise, ckpt, kind, _method_of(ckpt), index.meta))
         if pool is not None:
-            model, shared = pool.model_for(info, backbone=backbone, checkpoint=checkpoint)
+            model, shared = pool.model_for(info, backbone=backbone, checkpoint=checkpoint, verify=verify, where=where,
+                                           rebuild=rebuild)
         else:
-            model, shared = load_index_model(info, backbone=backbone, checkpoint=checkpoint, device=device), False
-        index.check_model(model)  # a pairwise model and an index of one vector per video (or the reverse) do not mix
+            model, shared = load_index_model(info, backbone=backbone, checkpoint=checkpoint, device=device, verify=verify,
+                                             where=where, rebuild=rebuild), False
+        index.check_model(model, ckpt)  # a pairwise model and an index of one vector per video (or the reverse) do not mix
         settings = index.meta["settings"]  # (its frame count only mattered for encoding the videos)
-        return cls(index, model, settings.get("max_words", 32), shared)
+        return cls(index, model, settings.get("max_words", 32), shared, str(ckpt))
 
     @property
     def pairwise(self) -> bool:
@@ -127,17 +173,35 @@ class Searcher:
     def rank(self, q: torch.Tensor, k: int, *, exact: bool | None = None, nprobe: int | None = None,
              ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, rows) for encoded queries (:meth:`encode`): the index's search, with the model
-        for a pairwise index."""
+        for a pairwise index. ``k``: an integer >= 1; more than the index holds gives every video."""
         return self.index.search(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, model=self.model)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        return encode_queries(self.model, texts, tokenizer=self._tok)
+        q = encode_queries(self.model, texts, tokenizer=self._tok)
+        finite = torch.isfinite(q.reshape(len(q), -1)).all(1)
+        if not bool(finite.all()):
+            text = texts[int((~finite).nonzero()[0, 0])]
+            raise CheckpointError(f"{self.checkpoint or self.index.model_info.get('checkpoint')}: the model gave a "
+                                  f"non-finite (NaN/inf) embedding for the query {text[:80]!r}: its weights are damaged")
+        return q
 
     def search(self, texts: Sequence[str], k: int = 5, *, exact: bool | None = None, nprobe: int | None = None,
                ef_search: int | None = None) -> list[list[dict[str, Any]]]:
-        """For each text, the top-``k`` videos: dicts with rank, row, id, score (cosine), path, duration."""
+        """For each text, the top-``k`` videos: dicts with rank, row, id, score (cosine), path, duration.
+        ``k``: an integer >= 1; more than the index holds gives every video (the same for every kind of
+        index: exact, FAISS and pairwise)."""
+        k = check_k(k)
         if not len(texts):
             return []
         q = self.encode(texts)
         scores, rows = self.rank(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search)
         return [hits(self.index, s, r) for s, r in zip(scores, rows)]
+
+
+def _method_of(checkpoint: Path) -> str:
+    from vop.methods.checkpoint import read_checkpoint_meta
+
+    try:
+        return str(read_checkpoint_meta(checkpoint)["method"]) if not checkpoint.is_dir() else "ModelScope folder"
+    except Exception:  # noqa: BLE001
+        return "?"

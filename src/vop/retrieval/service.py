@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from vop.errors import ConfigError, VopError
+from vop.retrieval.index import check_k
 from vop.retrieval.search import BackbonePool, Searcher
 
 __all__ = ["SearchService", "RequestError", "NotFoundError", "MAX_QUERY_CHARS", "MAX_K", "parse_index_spec"]
@@ -30,6 +31,7 @@ MAX_QUERY_CHARS = 1000
 MAX_K = 100
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ROW = re.compile(r"[0-9]{1,12}")
+_K = re.compile(r"[+-]?[0-9]{1,12}")
 
 
 class RequestError(VopError):
@@ -90,8 +92,9 @@ class SearchService:
 
     @classmethod
     def load(cls, specs: Sequence[str], *, backbone: str | None = None, device: str = "cpu",
-             cache_size: int = 256) -> "SearchService":
-        """Load indexes (``PATH`` or ``NAME=PATH``); prompt sets on the same backbone share it."""
+             cache_size: int = 256, verify: bool = True) -> "SearchService":
+        """Load indexes (``PATH`` or ``NAME=PATH``); prompt sets on the same backbone share it.
+        ``verify=False``: skip the checksums (see :meth:`Searcher.open`)."""
         pool = BackbonePool(device)
         loaded, names = [], set()
         for spec in specs:
@@ -100,7 +103,7 @@ class SearchService:
                 name, base, i = _slug(path), _slug(path), 2
                 while name in names:
                     name, i = f"{base}-{i}", i + 1
-            searcher = Searcher.open(path, backbone=backbone, pool=pool)
+            searcher = Searcher.open(path, backbone=backbone, pool=pool, verify=verify)
             names.add(name)
             loaded.append(Loaded(name, searcher))
         return cls(loaded, pool, cache_size)
@@ -126,11 +129,18 @@ class SearchService:
 
     @staticmethod
     def check_k(k: Any) -> int:
-        try:
+        """An integer 1..MAX_K (a request parameter: ASCII digits), as every entry point checks k (>= 1;
+        more than the index holds gives every video), with the service's upper bound."""
+        if isinstance(k, str):
+            k = k.strip()
+            if not _K.fullmatch(k):
+                raise RequestError(f"k must be an integer between 1 and {MAX_K}, got {k[:24]!r}")
             k = int(k)
-        except (TypeError, ValueError):
+        try:
+            k = check_k(k)
+        except ConfigError:
             raise RequestError(f"k must be an integer between 1 and {MAX_K}, got {k!r}") from None
-        if not 1 <= k <= MAX_K:
+        if k > MAX_K:
             raise RequestError(f"k must be between 1 and {MAX_K}, got {k}")
         return k
 

@@ -10,7 +10,9 @@ Routes:
   by row in a loaded index, never by a path taken from the request.
 
 Errors are JSON ``{"error": message}`` with a 4xx status for anything the client sent wrong (empty,
-over-long or non-UTF-8 query, bad k, unknown index or row); 5xx only for bugs. A query string over
+over-long or non-UTF-8 query, bad k, unknown index or row); 500 with the message for a damaged index
+or model found while answering (a NaN score: see ``VideoIndex.search``), and 500 ``internal error`` for
+bugs. Responses are always valid JSON (Starlette writes them with ``allow_nan=False``). A query string over
 ``MAX_QUERY_BYTES`` gets 413 (``serve`` lets uvicorn read requests up to ``MAX_REQUEST_HEAD`` so that
 it can answer; beyond that uvicorn closes the connection).
 
@@ -27,7 +29,7 @@ import socket
 from typing import Iterable
 from urllib.parse import unquote_to_bytes
 
-from vop.errors import ConfigError
+from vop.errors import ConfigError, VopError
 from vop.retrieval.service import RequestError, SearchService
 
 __all__ = ["create_app", "serve", "require_web", "server_config", "is_loopback", "default_allowed_hosts", "MAX_QUERY_BYTES"]
@@ -146,6 +148,11 @@ def create_app(service: SearchService, allowed_hosts: Iterable[str] | None = Non
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError):
         return JSONResponse({"error": str(e)}, status_code=e.status)
+
+    @app.exception_handler(VopError)
+    async def _server_error(_: Request, e: VopError):  # a damaged index or model: the server's side, said clearly
+        log.error("%s", e)
+        return JSONResponse({"error": str(e)}, status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException):
