@@ -29,14 +29,21 @@ def _micro_backbone():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_checkpoints_written_before_the_refactor_load_with_identical_embeddings(case):
     """Every method's checkpoint written by the version before the descriptors (commit 0d5c82e, see
-    tests/scripts/make_v0_checkpoints.py) loads and gives bit-identical embeddings."""
+    tests/scripts/make_v0_checkpoints.py) loads: every stored tensor lands bit-identically in the model, and
+    the embeddings equal those the old version computed. The embeddings were written on another CPU: float32
+    rounding of the same operations differs between CPUs (measured up to 1.6e-6 on an AVX-512 Xeon against
+    the fixture), so they are compared at 1e-5; on the machine that wrote them they are bit-identical."""
     inputs, expected = load_file(str(V0 / "inputs.safetensors")), load_file(str(V0 / "expected.safetensors"))
     whole = method_facts(CASES[case]["method"]).whole_model
     model = load_checkpoint(V0 / f"{case}.safetensors", None if whole else _micro_backbone()).eval()
     assert model.name == CASES[case]["method"]
+    stored = load_file(str(V0 / f"{case}.safetensors"))
+    params = dict(model.named_parameters())
+    for name, t in stored.items():
+        assert torch.equal(params[name].detach(), t), name
     with torch.no_grad():
-        assert torch.equal(model.encode_text(inputs["tokens"]), expected[f"{case}.text"])
-        assert torch.equal(model.encode_video(inputs["video"]), expected[f"{case}.video"])
+        torch.testing.assert_close(model.encode_text(inputs["tokens"]), expected[f"{case}.text"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.encode_video(inputs["video"]), expected[f"{case}.video"], rtol=0, atol=1e-5)
 
 
 def test_every_method_declares_its_facts():
