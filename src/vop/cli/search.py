@@ -36,9 +36,19 @@ def index_cmd(
 ) -> None:
     """Encode every video of a folder or annotation file into a searchable index (resumable; run it
     again to add new or changed videos). Under torchrun, the ranks share the encoding."""
+    from vop import limits
     from vop.retrieval.index import build_index
     from vop.runtime import resolve_device
 
+    limits.check_options(("--batch-size", batch_size, 1, limits.MAX_BATCH, limits.WHY_BATCH),
+                         ("--frames", frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES),
+                         ("--image-size", image_size, 1, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
+                         ("--workers", workers, 0, limits.MAX_WORKERS),
+                         ("--nlist", nlist, 1, limits.MAX_ANN), ("--nprobe", nprobe, 1, limits.MAX_ANN),
+                         ("--hnsw-m", hnsw_m, 2, 1024), ("--ef-search", ef_search, 1, limits.MAX_ANN),
+                         ("--thumb-frames", thumb_frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES),
+                         ("--thumb-height", thumb_height, 2, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
+                         ("--max-words", max_words, 3, limits.MAX_CONTEXT))
     resolve_device(device)  # a clear error for a bad --device, before anything is loaded
     params = {"nlist": nlist, "nprobe": nprobe, "M": hnsw_m, "ef_search": ef_search}
     params = {k: v for k, v in params.items() if v is not None}
@@ -83,6 +93,10 @@ def search_cmd(
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: PyTorch's default)."),
 ) -> None:
     """Rank the videos of an index for a text query."""
+    from vop import limits
+
+    limits.check_options(("-k", k, 1, limits.MAX_ANN), ("--nprobe", nprobe, 1, limits.MAX_ANN),
+                         ("--ef-search", ef_search, 1, limits.MAX_ANN), ("--threads", threads, 0, limits.MAX_WORKERS))
     if threads > 0:
         import torch
 
@@ -126,9 +140,11 @@ def serve_cmd(
     """A web page and JSON API (GET /api/search?q=...&k=...&index=...) over one or more indexes."""
     import torch
 
+    from vop import limits
     from vop.retrieval.service import SearchService
     from vop.retrieval.web import require_web, serve
 
+    limits.check_options(("--port", port, 0, 65535), ("--threads", threads, 0, limits.MAX_WORKERS))
     require_web()
     if threads > 0:
         torch.set_num_threads(threads)
