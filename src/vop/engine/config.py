@@ -5,8 +5,8 @@
 
 Values (in files and overrides) are YAML with two YAML 1.2 fixes: only true/false are booleans
 ("yes", "on" stay strings and are rejected for bool fields), and exponent floats without a dot
-(1e-3) are floats. Every field is checked against its annotation: int, float (ints accepted),
-bool, str, Optional/``X | None``, Literal, list[...], dict[str, ...] (``dict[str, Any]`` is
+(1e-3) are floats. Every field is checked against its annotation: int (at most 64 bits), float
+(ints accepted; finite: no .nan or .inf), bool, str, Optional/``X | None``, Literal, list[...], dict[str, ...] (``dict[str, Any]`` is
 free-form, for method options) and nested dataclasses. Mistakes raise ``vop.errors.ConfigError``
 naming the key, where it came from, and what was expected.
 
