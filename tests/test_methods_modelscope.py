@@ -192,7 +192,7 @@ class Opaque:  # an arbitrary object: torch.load(weights_only=True) must refuse 
      r"configuration\.json: model type 'vop-retrieval-model'"),
     (lambda f: (f / "ViT-B-32.pt").unlink(), r"ViT-B-32\.pt: missing: the folder's CLIP backbone"),
     (_rewrite_config("vp_token_num", None), r"configuration\.json: hyperparam lacks vp_token_num"),
-    (_rewrite_config("tp_suffix_token_num", "4"), r"hyperparam tp_suffix_token_num must be an integer >= 0, got '4'"),
+    (_rewrite_config("tp_suffix_token_num", "4"), r"hyperparam tp_suffix_token_num must be an integer in 0\.\.4096, got '4'"),
     (_rewrite_config("pooling_type", "transformer"), r"pooling_type 'transformer' is not supported"),
     (_rewrite_config("input_res", 224), r"input_res 224, but the backbone takes 32 px frames"),
     (_rewrite_state(_wrong_text_prompts),

@@ -348,6 +348,18 @@ OUTRO = """
   `n_position`, `n_context`) are checked on a weightless (meta-device) model before any weights
   load (`ks` against a weights file's depth only once it is read, unless `model.backbone_arch`
   names its architecture).
+- **Bounds before allocation.** Every number a file, option or config gives is checked for type
+  (an integer is not a bool, a float or a string; a list is a list), finiteness (no NaN, no
+  infinity, no 401-digit integer) and range before anything is built (`vop/limits.py` lists the
+  bounds and why: at most 1024 frames per video, 4096 px, 2^20 videos per batch, 1024 prompt
+  tokens of a kind, towers of at most 256 layers and 16384 wide, text prompts that leave a
+  3-token caption in CLIP's context). Architecture records (`vop_clip_config`, a Hugging Face
+  `config.json`, the authors' `configuration.json`, a prompt checkpoint's metadata) are checked,
+  then compared with the tensors the file holds, shape by shape, before any model exists. Then a
+  model whose weights, or a training step whose estimated memory (`vop/memory.py`: a lower
+  bound), exceed what the CPU or GPU has free is refused, naming the options or settings
+  (`optim.batch_size`, `model.frames`, `model.image_size` ...) that made it large. Tests:
+  `tests/test_bounds.py`.
 - **Resume.** Training writes the new `state.pt` completely, then keeps the one before as
   `state.prev.pt` (a second name, then a rename: `state.pt` never disappears); a damaged
   `state.pt` is reported with the command that resumes from the previous one.

@@ -25,10 +25,11 @@ from typing import Any, Mapping
 import torch
 
 from vop.backbone.clip import CLIP
-from vop.backbone.config import (CLIPConfig, TextConfig, VisionConfig, arch_name, check_supported, get_arch,
-                                infer_config, is_arch, same_tensors)
+from vop import limits
+from vop.backbone.config import (ACTS, CLIPConfig, TextConfig, VisionConfig, arch_name, check_heads, check_supported,
+                                get_arch, infer_config, is_arch, parameter_count, same_tensors)
 from vop.backbone.torchscript import is_torchscript, read_torchscript
-from vop.errors import CheckpointError
+from vop.errors import CheckpointError, ConfigError
 
 FORMATS = (
     "an OpenAI TorchScript .pt, an open_clip/PyTorch state dict (.pt/.pth/.bin), a .safetensors "
@@ -168,23 +169,55 @@ def convert_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _hf_config(c: dict[str, Any]) -> CLIPConfig:
+def _hf_config(c: Any) -> CLIPConfig:
+    """A Hugging Face CLIPModel ``config.json`` as a CLIPConfig; every value it gives checked (types, ranges:
+    vop.limits) before anything is built, a CheckpointError naming the key otherwise."""
+    if not isinstance(c, dict):
+        raise CheckpointError(f"config.json must be a JSON object, got {type(c).__name__}")
     v, t = c.get("vision_config", {}), c.get("text_config", {})
+    for name, section in (("vision_config", v), ("text_config", t)):
+        if not isinstance(section, dict):
+            raise CheckpointError(f"config.json: {name} must be an object, got {type(section).__name__}")
     acts = {v.get("hidden_act", "quick_gelu"), t.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
-        raise CheckpointError(f"unsupported Hugging Face activation(s) {sorted(acts)}")
-    return CLIPConfig(
-        embed_dim=c.get("projection_dim", 512),
-        vision=VisionConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
-                            width=v.get("hidden_size", 768), layers=v.get("num_hidden_layers", 12),
-                            heads=v.get("num_attention_heads", 12),
-                            mlp_ratio=v.get("intermediate_size", 3072) / v.get("hidden_size", 768)),
-        text=TextConfig(context_length=t.get("max_position_embeddings", 77), vocab_size=t.get("vocab_size", 49408),
-                        width=t.get("hidden_size", 512), layers=t.get("num_hidden_layers", 12),
-                        heads=t.get("num_attention_heads", 8),
-                        mlp_ratio=t.get("intermediate_size", 2048) / t.get("hidden_size", 512)),
-        act=acts.pop(),
-    )
+        raise CheckpointError(f"unsupported Hugging Face activation(s) {sorted(acts, key=repr)}")
+
+    def num(section: dict, where: str, key: str, default: int) -> int:
+        value = section.get(key, default)
+        return limits.check_int(value, f"config.json: {where}{key}", 1, error=CheckpointError)
+
+    vw, tw = num(v, "vision_config.", "hidden_size", 768), num(t, "text_config.", "hidden_size", 512)
+    try:
+        return CLIPConfig(
+            embed_dim=num(c, "", "projection_dim", 512),
+            vision=VisionConfig(image_size=num(v, "vision_config.", "image_size", 224),
+                                patch_size=num(v, "vision_config.", "patch_size", 32), width=vw,
+                                layers=num(v, "vision_config.", "num_hidden_layers", 12),
+                                heads=num(v, "vision_config.", "num_attention_heads", 12),
+                                mlp_ratio=num(v, "vision_config.", "intermediate_size", 3072) / vw),
+            text=TextConfig(context_length=num(t, "text_config.", "max_position_embeddings", 77),
+                            vocab_size=num(t, "text_config.", "vocab_size", 49408), width=tw,
+                            layers=num(t, "text_config.", "num_hidden_layers", 12),
+                            heads=num(t, "text_config.", "num_attention_heads", 8),
+                            mlp_ratio=num(t, "text_config.", "intermediate_size", 2048) / tw),
+            act=acts.pop(),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"config.json describes an architecture vop cannot build: {e}") from None
+
+
+def _recorded_config(meta: dict[str, Any]) -> CLIPConfig:
+    """The architecture record of our own safetensors files (metadata ``vop_clip_config``), checked."""
+    try:
+        record = json.loads(meta[_META_KEY])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"its architecture record (metadata {_META_KEY}) is not valid JSON ({e}); "
+                              "re-save the weights with vop.save_clip, or remove the record to infer the "
+                              "architecture from the tensors") from None
+    try:
+        return CLIPConfig.from_dict(record)
+    except ConfigError as e:
+        raise CheckpointError(f"its architecture record (metadata {_META_KEY}) is not usable: {e}") from None
 
 
 def to_openai(sd: dict[str, torch.Tensor], meta: dict[str, Any], act: str | None = None,
@@ -192,7 +225,12 @@ def to_openai(sd: dict[str, torch.Tensor], meta: dict[str, Any], act: str | None
               arch: str | CLIPConfig | None = None) -> tuple[dict[str, torch.Tensor], CLIPConfig]:
     """Normalise keys to OpenAI names and work out the architecture: ``arch`` if given (the file's
     own record, if any, must agree), else the file's record (our metadata, a Hugging Face config),
-    else inferred from the tensors."""
+    else inferred from the tensors. Every record and ``heads=``/``act=`` is checked before use (vop.limits);
+    the tensors are compared with the architecture, shape by shape, by :func:`load_clip`."""
+    if heads is not None:
+        heads = check_heads(heads)
+    if act is not None and act not in ACTS:
+        raise CheckpointError(f"act= must be one of {', '.join(ACTS)}, got {act!r}")
     sd = _strip_prefixes(sd)
     for k in ("input_resolution", "context_length", "vocab_size"):  # scalars in OpenAI's archive
         sd.pop(k, None)
@@ -202,11 +240,13 @@ def to_openai(sd: dict[str, torch.Tensor], meta: dict[str, Any], act: str | None
         if "hf_config" in meta:
             recorded = _hf_config(meta["hf_config"])
     if recorded is None and _META_KEY in meta:
-        recorded = CLIPConfig.from_dict(json.loads(meta[_META_KEY]))
+        recorded = _recorded_config(meta)
     check_supported(sd)
     if arch is not None:
         if heads is not None:
             raise CheckpointError("give arch= or heads=, not both: the architecture fixes the head counts")
+        if not isinstance(arch, (str, CLIPConfig)):
+            raise CheckpointError(f"arch= must be an architecture name or a CLIPConfig, got {type(arch).__name__}")
         cfg = get_arch(arch) if isinstance(arch, str) else arch
         if recorded is not None and not same_tensors(recorded, cfg):
             raise CheckpointError(f"the file records a {_describe(recorded)}, not the {_describe(cfg)} named by arch=")
@@ -227,9 +267,21 @@ def _describe(cfg: CLIPConfig) -> str:
 # ---------------------------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------------------------
+def _check_clip_fits(cfg: CLIPConfig, what: str) -> None:
+    """Refuse (ConfigError) to build a CLIP whose float32 weights exceed the free memory of the CPU."""
+    from vop.memory import check_fits
+
+    n = parameter_count(cfg)
+    check_fits(4 * n, "cpu", f"the CLIP backbone {what} ({n:,} float32 parameters)",
+               "use a smaller architecture (vop.list_archs())")
+
+
 def build_clip(arch: str | CLIPConfig, seed: int | None = None) -> CLIP:
     """A randomly initialised CLIP of a registered architecture (for tests, counts and pretraining)."""
     cfg = get_arch(arch) if isinstance(arch, str) else arch
+    if not isinstance(cfg, CLIPConfig):
+        raise ConfigError(f"build_clip: an architecture name or a CLIPConfig, got {type(cfg).__name__}")
+    _check_clip_fits(cfg, arch_name(cfg) or "this architecture")
     if seed is not None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -286,6 +338,10 @@ def load_clip(path_or_name: str | os.PathLike, *, arch: str | CLIPConfig | None 
     if unexpected:
         raise CheckpointError(f"{p}: does not match a CLIP ViT ({len(unexpected)} unexpected tensors, e.g. "
                               f"{unexpected[:3]}); expected {FORMATS}")
+    try:
+        _check_clip_fits(cfg, f"of {p}")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     model = CLIP(cfg)
     model.load_state_dict({k: v.float() for k, v in sd.items()})
     return model

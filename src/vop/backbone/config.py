@@ -15,9 +15,27 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-from vop.errors import CheckpointError
+from vop import limits
+from vop.errors import CheckpointError, ConfigError
 
 Act = Literal["quick_gelu", "gelu"]
+ACTS = ("quick_gelu", "gelu")
+
+
+def _check_tower(c: "VisionConfig | TextConfig", tower: str) -> None:
+    """Types and bounds of a tower's sizes (vop.limits), before any module is built: a ConfigError naming
+    the field (``vision.width`` ...)."""
+    n = lambda f: f"architecture {tower}.{f}"  # noqa: E731
+    limits.check_int(c.width, n("width"), 1, limits.MAX_WIDTH)
+    limits.check_int(c.layers, n("layers"), 1, limits.MAX_LAYERS)
+    limits.check_int(c.heads, n("heads"), 1, c.width)
+    if c.width % c.heads:
+        raise ConfigError(f"{n('width')} {c.width} is not divisible by {tower}.heads {c.heads} (the attention heads "
+                          "split the width evenly)")
+    limits.check_float(c.mlp_ratio, n("mlp_ratio"), 0, None, lo_open=True)
+    if not 1 <= c.mlp_width <= limits.MAX_MLP_WIDTH:
+        raise ConfigError(f"{n('mlp_ratio')} {c.mlp_ratio!r} gives an MLP width of {c.mlp_width} for width {c.width}, "
+                          f"outside 1..{limits.MAX_MLP_WIDTH}")
 
 
 @dataclass(frozen=True)
@@ -28,6 +46,14 @@ class VisionConfig:
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check_tower(self, "vision")
+        limits.check_int(self.image_size, "architecture vision.image_size", 1, limits.MAX_IMAGE_SIZE)
+        limits.check_int(self.patch_size, "architecture vision.patch_size", 1, self.image_size)
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"architecture vision.image_size {self.image_size} is not a multiple of vision.patch_size "
+                              f"{self.patch_size}")
 
     @property
     def grid(self) -> int:
@@ -51,6 +77,11 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: float = 4.0
 
+    def __post_init__(self) -> None:
+        _check_tower(self, "text")
+        limits.check_int(self.context_length, "architecture text.context_length", limits.MIN_CAPTION, limits.MAX_CONTEXT)
+        limits.check_int(self.vocab_size, "architecture text.vocab_size", 1, limits.MAX_VOCAB)
+
     @property
     def mlp_width(self) -> int:
         return int(round(self.width * self.mlp_ratio))
@@ -63,14 +94,37 @@ class CLIPConfig:
     text: TextConfig = field(default_factory=TextConfig)
     act: Act = "quick_gelu"
 
+    def __post_init__(self) -> None:
+        """Every size checked (types, ranges, heads dividing widths: vop.limits) when the config is made,
+        so no CLIP is ever built, not even on the meta device, from an absurd one: a ConfigError."""
+        limits.check_int(self.embed_dim, "architecture embed_dim", 1, limits.MAX_WIDTH)
+        for name, kind in (("vision", VisionConfig), ("text", TextConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"architecture {name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+        if self.act not in ACTS:
+            raise ConfigError(f"architecture act must be one of {', '.join(ACTS)}, got {self.act!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
-        d = dict(d)
-        vision = VisionConfig(**d.pop("vision", {}))
-        text = TextConfig(**d.pop("text", {}))
+    def from_dict(cls, d: Any) -> "CLIPConfig":
+        """From :meth:`to_dict`'s layout; a ConfigError for anything else (not a mapping, unknown or
+        missing-typed keys, out-of-range sizes), never a TypeError."""
+        def fields_of(kind: type, value: Any, where: str) -> dict[str, Any]:
+            if not isinstance(value, dict):
+                raise ConfigError(f"architecture{' ' + where if where else ''} must be a mapping of sizes, got "
+                                  f"{type(value).__name__}")
+            names = [f.name for f in dataclasses.fields(kind)]
+            unknown = sorted(map(str, set(value) - set(names)))
+            if unknown:
+                raise ConfigError(f"architecture{' ' + where if where else ''} has unknown key(s) {', '.join(unknown)}; "
+                                  f"known: {', '.join(names)}")
+            return dict(value)
+
+        d = fields_of(cls, d, "")
+        vision = VisionConfig(**fields_of(VisionConfig, d.pop("vision", {}), "vision"))
+        text = TextConfig(**fields_of(TextConfig, d.pop("text", {}), "text"))
         return cls(vision=vision, text=text, **d)
 
     def key(self) -> str:
@@ -173,6 +227,19 @@ def shapes(cfg: CLIPConfig) -> tuple[int, ...]:
             t.context_length, t.vocab_size, t.width, t.layers, t.mlp_width)
 
 
+def parameter_count(cfg: CLIPConfig) -> int:
+    """The number of parameters of ``CLIP(cfg)``, from the sizes alone (no module is built; equal to
+    ``sum(p.numel() for p in CLIP(cfg).parameters())``, tests/test_bounds.py checks it)."""
+    def tower(c: VisionConfig | TextConfig) -> int:
+        w, m = c.width, c.mlp_width
+        block = (3 * w * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w) + 4 * w  # attn, mlp, ln_1, ln_2
+        return c.layers * block + 2 * w  # + the final LayerNorm (ln_post / ln_final)
+    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+    vision = 3 * v.patch_size**2 * v.width + v.width + (v.num_patches + 1) * v.width + 2 * v.width + tower(v) + v.width * e
+    text = t.vocab_size * t.width + t.context_length * t.width + tower(t) + t.width * e
+    return vision + text + 1  # + the logit scale
+
+
 def same_tensors(a: CLIPConfig, b: CLIPConfig) -> bool:
     """Whether weights of ``a`` load into ``b`` and compute the same (up to the activation)."""
     return shapes(a) == shapes(b) and (a.vision.heads, a.text.heads) == (b.vision.heads, b.text.heads)
@@ -225,6 +292,16 @@ def _tower_heads(kind: str, width: int, layers: int, mlp_width: int) -> int:
     return width // 64
 
 
+def check_heads(heads: Any) -> tuple[int, int]:
+    """``heads=(vision_heads, text_heads)`` as given to load_clip: two integers >= 1 (whether they divide the
+    widths is checked with the rest of the architecture); a CheckpointError naming ``heads=`` otherwise."""
+    if not (isinstance(heads, (tuple, list)) and len(heads) == 2):
+        raise CheckpointError(f"heads= must be (vision_heads, text_heads), two integers >= 1, got {heads!r}")
+    for h, tower in zip(heads, ("vision", "text")):
+        limits.check_int(h, f"heads=: the {tower} head count", 1, limits.MAX_WIDTH, error=CheckpointError)
+    return int(heads[0]), int(heads[1])
+
+
 def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, int] | None = None) -> CLIPConfig:
     """Infer the architecture from an OpenAI/open_clip-named state dict (as OpenAI's build_model does).
 
@@ -253,15 +330,27 @@ def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, i
         thidden = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except KeyError as e:
         raise CheckpointError(f"not a CLIP ViT state dict: missing key {e.args[0]!r}") from None
+    except (IndexError, ValueError) as e:  # a tensor of the wrong rank (a 1-d conv1 ...)
+        raise CheckpointError(f"not a CLIP ViT state dict: a tensor has an unexpected shape ({e})") from None
+    given = heads is not None
     if heads is None:
         heads = (_tower_heads("vision", vwidth, vlayers, vhidden), _tower_heads("text", twidth, tlayers, thidden))
-    cfg = CLIPConfig(
-        embed_dim=embed_dim,
-        vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=vwidth, layers=vlayers, heads=heads[0],
-                            mlp_ratio=vhidden / vwidth),
-        text=TextConfig(context_length=context, vocab_size=vocab, width=twidth, heads=heads[1], layers=tlayers,
-                        mlp_ratio=thidden / twidth),
-    )
+    else:
+        heads = check_heads(heads)
+    try:
+        if not (vwidth and twidth):
+            raise ConfigError(f"a tower of width 0 (image {vwidth}, text {twidth})")
+        cfg = CLIPConfig(
+            embed_dim=embed_dim,
+            vision=VisionConfig(image_size=grid * patch, patch_size=patch, width=vwidth, layers=vlayers, heads=heads[0],
+                                mlp_ratio=vhidden / vwidth),
+            text=TextConfig(context_length=context, vocab_size=vocab, width=twidth, heads=heads[1], layers=tlayers,
+                            mlp_ratio=thidden / twidth),
+        )
+    except ConfigError as e:
+        if given and "heads" in str(e):
+            raise CheckpointError(f"heads={tuple(heads)} do not fit these tensors: {e}") from None
+        raise CheckpointError(f"the tensors describe an architecture vop cannot build: {e}") from None
     known = [c for c in _REGISTRY.values() if same_tensors(c, cfg)]
     if act is None:
         acts = {c.act for c in known}

@@ -45,9 +45,12 @@ def verify_cmd(
 ) -> None:
     """Check that every video of a split exists and that the frames training and evaluation read
     decode (test sampling and a train draw); write a manifest of the bad ones."""
+    from vop import limits
     from vop.data.files import summarize_skipped
     from vop.data.verify import manifest_path, verify, write_manifest
 
+    limits.check_options(("--workers", workers, 0, limits.MAX_WORKERS),
+                         ("--frames", frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES))
     split = split or get_format(dataset).default_split
     report = verify(dataset, root, split, videos_dir=videos, annotations=annotations, num_workers=workers,
                     progress=True, frames=frames)
@@ -85,9 +88,13 @@ def cache_cmd(
     workers: int = _WORKERS,
 ) -> None:
     """Store the test-sampled frames of every video, for fast evaluation (--cache-dir)."""
+    from vop import limits
     from vop.data.cache import build_cache
     from vop.data.loading import get_dataset
 
+    limits.check_options(("--workers", workers, 0, limits.MAX_WORKERS),
+                         ("--frames", frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES),
+                         ("--size", size, 1, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE))
     split = split or get_format(dataset).default_split
     ds = get_dataset(dataset, root, split, frames=frames, size=size, train=False, videos_dir=videos,
                      annotations=annotations)
@@ -105,9 +112,11 @@ def synth_cmd(
     size: str = typer.Option("small", "--size", help="smoke, small or full."),
 ) -> None:
     """Generate the synthetic world: mp4 videos, captions.jsonl (collection format), stills."""
+    from vop import limits
     from vop.data.synth import WORLD_SIZES, generate_world
     from vop.errors import ConfigError
 
+    limits.check_options(("--seed", seed, 0, limits.INT64_MAX))
     if size not in WORLD_SIZES:
         raise ConfigError(f"--size {size!r}: choose one of {', '.join(WORLD_SIZES)}")
     world = generate_world(out, seed=seed, size=size, progress=True)

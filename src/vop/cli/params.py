@@ -56,8 +56,10 @@ def params(
     out: Optional[str] = typer.Option(None, "--out", help="Also write the JSON to this file."),
 ) -> None:
     """Trainable parameters of every method and their share of the backbone."""
+    from vop import limits
     from vop.backbone.config import get_arch
 
+    limits.check_options(("--frames", frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES))
     get_arch(backbone)  # clear error for an unknown name
     rows = params_table(backbone, frames)
     if out:

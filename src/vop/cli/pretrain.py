@@ -12,6 +12,21 @@ def register(app: typer.Typer) -> None:
     app.command("pretrain")(pretrain_cmd)
 
 
+MAX_STEPS = 10_000_000
+
+
+def _check_memory(clip_cfg, batch_size: int) -> None:
+    """Every CLIP weight trains on ``batch_size`` stills and captions a step: refuse a step that cannot fit."""
+    from vop.backbone.config import parameter_count
+    from vop.memory import check_fits, estimate_train_step
+
+    n = parameter_count(clip_cfg)
+    est = estimate_train_step(clip_cfg, parameters=n, trainable=n, batch=batch_size, frames=1,
+                              image_size=clip_cfg.vision.image_size, text_tokens=clip_cfg.text.context_length,
+                              kept={"visual": (0, clip_cfg.vision.layers), "text": (0, clip_cfg.text.layers)})
+    check_fits(est["total"], "cpu", f"a pretraining step of {batch_size} stills", "lower --batch-size or --size")
+
+
 def pretrain_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Weights file to write (.safetensors, OpenAI names)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the init and of the still stream (same seed: same weights)."),
@@ -38,14 +53,26 @@ def pretrain_cmd(
     from vop.engine.pretrain import PretrainConfig, pretrain, zero_shot_stills
     from vop.errors import ConfigError
 
+    from vop import limits
+
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1 (got {threads})")
+    if not lr > 0:
+        raise ConfigError(f"--lr must be > 0, got {lr}")
+    limits.check_options(("--seed", seed, 0, limits.INT64_MAX), ("--steps", steps, 1, MAX_STEPS),
+                         ("--batch-size", batch_size, 2, limits.MAX_BATCH, "stills per step"), ("--lr", lr, 0, None),
+                         ("--warmup", warmup, 0, MAX_STEPS), ("--weight-decay", weight_decay, 0, None),
+                         ("--size", size, 1, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
+                         ("--canvas", canvas, 1, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
+                         ("--threads", threads, 1, limits.MAX_WORKERS), ("--text-buckets", text_buckets, 1, limits.MAX_BATCH),
+                         ("--eval-stills", eval_stills, 0, limits.MAX_BATCH))
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     cfg = PretrainConfig(arch=arch, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
                          weight_decay=weight_decay, seed=seed, canvas=canvas, image_size=size, threads=threads,
                          text_buckets=text_buckets)
     clip_cfg = cfg.clip_config()  # clear errors before any work
+    _check_memory(clip_cfg, batch_size)
     result = pretrain(cfg, progress=True)
     dtype = torch.float32 if fp32 else torch.float16
     save_clip(result.model, out, dtype=dtype)

@@ -36,9 +36,19 @@ def index_cmd(
 ) -> None:
     """Encode every video of a folder or annotation file into a searchable index (resumable; run it
     again to add new or changed videos). Under torchrun, the ranks share the encoding."""
+    from vop import limits
     from vop.retrieval.index import build_index
     from vop.runtime import resolve_device
 
+    limits.check_options(("--batch-size", batch_size, 1, limits.MAX_BATCH, limits.WHY_BATCH),
+                         ("--frames", frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES),
+                         ("--image-size", image_size, 1, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
+                         ("--workers", workers, 0, limits.MAX_WORKERS),
+                         ("--nlist", nlist, 1, limits.MAX_ANN), ("--nprobe", nprobe, 1, limits.MAX_ANN),
+                         ("--hnsw-m", hnsw_m, 2, 1024), ("--ef-search", ef_search, 1, limits.MAX_ANN),
+                         ("--thumb-frames", thumb_frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES),
+                         ("--thumb-height", thumb_height, 2, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
+                         ("--max-words", max_words, 3, limits.MAX_CONTEXT))
     resolve_device(device)  # a clear error for a bad --device, before anything is loaded
     params = {"nlist": nlist, "nprobe": nprobe, "M": hnsw_m, "ef_search": ef_search}
     params = {k: v for k, v in params.items() if v is not None}
@@ -84,12 +94,17 @@ def search_cmd(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checksums of the index's files and the hashing of the backbone file (about 1.2 s per 2 GB of embeddings; see docs/search.md)."),
 ) -> None:
     """Rank the videos of an index for a text query (k > the index's size: every video)."""
+    from vop import limits
+    from vop.retrieval.index import check_k
+
+    check_k(k, "-k")  # as every entry point checks k (more than the index holds: every video)
+    limits.check_options(("-k", k, 1, limits.MAX_ANN), ("--nprobe", nprobe, 1, limits.MAX_ANN),
+                         ("--ef-search", ef_search, 1, limits.MAX_ANN), ("--threads", threads, 0, limits.MAX_WORKERS))
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
     from vop.errors import ConfigError
-    from vop.retrieval.index import check_k
     from vop.retrieval.search import Searcher
 
     if (query is None) == (queries is None):
@@ -139,9 +154,11 @@ def serve_cmd(
     """A web page and JSON API (GET /api/search?q=...&k=...&index=...) over one or more indexes."""
     import torch
 
+    from vop import limits
     from vop.retrieval.service import SearchService
     from vop.retrieval.web import require_web, serve
 
+    limits.check_options(("--port", port, 0, 65535), ("--threads", threads, 0, limits.MAX_WORKERS))
     require_web()
     if threads > 0:
         torch.set_num_threads(threads)

@@ -66,10 +66,13 @@ def eval_cmd(
         raise ConfigError("give exactly one of --checkpoint or --method")
     if checkpoint and backbone_arch:
         raise ConfigError("--backbone-arch is for --method: a checkpoint records its backbone's architecture")
-    for name, value, least in (("--frames", frames, 1), ("--image-size", image_size, 1), ("--batch-size", batch_size, 1),
-                               ("--max-words", max_words, 3), ("--num-workers", num_workers, 0)):
-        if value is not None and value < least:
-            raise ConfigError(f"{name} must be >= {least}, got {value}")
+    from vop import limits
+
+    limits.check_options(("--frames", frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES),
+                         ("--image-size", image_size, 1, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
+                         ("--batch-size", batch_size, 1, limits.MAX_BATCH, limits.WHY_BATCH),
+                         ("--max-words", max_words, 3, limits.MAX_CONTEXT),
+                         ("--num-workers", num_workers, 0, limits.MAX_WORKERS))
     if postprocess not in ("none", "dsl"):
         raise ConfigError(f"--postprocess must be none or dsl, got {postprocess!r} (QB-Norm needs training captions: "
                           "use eval.postprocess=qbnorm in a training config)")
@@ -91,7 +94,14 @@ def eval_cmd(
     # before any video is decoded: can this model take that many frames? (model.frames is never changed)
     frames = model.check_frames(frames, str(checkpoint or method))
     model.to(dev)
-    ds = get_dataset(dataset, root, split, frames=frames, size=image_size or model.clip.cfg.vision.image_size, train=False)
+    size = image_size or model.clip.cfg.vision.image_size
+    ds = get_dataset(dataset, root, split, frames=frames, size=size, train=False)
+    # a batch of decoded videos (and its normalised copy) must fit, before the first is decoded
+    from vop.memory import check_fits
+
+    videos = max(1, min(batch_size, len(ds)))
+    check_fits(2 * 4 * videos * frames * 3 * size * size, dev, f"a batch of {videos} videos of {frames} frames at {size} px",
+               "lower --batch-size, --frames or --image-size")
     out = evaluate(model, ds, batch_size=batch_size, device=dev, num_workers=num_workers, max_words=max_words,
                    postprocess=postprocess, progress=not quiet, allow_partial=allow_partial)
     m = out.metrics

@@ -5,8 +5,8 @@
 
 Values (in files and overrides) are YAML with two YAML 1.2 fixes: only true/false are booleans
 ("yes", "on" stay strings and are rejected for bool fields), and exponent floats without a dot
-(1e-3) are floats. Every field is checked against its annotation: int, float (ints accepted),
-bool, str, Optional/``X | None``, Literal, list[...], dict[str, ...] (``dict[str, Any]`` is
+(1e-3) are floats. Every field is checked against its annotation: int (at most 64 bits), float
+(ints accepted; finite: no .nan or .inf), bool, str, Optional/``X | None``, Literal, list[...], dict[str, ...] (``dict[str, Any]`` is
 free-form, for method options) and nested dataclasses. Mistakes raise ``vop.errors.ConfigError``
 naming the key, where it came from, and what was expected.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -27,7 +28,9 @@ from typing import Any, ClassVar, Literal, Sequence, TypeVar
 
 import yaml
 
+from vop import limits
 from vop.errors import ConfigError
+from vop.limits import INT64_MAX
 
 __all__ = [
     "load_config", "config_to_dict", "save_config", "parse_override", "check_ranges", "bounded",
@@ -154,9 +157,19 @@ def _convert(tp, value, key: str, where: str):
         ok = isinstance(value, bool)
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and abs(value) > INT64_MAX:  # would overflow inside torch/numpy, far from any meaningful setting
+            raise ConfigError(f"{where}: '{key}' must be an integer of at most 64 bits (|n| < 2**63), got a "
+                              f"{len(str(abs(value)))}-digit number")
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        if ok:
+            try:
+                value = float(value)
+            except OverflowError:  # an int too large for a float
+                raise ConfigError(f"{where}: '{key}' must be a finite number, got a {len(str(abs(value)))}-digit "
+                                  "integer") from None
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: '{key}' must be a finite number, got {value!r}")
     elif tp is str:
         ok = isinstance(value, str)
     else:
@@ -184,11 +197,12 @@ def bounded(default: Any, *, min: float | None = None, max: float | None = None,
 
 def _describe_range(r: tuple) -> str:
     lo, lo_open, hi, hi_open = r
+    num = lambda x: str(x) if isinstance(x, int) else f"{x:g}"  # noqa: E731
     if hi is None:
-        return f"{'>' if lo_open else '>='} {lo:g}"
+        return f"{'>' if lo_open else '>='} {num(lo)}"
     if lo is None:
-        return f"{'<' if hi_open else '<='} {hi:g}"
-    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        return f"{'<' if hi_open else '<='} {num(hi)}"
+    return f"in {'(' if lo_open else '['}{num(lo)}, {num(hi)}{')' if hi_open else ']'}"
 
 
 def _check_range(f: dataclasses.Field, value: Any, key: str, where: str) -> None:
@@ -199,17 +213,23 @@ def _check_range(f: dataclasses.Field, value: Any, key: str, where: str) -> None
     ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or (value < hi if hi_open else value <= hi))
     if not ok:  # (NaN fails every comparison: refused too)
         none = f" (or null: {f.metadata['null']})" if f.metadata.get("null") else ""
-        raise ConfigError(f"{where}: '{key}' must be {_describe_range(r)}{none}, got {value!r}")
+        low_ok = lo is None or (value > lo if lo_open else value >= lo)
+        high_ok = hi is None or (value < hi if hi_open else value <= hi)
+        side = (lo, lo_open, None, None) if high_ok and not low_ok else r  # too small: the lower bound is the news
+        raise ConfigError(f"{where}: '{key}' must be {_describe_range(side)}{none}, got {value!r}")
 
 
 def check_ranges(cfg: Any, where: str = "config", prefix: str = "") -> None:
-    """Check every bounded field of a config dataclass tree (e.g. one built in Python, not loaded)."""
+    """Check every field of a config dataclass tree (e.g. one built in Python, not loaded) against its
+    annotation (types, finite floats, 64-bit ints) and its range."""
+    hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = f"{prefix}.{f.name}" if prefix else f.name
         if dataclasses.is_dataclass(value):
             check_ranges(value, where, key)
         else:
+            _convert(hints[f.name], value, key, where)
             _check_range(f, value, key, where)
 
 
@@ -319,14 +339,22 @@ def save_config(obj, path: str | Path) -> None:
 
 
 # --- the VoP run configuration -------------------------------------------------------------------
+#
+# Upper bounds (vop.limits, whose docstring says why each): frames, image size, batch sizes and the
+# caption budget as there; at most MAX_WORKERS decoding processes and MAX_EPOCHS epochs. Every float is
+# finite and every integer 64-bit wherever it comes from (_convert); what fits the machine is checked
+# from a memory estimate when a run starts (vop.memory, vop.engine.trainer).
+
+MAX_WORKERS = limits.MAX_WORKERS
+MAX_EPOCHS = 100_000
 
 @dataclass
 class ModelConfig:
     method: str = "vop"              # a name in the method registry (vop, vop-f, full, zeroshot, ...)
     backbone: str = "ViT-B/32"       # an architecture name or a weights file
     backbone_arch: str | None = None  # the weights file's architecture (ViT-H-14 ...); None: its record or inferred
-    frames: int = bounded(12, min=1)  # frames sampled per video (the data pipeline reads it here)
-    image_size: int | None = bounded(None, min=1, null="the backbone's resolution")  # None: the backbone's native resolution
+    frames: int = bounded(12, min=1, max=limits.MAX_FRAMES)  # frames sampled per video (the data pipeline reads it here)
+    image_size: int | None = bounded(None, min=1, max=limits.MAX_IMAGE_SIZE, null="the backbone's resolution")  # None: the backbone's native resolution
     options: dict[str, Any] = field(default_factory=dict)  # method options: n_text, n_video, ks, depth...
 
 
@@ -338,8 +366,8 @@ class DataConfig:
     val_split: str | None = "val"    # None: no validation split (see val_fraction)
     test_split: str = "test"
     val_fraction: float = bounded(0.0, min=0, max=1, max_open=True)  # hold out this part of train as validation (datasets without val)
-    max_words: int = bounded(32, min=3)  # caption token budget ([SOT] + words + [EOT])
-    num_workers: int = bounded(2, min=0)
+    max_words: int = bounded(32, min=3, max=limits.MAX_CONTEXT)  # caption token budget ([SOT] + words + [EOT])
+    num_workers: int = bounded(2, min=0, max=MAX_WORKERS)
     augment: bool = False
     videos_dir: str | None = None    # None: ROOT/videos (or ROOT)
     max_skipped: float = bounded(0.01, min=0, max=1)  # fail when an epoch loses more than this fraction of its samples to unreadable/missing videos
@@ -347,14 +375,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = bounded(5, min=0)
-    batch_size: int = bounded(32, min=1)
+    epochs: int = bounded(5, min=0, max=MAX_EPOCHS)
+    batch_size: int = bounded(32, min=1, max=limits.MAX_BATCH)
     lr: float = bounded(1e-3, min=0, min_open=True)  # prompts and new modules
     backbone_lr: float = bounded(1e-6, min=0)  # CLIP weights, for methods that train them
     weight_decay: float = bounded(0.2, min=0)
     warmup_fraction: float = bounded(0.1, min=0, max=1)  # of all optimiser steps, then cosine decay
     grad_clip: float | None = bounded(1.0, min=0, min_open=True, null="no clipping")  # max global grad norm; None: no clipping
-    accumulate: int = bounded(1, min=1)  # gradient accumulation steps
+    accumulate: int = bounded(1, min=1, max=limits.MAX_BATCH)  # gradient accumulation steps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     grad_checkpointing: bool = False
     select_metric: str = "rsum"      # val-selection: rsum (t2v R1+R5+R10) or a key like t2v.R1
@@ -362,11 +390,11 @@ class OptimConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = bounded(64, min=1)
+    batch_size: int = bounded(64, min=1, max=limits.MAX_BATCH)
     # Optional re-scoring (vop.engine.metrics); "none" reproduces the paper's protocol.
     postprocess: Literal["none", "dsl", "qbnorm"] = "none"
     dsl_temperature: float = bounded(100.0, min=0, min_open=True)  # multiplies cosine scores: sim * softmax(100 * sim) as in X-Pool
-    qb_k: int = bounded(1, min=1)  # QB-Norm paper defaults (Bogolin et al. 2022)
+    qb_k: int = bounded(1, min=1, max=limits.MAX_BATCH)  # QB-Norm paper defaults (Bogolin et al. 2022)
     qb_beta: float = bounded(20.0, min=0)
     every_epoch: bool = True
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vop.backbone.config import get_arch, is_arch
+from vop.backbone.config import arch_name, get_arch, is_arch
 from vop.data import augment_draws, build_loader, get_dataset, to_model_input
 from vop.data.dataset import VideoTextDataset
 from vop.engine.config import RunConfig, check_ranges, load_config, save_config
@@ -69,7 +69,11 @@ class Datasets:
 # ----------------------------------------------------------------------------------------------
 # validation of the configuration, before any work starts
 # ----------------------------------------------------------------------------------------------
-def check_config(cfg: RunConfig, world_size: int = 1) -> None:
+def check_config(cfg: RunConfig, world_size: int = 1, device: torch.device | None = None) -> None:
+    """Every setting checked before any work: types and ranges, the method's options on the backbone's
+    architecture (a meta-device build), and, with ``device`` and a backbone named by architecture, whether
+    the model and its first training step fit that device's memory (:func:`check_step_memory`; for a
+    weights file that is checked once its architecture is read)."""
     check_ranges(cfg)  # a config built in Python skips load_config's checks
     cls = get_method(cfg.model.method)
     with plugin_errors(cfg.model.method):  # a third-party method's own failure: a ConfigError naming its plugin
@@ -97,10 +101,56 @@ def check_config(cfg: RunConfig, world_size: int = 1) -> None:
             get_arch(cfg.model.backbone_arch)
         except CheckpointError as e:
             raise ConfigError(f"model.backbone_arch: {e}") from None
-    _check_model_options(cfg)
+    model, exact = _check_model_options(cfg)
+    if device is not None and exact:
+        check_step_memory(cfg, model, device, world_size)
 
 
-def _check_model_options(cfg: RunConfig) -> None:
+def check_step_memory(cfg: RunConfig, model, device: torch.device, world_size: int = 1, loaded: int = 0) -> None:
+    """Refuse (ConfigError naming the settings to lower) a run whose model and first training step cannot
+    fit ``device``'s free memory, from :func:`vop.memory.estimate_model_step` on ``model`` (built on the
+    meta device with the run's method, options and frames); ``loaded``: bytes of it already in that
+    memory (a backbone read from a file on the CPU). The estimate is a lower bound: only a run that
+    certainly cannot fit is refused."""
+    from vop.memory import check_fits, estimate_model_step, format_bytes
+
+    o = cfg.optim
+    size = cfg.model.image_size or model.clip.cfg.vision.image_size
+    batch = max(1, o.batch_size // world_size // o.accumulate)
+    amp = autocast_dtype(device, o.precision) is not None
+    trains = bool(o.epochs) and any(p.requires_grad for p in model.parameters())
+    est = estimate_model_step(model, batch=batch if trains else 0, frames=cfg.model.frames, image_size=size,
+                              text_tokens=min(cfg.data.max_words, model.max_text_tokens),
+                              grad_checkpointing=o.grad_checkpointing, amp=amp)
+    if not trains:
+        est["total"] = est["weights"]
+    # evaluation (every epoch and at the end) decodes eval.batch_size videos at a time
+    evaluation = est["weights"] + 2 * 4 * cfg.eval.batch_size * cfg.model.frames * 3 * size * size
+    needed = max(est["total"], evaluation) - loaded
+
+    def hint() -> str:
+        f, s = cfg.model.frames, size
+        step = (f"the step: weights {format_bytes(est['weights'])}, optimiser state {format_bytes(est['optimizer'])}, "
+                f"activations {format_bytes(est['activations'])} for {batch} videos x {f} frames x {est['video_tokens']} "
+                f"image tokens, inputs {format_bytes(est['inputs'])}")
+        if est["total"] < evaluation:
+            return (f"evaluation decodes eval.batch_size={cfg.eval.batch_size} videos of {f} frames at {s} px at a time: "
+                    "lower eval.batch_size, model.frames or model.image_size")
+        if est["activations"] + est["inputs"] >= est["weights"] + est["optimizer"]:
+            return (f"{step}; lower optim.batch_size ({o.batch_size}; or raise optim.accumulate, {o.accumulate}), "
+                    f"model.frames ({f}) or model.image_size ({s}), or set optim.grad_checkpointing=true")
+        from vop.methods import large_options
+
+        culprits = large_options(type(model), model.opts, model.clip.cfg, cfg.model.frames)
+        fix = ("lower " + ", ".join(culprits)) if culprits else "use a smaller backbone or smaller method options"
+        return f"{step}; the model itself is too large: {fix}"
+
+    what = f"training {cfg.model.method} on {arch_name(model.clip.cfg) or 'this backbone'}" if trains else \
+        f"evaluating {cfg.model.method}"
+    check_fits(needed, device, what, hint)
+
+
+def _check_model_options(cfg: RunConfig) -> tuple[nn.Module, bool]:
     """Build the model on the meta device (no memory, no weights read), so that method options out of
     range (ks beyond the layers, n_position beyond n_video ...) fail before any work. For a weights
     file whose architecture is not given (model.backbone_arch), the method's ``depth_options`` (ks ...)
@@ -109,6 +159,7 @@ def _check_model_options(cfg: RunConfig) -> None:
     if arch is None and is_arch(cfg.model.backbone) and not os.path.exists(cfg.model.backbone):
         arch = cfg.model.backbone
     options = dict(cfg.model.options)
+    exact = arch is not None  # the model built is the run's (not a stand-in for a weights file's architecture)
     if arch is None:  # a weights file: check what does not depend on its depth on any architecture
         arch = "tiny"
         for name in get_method(cfg.model.method).depth_options:
@@ -116,7 +167,8 @@ def _check_model_options(cfg: RunConfig) -> None:
     from vop.backbone.clip import CLIP
 
     with torch.device("meta"):
-        create_model(cfg.model.method, CLIP(get_arch(arch)), frames=cfg.model.frames, **options)
+        model = create_model(cfg.model.method, CLIP(get_arch(arch)), frames=cfg.model.frames, **options)
+    return model, exact
 
 
 def _dataset(cfg: RunConfig, split: str, size: int, train: bool) -> VideoTextDataset:
@@ -246,8 +298,8 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
     """
     cfg, run_dir, saved_state = _open_run(cfg, resume)
     env = DistEnv.from_env()
-    check_config(cfg, env.world_size)
     device = env.device(cfg.device)
+    check_config(cfg, env.world_size, device)
     env.setup(device)
     run = _Run(cfg, run_dir, env, device, progress)
     if saved_state is not None:
@@ -304,6 +356,14 @@ class _Run:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         clip = resolve_backbone(cfg.model.backbone, arch=cfg.model.backbone_arch)
+        if not (is_arch(cfg.model.backbone) and not os.path.exists(cfg.model.backbone)):
+            # a weights file: its architecture is known now; the model and step checked before data and model
+            from vop.backbone.clip import CLIP
+
+            with torch.device("meta"):
+                meta_model = create_model(cfg.model.method, CLIP(clip.cfg), frames=cfg.model.frames, **cfg.model.options)
+            on_device = 4 * sum(p.numel() for p in clip.parameters()) if self.device.type == "cpu" else 0
+            check_step_memory(cfg, meta_model, self.device, self.env.world_size, loaded=on_device)
         size = cfg.model.image_size or clip.cfg.vision.image_size
         self.data = build_datasets(cfg, size)
         self.test = _dataset(cfg, cfg.data.test_split, size, False)

@@ -9,6 +9,7 @@ import torch
 from vop.backbone.checkpoint import build_clip, load_clip, weights_fingerprint
 from vop.backbone.clip import CLIP
 from vop.backbone.config import CLIPConfig, is_arch
+from vop.errors import ConfigError
 # Registration, in the order of the paper's Table 1. A new method: one module + one line here.
 from vop.methods import baselines  # noqa: F401,I001
 from vop.methods import adapters  # noqa: F401
@@ -49,13 +50,59 @@ def create_model(method: str, backbone: CLIP | CLIPConfig | str | os.PathLike = 
     with plugin_errors(method):  # a third-party method's failure: one ConfigError naming its plugin
         opts = parse_options(method, cls.Options, options)
     clip = resolve_backbone(backbone)
-    with plugin_errors(method):
+    device = next(clip.parameters()).device
+    with plugin_errors(method):  # a third-party method's failure: one ConfigError naming its plugin
+        if device.type != "meta":  # the new tensors must fit where the backbone is: counted on the meta device first
+            check_new_parameters(method, cls, opts, clip.cfg, frames, device)
         model = cls(clip, frames=frames, options=opts)
     if next(clip.parameters()).device.type != "meta":
         model.backbone_fingerprint = weights_fingerprint(clip)
         # new modules live where the backbone lives
         model.to(next(clip.parameters()).device)
     return model
+
+
+def _new_parameters(cls: type[VideoTextModel], opts: Any, cfg: CLIPConfig, frames: int) -> int:
+    """The method's own (non-CLIP) parameters, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = cls(CLIP(cfg), frames=frames, options=opts)
+    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith("clip."))
+
+
+def large_options(cls: type[VideoTextModel], opts: Any, cfg: CLIPConfig, frames: int) -> list[str]:
+    """The settings that make a method's new tensors large: each option (and ``frames``) that, set back to its
+    default, at least halves their count (``model.options.mid=4096 (default 64)``)."""
+    import dataclasses
+
+    n = _new_parameters(cls, opts, cfg, frames)
+    defaults, out = cls.Options(), []
+    for f in dataclasses.fields(opts):
+        value, default = getattr(opts, f.name), getattr(defaults, f.name)
+        if value != default:
+            try:
+                smaller = _new_parameters(cls, dataclasses.replace(opts, **{f.name: default}), cfg, frames)
+            except ConfigError:
+                continue
+            if smaller * 2 <= n:
+                out.append(f"model.options.{f.name}={value!r} (default {default!r})")
+    if frames > 12 and _new_parameters(cls, opts, cfg, 12) * 2 <= n:
+        out.append(f"model.frames={frames}")
+    return out
+
+
+def check_new_parameters(method: str, cls: type[VideoTextModel], opts: Any, cfg: CLIPConfig, frames: int,
+                         device: torch.device) -> None:
+    """Build ``method`` on the meta device (no memory) and refuse, with the options that make it large, if its
+    new tensors would not fit in the memory ``device`` has free (vop.memory.check_fits)."""
+    from vop.memory import check_fits
+
+    n = _new_parameters(cls, opts, cfg, frames)
+
+    def hint() -> str:
+        culprits = large_options(cls, opts, cfg, frames)
+        return ("lower " + ", ".join(culprits)) if culprits else "use smaller options or a smaller backbone"
+
+    check_fits(4 * n, device, f"{method}'s new tensors ({n:,} float32 parameters)", hint)
 
 
 def count_parameters(method: str, arch: str | CLIPConfig = "ViT-B-32", frames: int = 12, **options: Any) -> dict[str, int]:

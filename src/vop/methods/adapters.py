@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vop import limits
 from vop.methods.base import VideoTextModel
 from vop.methods.blocks import Adapter
 from vop.methods.registry import Rates, register
@@ -25,6 +26,10 @@ class AdapterOptions:
 class _Adapters(VideoTextModel):
     Options = AdapterOptions
     site: str = "attn"  # the sublayer whose normalised input the adapters read, in parallel
+
+    @classmethod
+    def check_options(cls, opts, cfg, frames) -> None:
+        limits.check_int(opts.hidden, f"model.options.hidden of {cls.name}", 1, limits.MAX_WIDTH)
 
     def build(self) -> None:
         h = self.opts.hidden

@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vop import limits
 from vop.backbone.clip import CLIP, Tower
+from vop.backbone.config import CLIPConfig
 from vop.backbone.layers import Branch
 from vop.backbone.tokenizer import CLIPTokenizer
 from vop.errors import ConfigError
 from vop.methods.blocks import Run, TextPrompts
-from vop.methods.registry import MethodFacts, Rates
+from vop.methods.registry import MethodFacts, Rates, check_option_types
 
 
 def pool_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -38,6 +40,30 @@ def pool_frames(frames: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass
 class NoOptions:
     pass
+
+
+def check_text_prompts(n: Any, cfg: CLIPConfig, name: str) -> int:
+    """Text prompt tokens per layer: they and a caption of at least 3 tokens ([SOT], a word, [EOT]) must fit
+    CLIP's text context (77 positions: at most 74 prompts)."""
+    most = cfg.text.context_length - limits.MIN_CAPTION
+    return limits.check_int(n, name, 0, most, why=f"the prompts and a caption of at least {limits.MIN_CAPTION} tokens "
+                            f"must fit the backbone's {cfg.text.context_length}-token text context")
+
+
+def check_prompt_tokens(n: Any, name: str) -> int:
+    """Prompt tokens of one kind per frame, video or layer: 0..vop.limits.MAX_PROMPT_TOKENS."""
+    return limits.check_int(n, name, 0, limits.MAX_PROMPT_TOKENS)
+
+
+def check_depth(depth: Any, name: str) -> int | None:
+    """A prompted depth: None (every layer) or 0..vop.limits.MAX_LAYERS (more than a tower has: all of it)."""
+    return None if depth is None else limits.check_int(depth, name, 0, limits.MAX_LAYERS)
+
+
+def check_frames_value(frames: Any, name: str) -> int:
+    """Frames per video: an integer in 1..vop.limits.MAX_FRAMES (a ConfigError naming ``name``)."""
+    return limits.check_int(frames, name, 1, limits.MAX_FRAMES,
+                            why=f"vop samples at most {limits.MAX_FRAMES} frames per video")
 
 
 class VideoTextModel(nn.Module):
@@ -60,12 +86,15 @@ class VideoTextModel(nn.Module):
 
     def __init__(self, clip: CLIP, frames: int = 12, options: Any = None):
         super().__init__()
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise ConfigError(f"frames (model.frames) must be an integer >= 1, got {frames!r}")
+        check_frames_value(frames, "frames (model.frames)")
+        opts = options if options is not None else self.Options()
+        # types and ranges of every option, against this backbone, before build() allocates anything
+        check_option_types(self.name, opts)
+        type(self).check_options(opts, clip.cfg, frames)
         self.clip = clip
         self.clip.requires_grad_(False)
         self._frames = frames
-        self.opts = options if options is not None else self.Options()
+        self.opts = opts
         self.text_prompts: TextPrompts | None = None
         self.video_prompts: nn.Module | None = None  # forward(x, run, B, F) -> (B*F, d) [CLS] outputs
         self.grad_checkpointing = False
@@ -73,6 +102,14 @@ class VideoTextModel(nn.Module):
         self.build()
 
     # -- what a method defines ---------------------------------------------------------------------
+    @classmethod
+    def check_options(cls, opts: Any, cfg: CLIPConfig, frames: int) -> None:
+        """Ranges of the options on a backbone of architecture ``cfg`` with ``frames`` frames per video, run
+        before :meth:`build` (whose sizes they fix) and so before anything is allocated: a ConfigError naming
+        the option. The types are already checked against the options' annotations (registry.parse_options:
+        ints, finite floats, lists ...). Token counts must leave room in the text context, depths and widths
+        stay within vop.limits, layer indices within the towers."""
+
     def build(self) -> None:
         """Create trainable modules and/or unfreeze backbone tensors."""
 
@@ -85,6 +122,22 @@ class VideoTextModel(nn.Module):
         A method that changes the block itself (not only adds to it) overrides this."""
         branch = self.branch(tower, i)
         return blk(x, causal=causal) if branch is None else blk(x, causal=causal, branch=branch)
+
+    # -- memory estimate (vop.memory) -------------------------------------------------------------------
+    def grad_start(self, tower: Tower) -> int | None:
+        """The first block of ``tower`` whose activations the method's own trainable tensors (prompts,
+        adapters ...) need in the backward pass; None: they do not reach that tower. For the memory estimate
+        of a training step (vop.memory.kept_blocks; CLIP's own trainable blocks are found there). Default: 0
+        when the method has trainable tensors outside CLIP, else None; a method whose modules enter later
+        (prompts of the last layers only) or in one tower says so."""
+        own = any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("clip."))
+        return 0 if own else None
+
+    @property
+    def video_prompt_tokens(self) -> int:
+        """Prompt tokens each frame carries through the image tower (for the memory estimate)."""
+        n = getattr(self.opts, "n_video", 0)
+        return n if self.video_prompts is not None and isinstance(n, int) else 0
 
     # -- frames ----------------------------------------------------------------------------------------
     @property
@@ -107,8 +160,7 @@ class VideoTextModel(nn.Module):
         decoded, when the model cannot take ``frames``."""
         if frames is None:
             return self.frames
-        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise ConfigError(f"--frames must be an integer >= 1, got {frames!r}")
+        check_frames_value(frames, "--frames")
         bound = self.frame_bound_tensor()
         if frames != self.frames and bound is not None:
             raise ConfigError(

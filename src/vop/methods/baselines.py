@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vop import limits
 from vop.methods.base import VideoTextModel
 from vop.methods.registry import Rates, register
 
@@ -74,6 +75,12 @@ class Partial(VideoTextModel):
     """
 
     Options = PartialOptions
+
+    @classmethod
+    def check_options(cls, opts, cfg, frames) -> None:
+        # more blocks than a tower has trains the whole tower (as a depth beyond the layers, everywhere)
+        for name in ("vision_blocks", "text_blocks"):
+            limits.check_int(getattr(opts, name), f"model.options.{name} of partial", 0, limits.MAX_LAYERS)
 
     def build(self) -> None:
         for tower, n in (("visual", self.opts.vision_blocks), ("text", self.opts.text_blocks)):

@@ -113,10 +113,66 @@ def read_checkpoint_meta(path: str | os.PathLike, backbone: CLIP | str | os.Path
             f"{path}: has no vop metadata; it is not a prompt checkpoint written by vop "
             "(CLIP weights go to --backbone / load_clip instead)"
         )
-    meta = json.loads(meta)
+    try:
+        meta = json.loads(meta)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its vop metadata is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its vop metadata must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown prompt checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    _check_meta(path, meta)
     return _with_backbone(meta)
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """The numbers and records a checkpoint's metadata gives, checked before anything is built from them."""
+    from vop import limits
+
+    for key, kind in (("method", str), ("options", dict), ("arch", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{path}: its vop metadata lacks a valid {key!r} ({kind.__name__}), got "
+                                  f"{type(meta.get(key)).__name__}")
+    limits.check_int(meta.get("frames"), f"{path}: the frames per video its metadata records", 1, limits.MAX_FRAMES,
+                     error=CheckpointError)
+    recorded_arch(path, meta)
+
+
+def recorded_arch(path: str | os.PathLike, meta: dict[str, Any]) -> CLIPConfig:
+    """The backbone architecture a checkpoint records (a CheckpointError naming the file if it is not usable)."""
+    try:
+        return CLIPConfig.from_dict(meta["arch"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: the backbone architecture its metadata records is not usable: {e}") from None
+
+
+def _check_tensor_shapes(path: Path, meta: dict[str, Any]) -> None:
+    """Build the recorded model on the meta device (no memory) and compare its trainable tensors, name by name
+    and shape by shape, with the tensors the file holds (read from its header): a checkpoint whose metadata
+    does not describe its tensors fails here, before anything is allocated."""
+    from safetensors import safe_open
+
+    from vop.methods import create_model
+
+    try:
+        with torch.device("meta"):
+            model = create_model(meta["method"], CLIP(recorded_arch(path, meta)), frames=meta["frames"], **meta["options"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: the model its metadata records cannot be built: {e}") from None
+    want = {n: tuple(p.shape) for n, p in model.named_trainable_parameters()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
+    if set(got) != set(want):
+        raise CheckpointError(
+            f"{path}: tensor names do not match the model its metadata records "
+            f"(missing {sorted(set(want) - set(got))[:3]}, unexpected {sorted(set(got) - set(want))[:3]})")
+    bad = next((k for k in want if got[k] != want[k]), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: {bad} has shape {got[bad]}, but its metadata ({meta['method']}, options "
+                              f"{meta['options']}, {meta['frames']} frames) makes it {want[bad]}")
 
 
 def _with_backbone(meta: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +196,7 @@ def check_backbone(path: str | os.PathLike, meta: dict[str, Any], clip: CLIP, ch
     hold every weight, the same weights."""
     from vop.backbone.checkpoint import weights_fingerprint
 
-    want = CLIPConfig.from_dict(meta["arch"])
+    want = recorded_arch(path, meta)
     if want != clip.cfg:
         raise CheckpointError(
             f"{path}: trained on a {meta.get('arch_name') or 'different'} backbone "
@@ -176,6 +232,7 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
         return load_folder(path, backbone, check_fingerprint)
     meta = read_checkpoint_meta(path)
     facts = checkpoint_facts(path, meta)
+    _check_tensor_shapes(path, meta)
     source = backbone
     if source is None and not facts.whole_model:
         source = meta.get("backbone")
@@ -183,10 +240,12 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
             raise CheckpointError(f"{path}: a {meta['method']!r} checkpoint holds only prompts and records no backbone; "
                                   "give the backbone weights too")
     if source is None:
-        clip = CLIP(CLIPConfig.from_dict(meta["arch"]))
+        from vop.backbone.checkpoint import build_clip
+
+        clip = build_clip(recorded_arch(path, meta))  # the file holds every weight: they overwrite these
     else:
         try:  # weights are read as the recorded architecture (heads and activation are not in every file)
-            clip = resolve_backbone(source, arch=CLIPConfig.from_dict(meta["arch"]))
+            clip = resolve_backbone(source, arch=recorded_arch(path, meta))
         except CheckpointError as e:
             name = meta.get("arch_name") or "the recorded architecture"
             recorded = "" if backbone is not None else " (the backbone recorded in the checkpoint; pass another one)"
@@ -220,7 +279,7 @@ def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[st
             f"{path}: options {saved} / frames {meta['frames']} differ from the model's "
             f"{model.options_dict()} / {model.frames}"
         )
-    if CLIPConfig.from_dict(meta["arch"]) != model.clip.cfg:
+    if recorded_arch(path, meta) != model.clip.cfg:
         check_backbone(path, meta, model.clip, False)
     if path.is_dir():
         from vop.methods.modelscope import load_folder_tensors

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vop.backbone.layers import QuickGELU
+from vop import limits
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel
 from vop.methods.registry import Rates, register
@@ -163,6 +164,10 @@ class CrossModalAdapter(VideoTextModel):
     """
 
     Options = CMAOptions
+
+    @classmethod
+    def check_options(cls, o, cfg, frames) -> None:
+        limits.check_int(o.r, "cma: r", 1, limits.MAX_WIDTH, why="model.options.r, the adapters' bottleneck rank")
 
     @property
     def pairwise(self) -> bool:  # type: ignore[override]

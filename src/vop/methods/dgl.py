@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vop.backbone.layers import Attention, QuickGELU, ResidualAttentionBlock
 from vop.errors import ConfigError
-from vop.methods.base import VideoTextModel, pool_frames
+from vop.methods.base import VideoTextModel, check_depth, check_prompt_tokens, check_text_prompts, pool_frames
 from vop.methods.blocks import write_slot
 from vop.methods.registry import Rates, register
 
@@ -198,6 +198,23 @@ class DGL(VideoTextModel):
 
     Options = DGLOptions
     linear: ClassVar[bool] = False
+
+    @classmethod
+    def check_options(cls, opts, cfg, frames) -> None:
+        name = lambda f: f"model.options.{f} of {cls.name}"  # noqa: E731
+        check_text_prompts(opts.n_text, cfg, name("n_text"))
+        check_prompt_tokens(opts.n_local, name("n_local"))
+        check_prompt_tokens(opts.n_global, name("n_global"))
+        check_depth(opts.depth, name("depth"))
+
+    def grad_start(self, tower):
+        if tower == "text":
+            return 0 if self.text_prompt_tokens else None
+        return 0 if (self.global_prompts is not None or (self.generator is not None and self.opts.n_local)) else None
+
+    @property
+    def video_prompt_tokens(self) -> int:
+        return self.opts.n_local if self.generator is not None and self.visual_depth else 0
 
     def build(self) -> None:
         o, t, v = self.opts, self.clip.tower_config("text"), self.clip.tower_config("visual")

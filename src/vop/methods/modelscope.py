@@ -31,6 +31,7 @@ import torch
 
 from vop.backbone.clip import CLIP
 from vop.backbone.config import arch_name
+from vop import limits
 from vop.errors import CheckpointError
 from vop.methods.base import VideoTextModel
 from vop.methods.registry import method_facts
@@ -41,6 +42,10 @@ _TYPES = {"vop": "vop-retrieval-model", "se": "vop-retrieval-model-se"}
 _HYPER = {"vop": ("vp_token_num", "tp_prefix_token_num", "tp_suffix_token_num", "num_frames", "input_res"),
           "se": ("num_frames", "input_res")}  # integers; pooling_type too
 _SE_METHODS = (("zeroshot", {}), ("proj", {}), ("bias", {}), ("bias", {"attention_qkv": True}), ("partial", {}), ("full", {}))
+#: what the hyperparameters may be (vop.limits): prompt counts and frames as vop's own options, sizes as an architecture's
+_BOUNDS = {"vp_token_num": (0, limits.MAX_PROMPT_TOKENS), "tp_prefix_token_num": (0, limits.MAX_CONTEXT),
+           "tp_suffix_token_num": (0, limits.MAX_CONTEXT), "num_frames": (1, limits.MAX_FRAMES),
+           "input_res": (1, limits.MAX_IMAGE_SIZE)}
 _CLIP_COPIES = {"clip.": "", "image_encoder.": "visual.", "text_encoder.": ""}  # port prefix -> OpenAI name prefix
 _VISUAL, _TEXT = "visual_prompt_learner.visual_prompts", "text_prompt_learner.text_prompts"
 
@@ -85,9 +90,8 @@ def read_folder(path: str | os.PathLike) -> Folder:
     if missing:
         raise CheckpointError(f"{cfg_file}: hyperparam lacks {', '.join(missing)}")
     for k in _HYPER[layout]:
-        least = 1 if k in ("num_frames", "input_res") else 0
-        if isinstance(hp[k], bool) or not isinstance(hp[k], int) or hp[k] < least:
-            raise CheckpointError(f"{cfg_file}: hyperparam {k} must be an integer >= {least}, got {hp[k]!r}")
+        lo, hi = _BOUNDS[k]
+        limits.check_int(hp[k], f"{cfg_file}: hyperparam {k}", lo, hi, error=CheckpointError)
     if hp["pooling_type"] != "avg":
         raise CheckpointError(f"{cfg_file}: pooling_type {hp['pooling_type']!r} is not supported (the authors' code has only "
                               "'avg': the mean of the L2-normalised frame embeddings)")
@@ -104,6 +108,10 @@ def read_weights(folder: Folder) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{f}: cannot be read with torch.load(weights_only=True) ({reason})") from None
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     sd = sd if isinstance(sd, Mapping) else {}
+    bad = next((k for k, v in sd.items() if isinstance(v, torch.Tensor) and not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointError(f"{f}: a tensor is stored under the key {bad!r} ({type(bad).__name__}), not a name: "
+                              "not a state dict the authors' code writes")
     tensors = {k.replace("module.", ""): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{f}: holds no tensors (expected {{'state_dict': {{name: tensor}}}}, as the authors' code saves)")
@@ -124,6 +132,10 @@ def _backbone(folder: Folder, backbone: Any) -> CLIP:
     if not (isinstance(backbone, (str, os.PathLike)) and Path(backbone).is_file()):
         return resolve_backbone(backbone)
     clip = load_clip(backbone)
+    narrow = min(clip.cfg.vision.width, clip.cfg.text.width)
+    if narrow < 64:
+        raise CheckpointError(f"{backbone}: a {narrow}-wide tower: the authors' code splits attention into 64-wide "
+                              "heads (width // 64), which needs towers at least 64 wide")
     heads = (clip.cfg.vision.width // 64, clip.cfg.text.width // 64)
     return clip if (clip.cfg.vision.heads, clip.cfg.text.heads) == heads else load_clip(backbone, heads=heads)
 
@@ -204,7 +216,9 @@ def read_folder_meta(path: str | os.PathLike, backbone: Any = None) -> dict[str,
     """Metadata as ``read_checkpoint_meta`` gives it (method, options, frames, arch, fingerprint)."""
     folder = read_folder(path)
     clip = _backbone(folder, backbone)
-    return _describe(folder, _clip_copies(folder, read_weights(folder), clip), clip, backbone)
+    sd = read_weights(folder)
+    _check_prompt_shapes(folder, sd, clip)
+    return _describe(folder, _clip_copies(folder, sd, clip), clip, backbone)
 
 
 def load_folder(path: str | os.PathLike, backbone: Any = None, check_fingerprint: bool = True) -> VideoTextModel:
@@ -214,6 +228,7 @@ def load_folder(path: str | os.PathLike, backbone: Any = None, check_fingerprint
     folder = read_folder(path)
     clip = _backbone(folder, backbone)
     sd = read_weights(folder)
+    _check_prompt_shapes(folder, sd, clip)  # the numbers of configuration.json against the tensors, before any build
     meta = _describe(folder, _clip_copies(folder, sd, clip), clip, backbone)
     if isinstance(backbone, CLIP) and method_facts(meta["method"]).trains_backbone:
         clip = copy.deepcopy(clip)  # the weights overwrite backbone tensors: leave the caller's CLIP as it was
@@ -246,6 +261,27 @@ def load_folder_tensors(model: VideoTextModel, folder: Folder | str | os.PathLik
                     hint = " (check_fingerprint=False loads the prompts anyway)" if folder.layout == "vop" else ""
                     raise CheckpointError(f"{folder.weights}: its {key} differs from the backbone's {name}: these weights "
                                           f"were trained on another CLIP than the one given{hint}")
+
+
+def _prompt_shapes(folder: Folder, clip: CLIP) -> tuple[tuple[str, str, tuple[int, ...], str], ...]:
+    """(key in the .pth, our parameter, its shape per configuration.json and the backbone, what it is)."""
+    hp, v, t = folder.hyperparam, clip.cfg.vision, clip.cfg.text
+    n_text = hp["tp_prefix_token_num"] + hp["tp_suffix_token_num"]
+    return ((_VISUAL, "video_prompts.source.shared", (v.layers, 1, hp["vp_token_num"], v.width), "video prompts"),
+            (_TEXT, "text_prompts.tokens", (t.layers, n_text, t.width), "text prompts"))
+
+
+def _check_prompt_shapes(folder: Folder, sd: dict[str, torch.Tensor], clip: CLIP) -> None:
+    """A VoP folder's prompt tensors must be what its configuration.json says (prompt counts) on this backbone."""
+    if folder.layout != "vop":
+        return
+    for key, _, shape, what in _prompt_shapes(folder, clip):
+        if key not in sd:
+            raise CheckpointError(f"{folder.weights}: lacks {key} (the {what})")
+        if tuple(sd[key].shape) != shape:
+            raise CheckpointError(f"{folder.weights}: {key} has shape {tuple(sd[key].shape)}, expected {shape} "
+                                  f"({shape[-2]} {what} of width {shape[-1]} in each of {shape[0]} layers, per {CONFIG} "
+                                  "and the backbone): the weights and the folder's settings do not belong together")
 
 
 def _load_prompts(model: VideoTextModel, folder: Folder, sd: dict[str, torch.Tensor],

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vop.backbone.layers import QuickGELU, ResidualAttentionBlock
+from vop import limits
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel, pool_frames
 from vop.methods.registry import Rates, register
@@ -205,6 +206,18 @@ class MVAdapter(VideoTextModel):
 
     Options = MVAdapterOptions
     depth_options = ("cmt_layers",)  # layer indices: checked against a weights file's depth once it is read
+
+    @classmethod
+    def check_options(cls, o, cfg, frames) -> None:
+        limits.check_int(o.mid, "model.options.mid of mv-adapter", 1, limits.MAX_WIDTH)
+        limits.check_int(o.heads, "model.options.heads of mv-adapter", 1, o.mid)
+        limits.check_int(o.factor_dim, "model.options.factor_dim of mv-adapter", 0, limits.MAX_WIDTH)
+        if o.cmt_layers is not None:
+            if len(o.cmt_layers) > limits.MAX_LAYERS:
+                raise ConfigError(f"model.options.cmt_layers of mv-adapter: {len(o.cmt_layers)} entries, more than any "
+                                  "tower has layers")
+            for tower in ("visual", "text"):  # every entry a layer of both towers (negative: from the top)
+                resolve_layers(list(o.cmt_layers), (cfg.vision if tower == "visual" else cfg.text).layers, tower)
 
     def build(self) -> None:
         o = self.opts

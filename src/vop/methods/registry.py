@@ -196,19 +196,40 @@ def method_facts(name: str) -> MethodFacts:
     return get_method(name).facts
 
 
+def check_option_types(method: str, opts: Any) -> None:
+    """Every field of an options dataclass checked against its annotation (vop.limits.check_typed: int within
+    int64 and >= 0 at the top level, finite float, bool, str, ``list[int]``, Optional, Literal); the value is
+    normalised in place (an int given for a float becomes a float, a tuple for a list a list). A ConfigError
+    naming the option and the method."""
+    from vop.limits import check_typed, is_int, resolve_hints
+
+    if not dataclasses.is_dataclass(opts) or isinstance(opts, type):
+        raise ConfigError(f"options of method {method!r} must be its options dataclass, got {type(opts).__name__}")
+    hints = resolve_hints(type(opts))
+    for f in dataclasses.fields(opts):
+        name = f"{method} option {f.name}"
+        value = check_typed(hints.get(f.name, Any), getattr(opts, f.name), name)
+        if is_int(value) and value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+        object.__setattr__(opts, f.name, value)
+
+
 def parse_options(method: str, options_cls: type, options: dict[str, Any]) -> Any:
-    """Build a method's options dataclass, rejecting unknown names and wrong types clearly."""
+    """Build a method's options dataclass, rejecting unknown names and wrong types clearly (its ranges,
+    which depend on the backbone, are the method's ``check_options``, run when the model is built)."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"the options of method {method!r} must be a mapping of names to values, got "
+                          f"{type(options).__name__}")
     fields = {f.name: f for f in dataclasses.fields(options_cls)}
-    for k, v in options.items():
+    for k in options:
         if k not in fields:
-            close = difflib.get_close_matches(k, fields, n=1)
+            close = difflib.get_close_matches(str(k), fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             valid = ", ".join(fields) or "none"
             raise ConfigError(f"method {method!r} has no option {k!r}{hint}; its options: {valid}")
-        if v is not None and fields[k].type in ("int", "int | None") and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ConfigError(f"option {k!r} of method {method!r} must be an integer, got {v!r}")
-        if fields[k].type == "bool" and not isinstance(v, bool):
-            raise ConfigError(f"option {k!r} of method {method!r} must be true or false, got {v!r}")
-        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
-            raise ConfigError(f"option {k!r} of method {method!r} must be >= 0, got {v}")
-    return options_cls(**options)
+    try:
+        opts = options_cls(**options)
+    except (TypeError, ValueError) as e:  # an options class's own __post_init__
+        raise ConfigError(f"options of method {method!r}: {e}") from None
+    check_option_types(method, opts)
+    return opts

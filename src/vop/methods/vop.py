@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vop import limits
 from vop.errors import ConfigError
-from vop.methods.base import VideoTextModel
+from vop.methods.base import VideoTextModel, check_depth, check_prompt_tokens, check_text_prompts
 from vop.methods.blocks import (ContextFrameTokens, ContextModule, FrameTokens, FrameVideoPrompts, FunctionVideoPrompts,
                                 PositionFrameTokens, SharedFrameTokens, SplitTextPrompts, TextPrompts)
 from vop.methods.registry import Rates, register
@@ -189,6 +190,35 @@ class PromptedVoP(VideoTextModel):
 
     source: ClassVar[Shared | Position | Context] = Shared()
     flow: ClassVar[PerFrame | Split] = PerFrame()
+
+    @classmethod
+    def check_options(cls, opts, cfg, frames) -> None:
+        """Every option of the family that ``opts`` has (the groups are composed per variant)."""
+        name = lambda f: f"model.options.{f} of {cls.name}"  # noqa: E731
+        has = lambda f: hasattr(opts, f)  # noqa: E731
+        check_text_prompts(opts.n_text, cfg, name("n_text"))
+        check_prompt_tokens(opts.n_video, name("n_video"))
+        if has("depth"):
+            check_depth(opts.depth, name("depth"))
+        if has("prompt_from") and opts.prompt_from not in ("input", "output"):
+            raise ConfigError(f"{name('prompt_from')}={opts.prompt_from!r} must be input or output")
+        if has("frame_position_std"):
+            limits.check_float(opts.frame_position_std, name("frame_position_std"), 0)
+        # n_position, n_context (against n_video) and ks (against the layers) are checked by build(), before
+        # their tensors exist (their messages are older than this hook)
+        if has("context_hidden") and opts.context_hidden is not None:
+            limits.check_int(opts.context_hidden, name("context_hidden"), 1, limits.MAX_WIDTH)
+
+    def grad_start(self, tower):
+        if tower == "text":
+            tp = self.text_prompts
+            return None if tp is None else getattr(tp, "start", 0)
+        vp = self.video_prompts
+        if vp is None:
+            return None
+        if isinstance(vp, FunctionVideoPrompts):  # VoP^F: frame prompts from 0, else the video prompts from ks
+            return 0 if vp.shallow is not None else vp.ks
+        return getattr(getattr(vp, "source", None), "start", 0)
 
     def build(self) -> None:
         t = self.clip.tower_config("text")
