@@ -18,7 +18,7 @@ import vop
 from vop.engine.config import RunConfig, load_config
 from vop.engine.loss import accumulated_backward, contrastive_loss
 from vop.errors import ConfigError
-from vop.runtime import pairwise_chunks, pairwise_similarity
+from vop.scoring import block_sizes
 
 TOL = 1e-6  # the metrics' tie rule (vop.engine.metrics.TIE_RTOL) on cosines <= 1
 
@@ -136,29 +136,29 @@ def test_chunked_similarity_equals_the_full_one(tiny_clip):
     want = _explicit_qscore(t, v, m.opts.tau)
     full = m.similarity(t, v)
     budget = 4 * Fr * 5 * 7  # blocks of 5 texts x 7 videos (or 1 x 35)
-    assert pairwise_chunks(T, Fr, V, budget, text_chunk=5) == (5, 7)
+    assert m.scoring.blocks(T, V, (Fr, D), budget, query_chunk=5) == (5, 7)
     with _Largest3d(D) as mode:
-        chunked = pairwise_similarity(m, t, v, max_bytes=budget, text_chunk=5)
+        chunked = m.scoring.matrix(t, v, max_bytes=budget, query_chunk=5)
     assert mode.numel <= budget // 4  # never more than one budget's worth of texts x videos x frames
     assert chunked.shape == (T, V) and chunked.dtype == torch.float32
     torch.testing.assert_close(chunked.double(), want, rtol=0, atol=2e-6)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-6)
     # float64 embeddings: float64 blocks, equal to the per-pair definition to rounding
-    c64 = pairwise_similarity(m, t.double(), v.double(), max_bytes=budget, text_chunk=5)
+    c64 = m.scoring.matrix(t.double(), v.double(), max_bytes=budget, query_chunk=5)
     assert c64.dtype == torch.float64
     torch.testing.assert_close(c64, want, rtol=0, atol=1e-12)
     # the smallest budget: one text x one video per block
-    assert pairwise_chunks(T, Fr, V, 1) == (1, 1)
-    torch.testing.assert_close(pairwise_similarity(m, t.double(), v.double(), max_bytes=1), want, rtol=0, atol=1e-12)
-    assert pairwise_similarity(m, t[:0], v).shape == (0, V)
+    assert block_sizes(T, V, 4 * Fr, 1) == (1, 1)
+    torch.testing.assert_close(m.scoring.matrix(t.double(), v.double(), max_bytes=1), want, rtol=0, atol=1e-12)
+    assert m.scoring.matrix(t[:0], v).shape == (0, V)
     with pytest.raises(ValueError, match="per-frame"):
-        pairwise_similarity(m, t, v.mean(1))
+        m.scoring.matrix(t, v.mean(1))
 
 
 def test_evaluation_of_a_pairwise_model_is_chunked_and_exact(world, monkeypatch):
     """evaluate(): raw text (T, D) and frames (V, F, D) kept, the T x V matrix built in blocks equals the
     full similarity; the metrics read it; a small block budget changes nothing but the blocks."""
-    import vop.runtime
+    import vop.scoring
     from vop.data import get_dataset
     from vop.engine.evaluate import evaluate
     from vop.engine.metrics import retrieval_metrics
@@ -174,8 +174,8 @@ def test_evaluation_of_a_pairwise_model_is_chunked_and_exact(world, monkeypatch)
     torch.testing.assert_close(out.sim.double(), want, rtol=0, atol=2e-6)
     m_ = retrieval_metrics(out.sim, ds.text_to_video)
     assert out.metrics["t2v"] == m_["t2v"] and out.metrics["v2t"] == m_["v2t"]
-    monkeypatch.setattr(vop.runtime, "PAIRWISE_CHUNK_BYTES", 4 * 4 * 10)  # 40 texts x videos x 4 frames a block
-    tc, vc = pairwise_chunks(T, 4, V)
+    monkeypatch.setattr(vop.scoring, "BLOCK_BYTES", 4 * 4 * 10)  # 40 texts x videos x 4 frames a block
+    tc, vc = block_sizes(T, V, 4 * 4)
     assert tc * vc <= 40 and (tc, vc) != (T, V)
     small = evaluate(m, ds, batch_size=8)
     torch.testing.assert_close(small.sim, out.sim, rtol=0, atol=1e-6)
@@ -234,7 +234,7 @@ def test_index_and_search_rank_as_the_evaluation(world, run, tmp_path, capsys):
     meta = json.loads((ix / "index.json").read_text())
     assert meta["pairwise"] is True and meta["frames_per_video"] == 4 and meta["dim"] == 64 and meta["faiss"] is None
     index = VideoIndex.open(ix)
-    assert index.pairwise and index.emb.shape == (16, 4, 64)
+    assert index.scoring.kind == "qscore" and not index.scoring.ann and index.emb.shape == (16, 4, 64)
 
     ds = get_dataset("collection", world, "test", frames=4, size=32, train=False)
     model = vop.load_checkpoint(ckpt).eval()
@@ -276,11 +276,11 @@ def test_index_and_search_rank_as_the_evaluation(world, run, tmp_path, capsys):
     s = Searcher.open(ix)
     same_ranking(3, s.search([ds.captions[3]], k=5)[0], 5)
     # the same ranking without the kept Gram matrices (model.similarity on each block) and in small blocks
-    from vop.retrieval.index import pairwise_search
+    from vop.retrieval.index import top_k
 
     q = s.encode(ds.captions)
-    a_s, _ = pairwise_search(s.model, index.emb_tensor, q, 16, cache=index.gallery_cache(s.model))
-    b_s, _ = pairwise_search(s.model, index.emb_tensor, q, 16, max_bytes=4 * 4 * 3)
+    a_s, _ = top_k(s.model.scoring, index.emb_tensor, q, 16, cache=index.gallery_cache(s.model))
+    b_s, _ = top_k(s.model.scoring, index.emb_tensor, q, 16, max_bytes=4 * 4 * 3)
     np.testing.assert_allclose(a_s, b_s, rtol=0, atol=1e-6)
     assert index.gallery_cache(s.model).shape == (16, 4, 4)
 
@@ -301,7 +301,7 @@ def test_pairwise_index_refuses_faiss_and_mixing(world, run, tmp_path, caplog):
     faiss = "ivf" if _have_faiss() else None
     build_index(src, fc, tmp_path / "b", faiss=faiss, **kw)
     dual = VideoIndex.open(tmp_path / "b")
-    assert dual.pairwise is False and dual.meta["pairwise"] is False and dual.emb.shape == (16, 64)
+    assert dual.scoring.kind == "cosine" and dual.meta["pairwise"] is False and dual.emb.shape == (16, 64)
     cma = vop.load_checkpoint(ckpt).eval()
     with pytest.raises(ConfigError, match="cannot be mixed"):
         dual.check_model(cma)
@@ -310,11 +310,11 @@ def test_pairwise_index_refuses_faiss_and_mixing(world, run, tmp_path, caplog):
     # --rebuild re-encodes as per-frame embeddings and drops the FAISS index (said in the log)
     with caplog.at_level("WARNING", logger="vop.retrieval"):
         r = build_index(src, ckpt, tmp_path / "b", rebuild=True, **kw)
-    assert r.pairwise and r.faiss is None
+    assert r.scoring == "qscore" and r.faiss is None
     if faiss:
         assert "no FAISS index" in caplog.text
     ix = VideoIndex.open(tmp_path / "b")
-    assert ix.pairwise and ix.emb.shape == (16, 4, 64) and ix.faiss_kind is None
+    assert ix.scoring.kind == "qscore" and ix.emb.shape == (16, 4, 64) and ix.faiss_kind is None
     assert not list((tmp_path / "b").glob("faiss-*"))
     with pytest.raises(ConfigError, match="Searcher"):
         ix.search(np.zeros((1, 64), np.float32), 5)  # scored by the model: not without it

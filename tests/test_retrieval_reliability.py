@@ -46,7 +46,7 @@ def ckpt(tmp_path_factory):
 
 
 def test_index_frames_refused_before_any_work(world, ckpt, tmp_path, monkeypatch, capsys):
-    import vop.retrieval.index as index
+    import vop.retrieval.build as index
 
     def no_listing(*a, **k):
         raise AssertionError("videos were listed before the frame count was checked")

@@ -24,7 +24,7 @@ def index_cmd(
     content_hash: bool = typer.Option(False, "--hash", help="Detect changed videos by SHA-256 of their bytes (default: size + mtime)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-encode every video (e.g. after changing the checkpoint)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the videos that could not be read last time."),
-    faiss: Optional[str] = typer.Option(None, "--faiss", help="Also build an approximate index: ivf or hnsw (none removes it; default: keep). Not for pairwise models (cma's query score): their search is always exact."),
+    faiss: Optional[str] = typer.Option(None, "--faiss", help="Also build an approximate index: ivf or hnsw (none removes it; default: keep). Not for models without one vector per video (cma's query score): their search is always exact."),
     nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default sqrt(N))."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists scanned per query (default 32)."),
     hnsw_m: Optional[int] = typer.Option(None, "--hnsw-m", help="HNSW links per node (default 32)."),
@@ -37,7 +37,7 @@ def index_cmd(
     """Encode every video of a folder or annotation file into a searchable index (resumable; run it
     again to add new or changed videos). Under torchrun, the ranks share the encoding."""
     from vop import limits
-    from vop.retrieval.index import build_index
+    from vop.retrieval.build import build_index
     from vop.runtime import resolve_device
 
     limits.check_options(("--batch-size", batch_size, 1, limits.MAX_BATCH, limits.WHY_BATCH),
@@ -63,10 +63,8 @@ def index_cmd(
                f"{len(r.failed)} unreadable, {len(r.missing)} missing) in {r.seconds:.1f} s{speed}")
     if r.faiss:
         typer.echo(f"  FAISS {r.faiss['kind']}: {json.dumps(r.faiss['params'])}")
-    if r.pairwise:
-        from vop.retrieval.index import NO_ANN_FOR_PAIRWISE
-
-        typer.echo(f"  per-frame embeddings: the model {NO_ANN_FOR_PAIRWISE} (no FAISS index)")
+    if r.no_ann:
+        typer.echo(f"  {r.rows}: the model {r.no_ann} (no FAISS index)")
     for vid, err in list(r.failed.items())[:10]:
         typer.echo(f"  unreadable: {err}")
     for vid, err in list(r.missing.items())[:10]:
@@ -95,7 +93,7 @@ def search_cmd(
 ) -> None:
     """Rank the videos of an index for a text query (k > the index's size: every video)."""
     from vop import limits
-    from vop.retrieval.index import check_k
+    from vop.retrieval.topk import check_k
 
     check_k(k, "-k")  # as every entry point checks k (more than the index holds: every video)
     limits.check_options(("-k", k, 1, limits.MAX_ANN), ("--nprobe", nprobe, 1, limits.MAX_ANN),
@@ -109,7 +107,6 @@ def search_cmd(
 
     if (query is None) == (queries is None):
         raise ConfigError("give a query or --queries FILE (one of them)")
-    check_k(k, "-k")
     texts = [query] if query is not None else [ln.strip() for ln in queries.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if any(not t.strip() for t in texts):
         raise ConfigError("empty query")

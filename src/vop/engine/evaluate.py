@@ -4,12 +4,11 @@ Each unique video is decoded and encoded once (test sampling); captions are enco
 Gallery videos that cannot be decoded are left out and reported (never replaced by zeros): their
 captions are removed from the queries and the count is in the result.
 
-Pairwise models (``model.pairwise``: cma's query-score pooling, where a video's pooled embedding
-depends on the text) keep the raw text (T, D) and per-frame video embeddings (V, F, D); the texts x
-videos matrix is built from ``model.similarity`` in blocks of bounded size
-(:func:`vop.runtime.pairwise_similarity`: never a texts x videos x frames tensor of the whole gallery).
-Everything downstream (metrics, DSL / QB-Norm, the demo's diagnostics) reads that matrix as for a dual
-encoder, whose path is unchanged (normalised embeddings, one matrix product).
+What is kept per caption and per video, and how the texts x videos matrix is computed, is the model's
+``scoring``'s (:mod:`vop.scoring`): a dual encoder's normalised embeddings and one matrix product per
+block of 1024 captions; cma's query score keeps the raw text (T, D) and per-frame video embeddings
+(V, F, D) and scores them in blocks of bounded size (never a texts x videos x frames tensor of the
+whole gallery). Everything downstream (metrics, DSL / QB-Norm, the demo's diagnostics) reads that matrix.
 """
 from __future__ import annotations
 
@@ -19,11 +18,11 @@ from typing import Any, Sequence
 import torch
 
 from vop.data.dataset import VideoTextDataset
-from vop.engine.metrics import dual_softmax, qb_norm, retrieval_metrics, similarity_chunked
+from vop.engine.metrics import dual_softmax, qb_norm, retrieval_metrics
 from vop.errors import DataError
 from vop.methods.base import VideoTextModel
 # the batched encoders are vop.runtime's (shared with vop.retrieval); importable from here as before
-from vop.runtime import autocast_dtype, encode_texts, encode_videos, is_pairwise, pairwise_similarity
+from vop.runtime import autocast_dtype, encode_texts, encode_videos
 
 __all__ = ["evaluate", "EvalOutput", "postprocess_similarity", "coverage_line", "autocast_dtype", "encode_texts",
            "encode_videos"]
@@ -53,8 +52,9 @@ def coverage_line(m: dict) -> str:
 
 @dataclass
 class EvalOutput:
-    """``text_emb`` (T, D) and ``video_emb`` (V, D): L2-normalised; for a pairwise model the raw text (T, D)
-    and per-frame (V, F, D) embeddings its similarity reads. ``sim`` (T, V): the unscaled scores."""
+    """``text_emb`` (T, D) and ``video_emb`` (V, *row_shape): the queries and rows of the model's scoring
+    (a dual encoder: L2-normalised (T, D), (V, D); cma's query score: raw text (T, D) and per-frame
+    (V, F, D) embeddings). ``sim`` (T, V): the unscaled scores."""
 
     metrics: dict[str, Any]
     text_emb: torch.Tensor
@@ -84,11 +84,9 @@ def postprocess_similarity(sim: torch.Tensor, kind: str = "none", *, dsl_tempera
 
 def _similarity(model: VideoTextModel, text_emb: torch.Tensor, video_emb: torch.Tensor,
                 device: torch.device | str) -> torch.Tensor:
-    """The (texts x videos) float32 CPU score matrix: a dual encoder's dot products of normalised
-    embeddings, or a pairwise model's similarity computed in bounded blocks on ``device``."""
-    if is_pairwise(model):
-        return pairwise_similarity(model, text_emb, video_emb, device=device).float()
-    return similarity_chunked(text_emb, video_emb)
+    """The (texts x videos) float32 CPU score matrix of the model's scoring, in bounded blocks (on
+    ``device`` where the scoring computes there)."""
+    return model.scoring.matrix(text_emb, video_emb, device=device).float()
 
 
 def evaluate(model: VideoTextModel, dataset: VideoTextDataset, *, batch_size: int = 16, text_batch_size: int = 256,

@@ -48,8 +48,8 @@ log = logging.getLogger("vop.train")
 
 
 class _Pair(nn.Module):
-    """What DDP wraps: forward returns the normalised (video, text) features (a pairwise model: the raw
-    per-frame video embeddings (B, F, D) and text (B, D), scored by its ``similarity``)."""
+    """What DDP wraps: forward returns the (video, text) features as the model's scoring scores them
+    (normalised vectors for a dual encoder; cma's query score: raw frames (B, F, D) and text (B, D))."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -581,15 +581,15 @@ class _Run:
 
 def _step(net: nn.Module, model, video: torch.Tensor, tokens: torch.Tensor, chunks: int, amp_dtype, device: torch.device,
           scaler) -> float:
-    """Forward + backward of one contrastive batch (split in ``chunks`` micro-batches, exactly). A pairwise
-    model (``model.pairwise``) is scored with its ``similarity`` over the (global) batch."""
+    """Forward + backward of one contrastive batch (split in ``chunks`` micro-batches, exactly), scored by
+    the model's ``scoring`` over the (global) batch."""
     def embed(i: int):
         n = video.shape[0] // chunks
         sl = slice(i * n, (i + 1) * n) if chunks > 1 else slice(None)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             return net(video[sl], tokens[sl])
 
-    similarity = model.similarity if getattr(model, "pairwise", False) else None
+    similarity = model.scoring
     if chunks == 1:
         v, t = embed(0)
         loss = contrastive_loss(v, t, model.logit_scale, similarity)

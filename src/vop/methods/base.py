@@ -9,7 +9,8 @@ tree. The pipeline itself is the paper's and is the same for all:
 - video (B, F, 3, H, W): every frame through the image tower, [CLS] -> ln_post -> proj, each frame
   embedding L2-normalised, then the mean over F (CLIP4Clip's meanP, as in the authors' code and DGL);
 - text (B, T) token ids: the text tower, read at [EOT], projected;
-- score: cosine similarity times CLIP's logit scale.
+- score: cosine similarity times CLIP's logit scale (:attr:`VideoTextModel.scoring`, vop.scoring: a method that
+  scores otherwise, e.g. cma's query score over frames, returns its own scoring).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from vop.backbone.tokenizer import CLIPTokenizer
 from vop.errors import ConfigError
 from vop.methods.blocks import Run, TextPrompts
 from vop.methods.registry import MethodFacts, Rates, check_option_types
+from vop.scoring import CosineScoring, Scoring
 
 
 def pool_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -79,9 +81,9 @@ class VideoTextModel(nn.Module):
     #: names (suffixes) of trainable tensors that provably never influence the output (DGL-linear's postfix
     #: projection, whose tokens sit after [EOT] under the causal mask): counted, and reported as "inert"
     inert: ClassVar[tuple[str, ...]] = ()
-    #: scores need the text: ``encode_video`` returns per-frame embeddings (B, F, D) and ``similarity``
-    #: pools them per text (Cross-Modal Adapter's query score); ``forward`` then returns the raw frames and
-    #: text. Read it on the model instance (a method may decide per instance, from its options).
+    #: informational (the code reads :attr:`scoring`): True where the scores need the text because a video
+    #: is kept as its per-frame embeddings (Cross-Modal Adapter's query score). A method that scores
+    #: differently overrides :attr:`scoring`, not this.
     pairwise: bool = False
 
     def __init__(self, clip: CLIP, frames: int = 12, options: Any = None):
@@ -242,20 +244,33 @@ class VideoTextModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
 
+    @property
+    def scoring(self) -> Scoring:
+        """How this model scores texts against videos (:mod:`vop.scoring`): what a video's row is, how an
+        ``encode_video`` / ``encode_text`` batch becomes rows / queries, the scores. The base class's is
+        the dual encoder's :class:`~vop.scoring.CosineScoring`; a method that scores differently (cma's
+        query score) returns its own. Training, evaluation, indexing and search all read it."""
+        return CosineScoring()
+
     def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
-        """Cosine similarity (texts x videos), unscaled. ``cache``: this model's :meth:`gallery_cache` of
-        ``video_emb`` (rows aligned with the videos), if the caller keeps one; the same scores."""
-        return F.normalize(text_emb, dim=-1) @ F.normalize(video_emb, dim=-1).t()
+        """Scores (texts x videos), unscaled, of raw ``encode_text`` and ``encode_video`` outputs: this model's
+        :attr:`scoring` (the base class: cosine similarity, at least float32). ``cache``: this model's
+        :meth:`gallery_cache` of ``video_emb`` (rows aligned with the videos), if the caller keeps one; the
+        same scores."""
+        s = self.scoring
+        return s.score(s.queries(text_emb), s.rows(video_emb), cache)
 
     def gallery_cache(self, video_emb: torch.Tensor) -> torch.Tensor | None:
         """Work on the videos alone that :meth:`similarity` can reuse across queries (one row per video, so
-        an index slices it with the videos), or None. Pairwise methods with per-video precomputation
-        (cma's frame Gram matrices) return it; a gallery computes it once and passes ``cache=``."""
-        return None
+        an index slices it with the videos), or None: its :attr:`scoring`'s ``cache`` (cma: the frame Gram
+        matrices)."""
+        return self.scoring.cache(video_emb)
 
     def forward(self, video: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns L2-normalised (video_emb, text_emb)."""
-        return F.normalize(self.encode_video(video), dim=-1), F.normalize(self.encode_text(tokens), dim=-1)
+        """(video rows, text queries) as :attr:`scoring` scores them: L2-normalised (video_emb, text_emb) for
+        a dual encoder (cma's query score: the raw frames (B, F, D) and text (B, D))."""
+        s = self.scoring
+        return s.rows(self.encode_video(video)), s.queries(self.encode_text(tokens))
 
     # -- trainable state -----------------------------------------------------------------------------
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -35,9 +35,10 @@ d_s = 32: 1,001,472.
 
 Scores (``pool="qscore"``, the released command's ``--q_score --q_score_temp 5``): per text t and video
 j with unnormalised frame embeddings v_{j,f}: w = softmax_f(t . v_{j,f} / tau), vbar = sum_f w_f v_{j,f},
-score = cos(t, vbar). Not a dual encoder: ``encode_video`` returns the frame embeddings and
-``similarity`` pools them per text (``pairwise`` is True). ``pool="mean"``: the project's pipeline
-(CLIP4Clip meanP, base.py), a plain dual encoder, for the one-protocol table.
+score = cos(t, vbar). Not a dual encoder: ``encode_video`` returns the frame embeddings and the model's
+``scoring`` (:class:`QScore`, kind ``"qscore"``) pools them per text (``pairwise`` is True).
+``pool="mean"``: the project's pipeline (CLIP4Clip meanP, base.py), a plain dual encoder, for the
+one-protocol table.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ from vop import limits
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel
 from vop.methods.registry import Rates, register
+from vop.scoring import FrameScoring, Scoring
 
 SITES = ("attn", "mlp")
 POOLS = ("qscore", "mean")
@@ -144,6 +146,25 @@ def qscore_similarity(text: torch.Tensor, frames: torch.Tensor, tau: float,
     return cos.t().contiguous()
 
 
+class QScore(FrameScoring):
+    """Cross-Modal Adapter's query score as a :class:`~vop.scoring.Scoring`: rows are a video's raw frame
+    embeddings (F, D), queries the raw text embeddings, scores :func:`qscore_similarity` (cosines, unscaled)
+    with temperature ``tau``; the per-video cache is the F x F Gram matrices (:func:`frame_gram`), which a
+    gallery computes once (F^2 = 144 values per video at F = 12) so that a query costs N x F x D
+    multiply-adds instead of N x F x (F + 1) x D."""
+
+    kind = "qscore"
+
+    def __init__(self, tau: float):
+        self.tau = tau
+
+    def cache(self, rows: torch.Tensor) -> torch.Tensor:
+        return frame_gram(rows)
+
+    def score(self, queries: torch.Tensor, rows: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
+        return qscore_similarity(queries, rows, self.tau, gram=cache)
+
+
 @register("cma", label="Cross-Modal Adapter",
           rates=Rates(1e-5, 0.0, "Cross-Modal Adapter's README command: lr 1e-5 for the adapters (BertAdam, "
                                  "warm-up 10% + cosine, 5 epochs, global batch 128, wd 0.2 on weights); CLIP frozen"),
@@ -151,13 +172,14 @@ def qscore_similarity(text: torch.Tensor, frames: torch.Tensor, tau: float,
 class CrossModalAdapter(VideoTextModel):
     """Cross-Modal Adapter: see the module docstring.
 
-    Interface with ``pool="qscore"`` (``pairwise`` True):
+    Interface with ``pool="qscore"`` (``pairwise`` True, ``scoring`` a :class:`QScore`):
 
     - ``encode_text(tokens)`` -> (T, D) unnormalised;
     - ``encode_video(video (B, F, 3, H, W))`` -> (B, F, D) unnormalised frame embeddings (``encode_frames``);
     - ``similarity(text_emb (T, D), video_emb (V, F, D))`` -> (T, V) cosine of each text with its own
       pooling of each video, unscaled (logits = ``logit_scale`` x similarity; the v2t logits are the
-      transpose); any chunk of texts x chunk of videos gives that block;
+      transpose); any chunk of texts x chunk of videos gives that block (the base class's, through
+      ``scoring``);
     - ``forward(video, tokens)`` -> (frames (B, F, D), text (B, D)), both raw (not normalised).
 
     With ``pool="mean"`` (``pairwise`` False) every one of these is the base class's (dual encoder).
@@ -212,27 +234,14 @@ class CrossModalAdapter(VideoTextModel):
         return lambda site, inp, out: ad[site](out)
 
     # -- scores --------------------------------------------------------------------------------------
+    @property
+    def scoring(self) -> Scoring:
+        """``pool="qscore"``: :class:`QScore` (rows: the raw frame embeddings (F, D), queries: the raw text,
+        scores: :func:`qscore_similarity`, cache: the frames' Gram matrices). ``pool="mean"``: the base
+        class's cosine scoring (a dual encoder)."""
+        return QScore(self.opts.tau) if self.pairwise else super().scoring
+
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """``pool="qscore"``: (B, F, 3, H, W) -> (B, F, D) unnormalised frame embeddings, pooled per text by
-        :meth:`similarity`. ``pool="mean"``: meanP (B, D), as every dual-encoder method."""
+        the scoring. ``pool="mean"``: meanP (B, D), as every dual-encoder method."""
         return self.encode_frames(video) if self.pairwise else super().encode_video(video)
-
-    def similarity(self, text_emb: torch.Tensor, video_emb: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
-        """``pool="qscore"``: text (T, D) x frames (V, F, D) -> (T, V) query-score cosines, unscaled
-        (:func:`qscore_similarity`; memory T x V x F, never T x V x D); ``cache``: the videos' Gram
-        matrices (:meth:`gallery_cache`). ``pool="mean"``: the base cosine."""
-        if not self.pairwise:
-            return super().similarity(text_emb, video_emb)
-        return qscore_similarity(text_emb, video_emb, self.opts.tau, gram=cache)
-
-    def gallery_cache(self, video_emb: torch.Tensor) -> torch.Tensor | None:
-        """The videos' F x F Gram matrices (:func:`frame_gram`), reused by every query of a gallery."""
-        return frame_gram(video_emb) if self.pairwise else None
-
-    def forward(self, video: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pool="qscore"``: raw (frames (B, F, D), text (B, D)), neither normalised: the scores need the
-        unnormalised embeddings (logits = ``logit_scale * similarity(text, frames)``). ``pool="mean"``: the
-        base's L2-normalised (video (B, D), text (B, D))."""
-        if not self.pairwise:
-            return super().forward(video, tokens)
-        return self.encode_frames(video), self.encode_text(tokens)

@@ -8,7 +8,11 @@
 The web app (``vop serve``) is in ``vop.retrieval.web`` (extra ``vop[serve]``); approximate search with
 FAISS in ``vop.retrieval.ann`` (extra ``vop[index]``). See docs/search.md.
 """
-from vop.retrieval.index import BuildReport, VideoIndex, build_index, checkpoint_info, exact_search, write_index
+from vop.retrieval.build import BuildReport, build_index
+from vop.retrieval.format import write_index
+from vop.retrieval.index import VideoIndex
+from vop.retrieval.provenance import checkpoint_info
+from vop.retrieval.topk import exact_search
 from vop.retrieval.search import BackbonePool, Searcher, encode_queries, shares_backbone
 from vop.retrieval.service import MAX_K, MAX_QUERY_CHARS, NotFoundError, RequestError, SearchService
 from vop.retrieval.sources import Source, list_sources

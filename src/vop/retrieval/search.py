@@ -6,9 +6,9 @@ lightweight model per index on top of it, so several prompt sets share one copy 
 (methods that change CLIP's own tensors -- ``full``, ``bias``, ``proj``, ``partial`` -- cannot share
 and get their own copy).
 
-A pairwise model (``model.pairwise``: cma's query score) has an index of per-frame embeddings; its
-queries are its raw text embeddings, scored against every video with the model's similarity
-(:func:`vop.retrieval.index.pairwise_search`), exactly as the evaluation scores them.
+Queries are encoded and scored by the model's scoring (:mod:`vop.scoring`), exactly as the evaluation
+does: a dual encoder's normalised text embeddings against one vector per video; cma's query score's raw
+text embeddings against every video's frames (:func:`vop.retrieval.topk.top_k`).
 """
 from __future__ import annotations
 
@@ -21,17 +21,20 @@ import numpy as np
 import torch
 
 from vop.errors import CheckpointError, ConfigError
-from vop.retrieval.index import (VideoIndex, check_k, check_model_record, checkpoint_sha256, kind_mismatch, load_index_model,
-                                 rebuild_command, verify_model_files)
+from vop.retrieval.format import check_model_record, rebuild_command
+from vop.retrieval.index import VideoIndex, kind_mismatch
+from vop.retrieval.provenance import checkpoint_sha256, load_index_model, verify_model_files
+from vop.retrieval.topk import check_k
 from vop.runtime import encode_texts, resolve_device
+from vop.scoring import CosineScoring, Scoring
 
-__all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hits", "checkpoint_pairwise"]
+__all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hits", "checkpoint_scoring"]
 
 
 def encode_queries(model, texts: Sequence[str], max_words: int | None = 32, tokenizer=None) -> torch.Tensor:
-    """L2-normalised text embeddings (Q, D), float32 CPU, on the model's device: :func:`vop.runtime.encode_texts`
-    (the evaluation's tokenizer budget and normalisation) on all ``texts`` in one batch, in fp32. A pairwise
-    model's are raw (as its similarity reads them), as in the evaluation."""
+    """The queries (Q, D), float32 CPU, of ``texts``, on the model's device: :func:`vop.runtime.encode_texts`
+    (the evaluation's tokenizer budget, and the model's ``scoring.queries``: L2-normalised for a dual
+    encoder, raw for cma's query score) on all ``texts`` in one batch, in fp32."""
     device = next(model.parameters()).device
     return encode_texts(model, texts, batch_size=max(1, len(texts)), device=device, max_words=max_words,
                         precision="fp32", tokenizer=tokenizer)
@@ -45,10 +48,10 @@ def shares_backbone(meta: dict[str, Any]) -> bool:
     return not method_facts(meta["method"]).trains_backbone
 
 
-def checkpoint_pairwise(checkpoint: str | os.PathLike) -> bool | None:
-    """Whether the model of a checkpoint scores pairwise (per-frame, text-conditioned: cma's q-score),
-    from its metadata alone (the model is built on the meta device: no weights are read). The authors'
-    ModelScope folders are dual encoders. None if it cannot be told (the loading says why later)."""
+def checkpoint_scoring(checkpoint: str | os.PathLike) -> Scoring | None:
+    """The scoring (:mod:`vop.scoring`) of the model of a checkpoint, from its metadata alone (the model is
+    built on the meta device: no weights are read). The authors' ModelScope folders are dual encoders.
+    None if it cannot be told (the loading says why later)."""
     from vop.backbone.clip import CLIP
     from vop.backbone.config import CLIPConfig
     from vop.methods import create_model
@@ -56,12 +59,12 @@ def checkpoint_pairwise(checkpoint: str | os.PathLike) -> bool | None:
 
     path = Path(checkpoint)
     if path.is_dir():
-        return False
+        return CosineScoring()
     try:
         meta = read_checkpoint_meta(path)
         with torch.device("meta"):
             m = create_model(meta["method"], CLIP(CLIPConfig.from_dict(meta["arch"])), frames=meta["frames"], **meta["options"])
-        return bool(getattr(m, "pairwise", False))
+        return m.scoring
     except Exception:  # noqa: BLE001 - an unreadable checkpoint: its loading gives the clear error
         return None
 
@@ -147,33 +150,29 @@ class Searcher:
         """The index at ``path`` (:meth:`VideoIndex.open`; ``verify=False`` skips the checksums of its files
         and the hashing of the backbone file) and its model: the checkpoint and backbone it records (or
         ``checkpoint`` / ``backbone``: their new locations), refused if they are not the very files the
-        index was built with, or if the model's kind of scores (pairwise or dual encoder) differs."""
+        index was built with, or if the model's kind of scores (``model.scoring.kind``) differs."""
         index = VideoIndex.open(path, verify=verify)
         where, rebuild = f"the index {index.path}", rebuild_command(index.path, index.meta)
         info = check_model_record(index.model_info, str(index.path / "index.json"), rebuild)
         ckpt = Path(checkpoint or info["checkpoint"])
-        if checkpoint is not None:  # another file: a model of the other kind is named as such, before any hashing
-            kind = checkpoint_pairwise(ckpt)
-            if kind is not None and kind != index.pairwise:
-                raise ConfigError(kind_mismatch(index.path, index.pairwise, ckpt, kind, _method_of(ckpt), index.meta))
+        if checkpoint is not None:  # another file: a model of another kind is named as such, before any hashing
+            scoring = checkpoint_scoring(ckpt)
+            if scoring is not None and scoring.kind != index.scoring.kind:
+                raise ConfigError(kind_mismatch(index.path, index.scoring, ckpt, scoring, _method_of(ckpt), index.meta))
         if pool is not None:
             model, shared = pool.model_for(info, backbone=backbone, checkpoint=checkpoint, verify=verify, where=where,
                                            rebuild=rebuild)
         else:
             model, shared = load_index_model(info, backbone=backbone, checkpoint=checkpoint, device=device, verify=verify,
                                              where=where, rebuild=rebuild), False
-        index.check_model(model, ckpt)  # a pairwise model and an index of one vector per video (or the reverse) do not mix
+        index.check_model(model, ckpt)  # a model of another kind of scores than the index's does not mix
         settings = index.meta["settings"]  # (its frame count only mattered for encoding the videos)
         return cls(index, model, settings.get("max_words", 32), shared, str(ckpt))
 
-    @property
-    def pairwise(self) -> bool:
-        return self.index.pairwise
-
     def rank(self, q: torch.Tensor, k: int, *, exact: bool | None = None, nprobe: int | None = None,
              ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` (scores, rows) for encoded queries (:meth:`encode`): the index's search, with the model
-        for a pairwise index. ``k``: an integer >= 1; more than the index holds gives every video."""
+        """Top-``k`` (scores, rows) for encoded queries (:meth:`encode`): the index's search, with the model's
+        scoring. ``k``: an integer >= 1; more than the index holds gives every video."""
         return self.index.search(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, model=self.model)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
@@ -189,7 +188,7 @@ class Searcher:
                ef_search: int | None = None) -> list[list[dict[str, Any]]]:
         """For each text, the top-``k`` videos: dicts with rank, row, id, score (cosine), path, duration.
         ``k``: an integer >= 1; more than the index holds gives every video (the same for every kind of
-        index: exact, FAISS and pairwise)."""
+        index: exact, FAISS, and the query score's)."""
         k = check_k(k)
         if not len(texts):
             return []

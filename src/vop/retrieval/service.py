@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from vop.errors import ConfigError, VopError
-from vop.retrieval.index import check_k
+from vop.retrieval.topk import check_k
 from vop.retrieval.search import BackbonePool, Searcher
 
 __all__ = ["SearchService", "RequestError", "NotFoundError", "MAX_QUERY_CHARS", "MAX_K", "parse_index_spec"]
@@ -72,7 +72,7 @@ class Loaded:
         return {"name": self.name, "videos": len(self.index), "method": info["method"],
                 "checkpoint": Path(info["checkpoint"]).name, "backbone": info.get("backbone"),
                 "shared_backbone": self.searcher.shared, "dim": self.index.dim,
-                "search": self.index.faiss_kind or "exact", "pairwise": self.index.pairwise}
+                "search": self.index.faiss_kind or "exact", **self.index.scoring.describe()}
 
 
 class SearchService:

@@ -1,0 +1,97 @@
+"""Top-k over stored rows: the one place that, given an index's rows, a model's scoring and queries,
+answers which videos score best (a later vector-store interface plugs in here).
+
+- :func:`top_k`: exact, for any :class:`~vop.scoring.Scoring`: ``scoring.score`` on blocks of queries x
+  rows (``scoring.blocks``: a dual encoder's all queries x 2^18 rows; a frame scoring's at most 256
+  queries and as many videos as keep the queries x videos x frames intermediates within 64 MiB), only
+  the running top k kept, with the scoring's per-row ``cache`` if the caller keeps one.
+- :func:`search_rows`: :func:`top_k`, or the approximate (FAISS) index where the scoring allows one and
+  the caller has it (``k`` >= the rows: every video, ranked exactly, as by the other kinds).
+
+Results: ``(scores (Q, k'), rows (Q, k'))``, ``k' = min(k, N)``, best first, equal scores ordered by row;
+scores are the scoring's (unscaled: cosines for the built-in kinds), computed on the CPU.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from vop.errors import ConfigError
+from vop.scoring import CosineScoring, Scoring
+
+__all__ = ["top_k", "search_rows", "exact_search", "check_k"]
+
+
+def check_k(k: Any, name: str = "k") -> int:
+    """The number of results asked for: an integer >= 1 (more than the index holds gives every video)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"{name} must be an integer >= 1 (the number of results), got {k!r}")
+    return int(k)
+
+
+def _topk_merge(best_s: torch.Tensor, best_i: torch.Tensor, scores: torch.Tensor, start: int,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    kk = min(k, scores.shape[1])
+    v, i = scores.topk(kk, dim=1)
+    best_s = torch.cat([best_s, v], 1)
+    best_i = torch.cat([best_i, i + start], 1)
+    if best_s.shape[1] > k:
+        v, j = best_s.topk(k, dim=1)
+        best_s, best_i = v, best_i.gather(1, j)
+    return best_s, best_i
+
+
+def _ordered(best_s: torch.Tensor, best_i: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic order: score descending, then row ascending."""
+    order = np.lexsort((best_i.numpy(), -best_s.numpy().astype(np.float64)), axis=1)
+    return np.take_along_axis(best_s.numpy(), order, 1), np.take_along_axis(best_i.numpy(), order, 1)
+
+
+@torch.no_grad()
+def top_k(scoring: Scoring, rows: torch.Tensor, q: torch.Tensor, k: int, *, cache: torch.Tensor | None = None,
+          max_bytes: int | None = None, blocks: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``scoring.score(q (Q, D), rows (N, *row_shape))``, streamed over blocks of queries x
+    rows (``blocks``, default ``scoring.blocks(...)`` within ``max_bytes``) so that the full Q x N scores
+    never sit in memory, only the running top-k. ``cache``: ``scoring.cache(rows)``, if kept (cma's Gram
+    matrices: the same scores, F times less work per query). Best first; ties by row."""
+    n, nq = rows.shape[0], q.shape[0]
+    k = min(k, n)
+    if k == 0 or nq == 0:
+        return np.zeros((nq, k), np.float32), np.zeros((nq, k), np.int64)
+    qc, rc = blocks or scoring.blocks(nq, n, tuple(rows.shape[1:]), max_bytes)
+    scores_out, rows_out = [], []
+    for q0 in range(0, nq, qc):
+        qt = q[q0:q0 + qc]
+        best_s = torch.full((qt.shape[0], 0), float("-inf"))
+        best_i = torch.zeros((qt.shape[0], 0), dtype=torch.long)
+        for s in range(0, n, rc):
+            scores = scoring.score(qt, rows[s:s + rc], cache=None if cache is None else cache[s:s + rc])
+            best_s, best_i = _topk_merge(best_s, best_i, scores.float(), s, k)
+        sc, rw = _ordered(best_s, best_i)
+        scores_out.append(sc)
+        rows_out.append(rw)
+    if len(scores_out) == 1:
+        return scores_out[0], rows_out[0]
+    return np.concatenate(scores_out).astype(np.float32, copy=False), np.concatenate(rows_out).astype(np.int64, copy=False)
+
+
+def exact_search(emb: torch.Tensor, q: torch.Tensor, k: int, chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product of ``q`` (Q, D) against ``emb`` (N, D) (a dual encoder's normalised
+    rows: :func:`top_k` with :class:`~vop.scoring.CosineScoring`), streamed over ``chunk`` rows (so 1M x Q
+    scores never sit in memory at once). Best first; equal scores ordered by row."""
+    return top_k(CosineScoring(), emb, q, k, blocks=(max(q.shape[0], 1), chunk))
+
+
+def search_rows(scoring: Scoring, rows: torch.Tensor, q: torch.Tensor, k: int, *, cache: torch.Tensor | None = None,
+                ann: Callable[[], Any] | None = None, exact: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows for the queries ``q`` (Q, D): through the approximate index ``ann()`` (a loaded FAISS
+    index over ``rows``; given only where the scoring allows one) unless ``exact`` is True or ``k`` covers
+    every row, else exactly (:func:`top_k`)."""
+    if ann is not None and scoring.ann and exact is not True and k < rows.shape[0]:
+        from vop.retrieval.ann import faiss_search
+
+        scores, ids = faiss_search(ann(), q.numpy(), k)
+        return scores, ids.astype(np.int64)
+    return top_k(scoring, rows, q, k, cache=cache)
