@@ -112,7 +112,7 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)
-    from vop.methods.modelscope import read_folder
+    from vop.formats.modelscope import read_folder
 
     folder = read_folder(path)
     return _folder_sha256([(f.name, sha256_file(f)) for f in (folder.config, folder.weights)])
@@ -127,7 +127,7 @@ def backbone_file(backbone: Any) -> Path | None:
     if p.is_file():
         return p.resolve()
     if isinstance(backbone, str) and not p.exists():
-        from vop.backbone.checkpoint import _shipped
+        from vop.backbone.checkpoint import shipped_file as _shipped
 
         shipped = _shipped(backbone)
         return shipped.resolve() if shipped is not None else None
@@ -140,7 +140,7 @@ def model_files(checkpoint: str | os.PathLike, backbone: Any, whole: bool) -> li
     the backbone weights file."""
     path = Path(checkpoint)
     if path.is_dir():
-        from vop.methods.modelscope import read_folder
+        from vop.formats.modelscope import read_folder
 
         folder = read_folder(path)
         out = [file_record(folder.config, "checkpoint config"), file_record(folder.weights, "checkpoint weights")]
@@ -216,11 +216,10 @@ def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
 
 def checkpoint_info(checkpoint: str | os.PathLike, backbone: str | None = None) -> dict[str, Any]:
     """What an index records about its model: enough to rebuild it and to notice a changed file."""
-    import vop
-    from vop.methods.checkpoint import backbone_record, checkpoint_facts
+    from vop.methods.checkpoint import backbone_record, checkpoint_facts, read_checkpoint_meta
 
     path = Path(checkpoint)
-    meta = vop.read_checkpoint_meta(path, backbone if path.is_dir() else None)
+    meta = read_checkpoint_meta(path, backbone if path.is_dir() else None)
     whole = checkpoint_facts(path, meta).whole_model  # its file holds every weight: no backbone to record
     bb = backbone or meta.get("backbone")
     if bb is None and not whole:
@@ -351,7 +350,7 @@ def load_index_model(info: dict[str, Any], *, backbone: Any = None, checkpoint: 
     or backbone). The checkpoint must be the very file that was indexed (same SHA-256), and so must
     the backbone weights file where the index records it (:func:`verify_model_files`), both checked
     before either is read."""
-    import vop
+    from vop.methods.checkpoint import load_checkpoint
 
     ckpt = Path(checkpoint or info["checkpoint"])
     if not ckpt.exists():
@@ -363,7 +362,7 @@ def load_index_model(info: dict[str, Any], *, backbone: Any = None, checkpoint: 
                 f"{ckpt}: differs from the checkpoint this index was built with (SHA-256 {info['checkpoint_sha256'][:12]}...): "
                 f"its video embeddings would not match; re-run `vop index` with this checkpoint (into a new --out or with --rebuild)")
     bb = backbone if backbone is not None else info.get("backbone")
-    model = vop.load_checkpoint(ckpt, bb)
+    model = load_checkpoint(ckpt, bb)
     return model.to(device).eval()
 
 
@@ -1432,7 +1431,7 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], me
     ``emb`` (N, F, D): the per-frame embeddings of a pairwise model (``pairwise: true`` is recorded, with
     ``frames_per_video``; no FAISS index can be built over them).
     """
-    from vop import __version__
+    from vop._version import __version__
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
