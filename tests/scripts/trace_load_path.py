@@ -11,19 +11,26 @@ back into vop counts as the vop function that called torch).
 - the path: those calls without the ones into the base layer (errors, limits, memory: leaves every
   layer calls, which call nothing back), a call repeated right after itself (same caller and callee
   modules: a loop) counted once. Its **stops** are its calls, its **rooms** the distinct modules,
-  **returns** the stops at a room already visited (stops = rooms + returns), **climbs** the stops in a
-  higher layer than the stop before (the path going back up), **upward** the calls from a module of a
-  lower layer into one of a higher layer, with the layers base (errors, limits, memory, _optional,
+  **returns** the stops at a room already visited (stops = rooms + returns), **rises** the stops in a
+  higher layer than the stop before (the path going back up a layer, e.g. from a format to the loader);
+- **upward**: the calls (all of them, not only the path's) from a module of a lower layer into one of a
+  higher layer (none in a one-directional path), with the layers base (errors, limits, memory, _optional,
   _version) < formats < backbone, data < methods < engine, retrieval, runtime, metrics < cli, demo,
   the package top ``vop``.
 
-    PYTHONPATH=src python tests/scripts/trace_load_path.py [--path] [--json out.json]
+    PYTHONPATH=src python tests/scripts/trace_load_path.py [--path] [--steps] [--as-formats M,...]
+                                                   [--json out.json]
 
-``--path`` prints the path (``^``: a climb, ``UP``: an upward call). tests/test_load_path.py runs :func:`trace_cases` and asserts no upward move.
+``--path`` prints the path (``^``: a rise, ``UP``: an upward call). ``--steps``: building a method
+(``vop.methods.create_model``) and building a CLIP (``CLIP.__init__``) are one stop each, what they call
+inside left out (the loader's own steps). ``--as-formats``: count these modules as the formats layer
+(for code from before vop.formats, whose format code lived in backbone/ and methods/:
+``--as-formats vop.backbone.checkpoint,vop.backbone.torchscript,vop.methods.checkpoint,vop.methods.modelscope``). tests/test_load_path.py runs :func:`trace_cases` and asserts no upward move.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import tempfile
@@ -44,8 +51,17 @@ LAYERS: dict[str, int] = {
 LAYER_NAMES = ("base", "formats", "backbone/data", "methods", "engine/retrieval", "cli/top")
 
 
+#: modules counted as the formats layer (``--as-formats``)
+AS_FORMATS: set[str] = set()
+#: functions whose inside is one stop (``--steps``): (module, qualified name)
+OPAQUE: set[tuple[str, str]] = set()
+STEPS = {("vop.methods", "create_model"), ("vop.backbone.clip", "CLIP.__init__")}
+
+
 def layer(module: str) -> int:
     """The layer of a ``vop`` module (``vop.backbone.clip`` -> 2); a KeyError for a module no layer names."""
+    if module in AS_FORMATS:
+        return LAYERS["vop.formats"]
     parts = module.split(".")
     return LAYERS[".".join(parts[:2])] if ".".join(parts[:2]) in LAYERS else LAYERS[parts[0]]
 
@@ -57,13 +73,23 @@ def _is_vop(module: str | None) -> bool:
 def trace(fn: Callable[[], Any]) -> list[tuple[str | None, str, str]]:
     """(caller module or None, callee module, callee function) of every stop while ``fn()`` runs."""
     stops: list[tuple[str | None, str, str]] = []
+    inside: set[int] = set()  # frames of OPAQUE functions running
+    resumable: dict[int, Any] = {}  # generator frames started (a resumed generator is not a new call)
 
     def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "return" and id(frame) in inside:
+            inside.discard(id(frame))
         if event != "call":
             return
         module = frame.f_globals.get("__name__")
-        if not _is_vop(module) or frame.f_code.co_name == "<module>":
+        if not _is_vop(module) or frame.f_code.co_name == "<module>" or inside:
             return
+        if frame.f_code.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR):
+            if id(frame) in resumable:
+                return
+            resumable[id(frame)] = frame  # kept alive: its id is not reused while tracing
+        if (module, frame.f_code.co_qualname) in OPAQUE:
+            inside.add(id(frame))
         caller, f = None, frame.f_back
         while f is not None:
             m = f.f_globals.get("__name__")
@@ -95,16 +121,16 @@ def path_of(calls: list[tuple[str | None, str, str]]) -> list[tuple[str | None, 
 def count(calls: list[tuple[str | None, str, str]]) -> dict[str, Any]:
     path = path_of(calls)
     seen: set[str] = set()
-    returns, climbs, up, last = 0, 0, [], None
+    returns, rises, last = 0, 0, None
     for caller, module, func in path:
         if module in seen:
             returns += 1
         seen.add(module)
         if last is not None and layer(module) > layer(last):
-            climbs += 1
+            rises += 1
         last = module
     up = [f"{c} -> {m}.{f}" for c, m, f in calls if c is not None and layer(m) > layer(c)]
-    return {"calls": len(calls), "stops": len(path), "rooms": len(seen), "returns": returns, "climbs": climbs,
+    return {"calls": len(calls), "stops": len(path), "rooms": len(seen), "returns": returns, "rises": rises,
             "upward": len(up), "upward_moves": up, "modules": sorted(seen)}
 
 
@@ -152,22 +178,27 @@ def trace_cases(root: Path) -> dict[str, tuple[list[tuple[str | None, str, str]]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--path", action="store_true", help="print every stop")
+    ap.add_argument("--steps", action="store_true", help="a method's and a CLIP's construction: one stop each")
+    ap.add_argument("--as-formats", default="", help="modules (comma-separated) counted as the formats layer")
     ap.add_argument("--json", type=Path, help="write the counts here")
     a = ap.parse_args()
+    AS_FORMATS.update(m for m in a.as_formats.split(",") if m)
+    if a.steps:
+        OPAQUE.update(STEPS)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         results = trace_cases(Path(d))
-    print(f"{'load':22} {'calls':>6} | path: {'stops':>5} {'rooms':>5} {'returns':>7} {'climbs':>6} {'upward':>6}")
+    print(f"{'load':22} {'calls':>6} {'upward':>6} | path: {'stops':>5} {'rooms':>5} {'returns':>7} {'rises':>5}")
     for name, (_, c) in results.items():
-        print(f"{name:22} {c['calls']:6d} |       {c['stops']:5d} {c['rooms']:5d} {c['returns']:7d} {c['climbs']:6d} "
-              f"{c['upward']:6d}")
+        print(f"{name:22} {c['calls']:6d} {c['upward']:6d} |       {c['stops']:5d} {c['rooms']:5d} {c['returns']:7d} "
+              f"{c['rises']:5d}")
     for name, (calls, c) in results.items():
         if a.path:
             print(f"\n{name}:")
             last = None
             for caller, module, func in path_of(calls):
                 mark = "UP" if caller is not None and layer(module) > layer(caller) else (
-                    "^ " if last is not None and layer(module) > layer(last) else "  ")
+                    "^ " if last is not None and layer(module) > layer(last) else "  ")  # ^: a rise
                 last = module
                 print(f"  {mark} [{LAYER_NAMES[layer(module)]}] {caller or '(caller)'} -> {module}.{func}")
         elif c["upward_moves"]:

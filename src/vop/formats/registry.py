@@ -42,10 +42,13 @@ class ArchRecord:
 
 @dataclass
 class ClipWeights:
-    """CLIP weights as read: tensors with canonical (OpenAI) names and the architecture record, if any."""
+    """CLIP weights as read: tensors with canonical (OpenAI) names and the architecture record, if any;
+    ``format``: the file or folder format that read them, ``names``: the names format that converted them."""
     path: Path
     tensors: Tensors
     record: ArchRecord | None
+    format: str = ""
+    names: str = ""
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,10 @@ def reason(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 def read_raw(path: str | os.PathLike) -> tuple[Tensors, dict[str, Any]]:
     """A weights file or folder as (tensors with the file's own names, metadata)."""
-    path = Path(path)
+    return _read_raw(Path(path))[1:]
+
+
+def _read_raw(path: Path) -> tuple[Format, Tensors, dict[str, Any]]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; expected {expected()}")
     try:
@@ -108,14 +114,14 @@ def read_raw(path: str | os.PathLike) -> tuple[Tensors, dict[str, Any]]:
             fmt = next((f for f in _tried("is_folder") if f.is_folder(path)), None)  # type: ignore[misc]
             if fmt is None:
                 raise CheckpointError(f"{path}: a folder no format reads; expected {expected()}")
-            return fmt.read_folder(path)  # type: ignore[misc]
+            return (fmt, *fmt.read_folder(path))  # type: ignore[misc]
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path}: the file is empty; expected {expected()}")
         fmt = next(f for f in _tried("is_file") if f.is_file(path))  # type: ignore[misc]  (the state dict is the fallback)
         sd, meta = fmt.read_file(path)  # type: ignore[misc]
         for f in _tried("beside"):
             meta.update(f.beside(path, sd))  # type: ignore[misc]
-        return sd, meta
+        return fmt, sd, meta
     except CheckpointError:
         raise
     except Exception as e:  # truncated zip, bad pickle, safetensors header errors ...
@@ -130,6 +136,10 @@ def canonical(sd: Tensors, meta: dict[str, Any]) -> tuple[Tensors, ArchRecord | 
     """Canonical (OpenAI CLIP) names and the architecture record: wrapper prefixes stripped, then the
     first names format that recognises the names converts them; the record is the one the names'
     format reads (a Hugging Face config.json), else the file's own (our safetensors metadata)."""
+    return _canonical(sd, meta)[1:]
+
+
+def _canonical(sd: Tensors, meta: dict[str, Any]) -> tuple[Format, Tensors, ArchRecord | None]:
     for prefix in _WRAPPERS:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -139,18 +149,18 @@ def canonical(sd: Tensors, meta: dict[str, Any]) -> tuple[Tensors, ArchRecord | 
     for f in _tried("arch_record"):
         if record is None:
             record = f.arch_record(meta)  # type: ignore[misc]
-    return sd, record
+    return fmt, sd, record
 
 
 def read_clip(path: str | os.PathLike) -> ClipWeights:
     """Read CLIP weights in any registered format: canonical names, the architecture record if any."""
     path = Path(path)
-    sd, meta = read_raw(path)
+    fmt, sd, meta = _read_raw(path)
     try:
-        sd, record = canonical(sd, meta)
+        names, sd, record = _canonical(sd, meta)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return ClipWeights(path, sd, record)
+    return ClipWeights(path, sd, record, fmt.name, names.name)
 
 
 # ---------------------------------------------------------------------------------------------
