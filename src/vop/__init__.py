@@ -6,8 +6,7 @@
     t = model.encode_text(tokens)            # (1, 512)
     v = model.encode_video(videos)           # videos: B x F x 3 x H x W, CLIP-normalised
 """
-__version__ = "0.1.0"
-
+from vop._version import __version__
 from vop.backbone import CLIP, CLIPConfig, CLIPTokenizer, build_clip, get_arch, list_archs, load_clip, save_clip
 from vop.errors import CheckpointError, ConfigError, DataError, MissingDependencyError, VopError
 from vop.methods import count_parameters, create_model, list_methods, method_facts

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import openai_clip  # noqa: E402
 
-from vop.backbone.torchscript import read_torchscript  # noqa: E402
+from vop.formats.torchscript import read_torchscript  # noqa: E402
 
 
 def main() -> None:

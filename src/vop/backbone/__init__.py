@@ -1,4 +1,4 @@
-"""CLIP backbone: towers, architectures, checkpoint formats, tokenizer."""
+"""CLIP backbone: towers, architectures, loading (the bytes: vop.formats), tokenizer."""
 from vop.backbone.checkpoint import build_clip, load_clip, save_clip, weights_fingerprint
 from vop.backbone.clip import CLIP
 from vop.backbone.config import CLIPConfig, TextConfig, VisionConfig, get_arch, list_archs

@@ -13,10 +13,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from vop import limits
 from vop.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from vop.formats import ArchRecord
 
 Act = Literal["quick_gelu", "gelu"]
 ACTS = ("quick_gelu", "gelu")
@@ -367,3 +370,54 @@ def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, i
         else:  # OpenAI's released shapes (its files use QuickGELU) or an unknown architecture
             act = "quick_gelu"
     return dataclasses.replace(known[0] if known else cfg, act=act)
+
+
+# ---------------------------------------------------------------------------------------------
+# the architecture of a weights file (vop.load_clip)
+# ---------------------------------------------------------------------------------------------
+def describe(cfg: CLIPConfig) -> str:
+    v, t = cfg.vision, cfg.text
+    name = arch_name(cfg)
+    return (f"{name + ' ' if name else ''}({v.width}-wide {v.layers}-layer image tower with {v.heads} heads, "
+            f"patch {v.patch_size}, {v.image_size} px; {t.width}-wide {t.layers}-layer text tower with {t.heads} heads)")
+
+
+def check_load_options(act: Any, heads: Any) -> tuple[int, int] | None:
+    """``heads=`` and ``act=`` as given to load_clip, checked (a CheckpointError naming the option)."""
+    if heads is not None:
+        heads = check_heads(heads)
+    if act is not None and act not in ACTS:
+        raise CheckpointError(f"act= must be one of {', '.join(ACTS)}, got {act!r}")
+    return heads
+
+
+def config_from_record(record: "ArchRecord") -> CLIPConfig:
+    """The architecture a file records (vop.formats reads the record), as a CLIPConfig; a CheckpointError
+    saying why it is not usable otherwise."""
+    try:
+        return CLIPConfig.from_dict(record.values)
+    except ConfigError as e:
+        raise CheckpointError(f"{record.unusable}: {e}") from None
+
+
+def resolve_config(sd: dict[str, Any], record: "ArchRecord | None", arch: str | CLIPConfig | None = None,
+                   act: Act | None = None, heads: tuple[int, int] | None = None) -> CLIPConfig:
+    """The architecture of weights with canonical names: ``arch`` if given (the file's own record, if any,
+    must agree), else the file's record (our metadata, a Hugging Face config), else inferred from the
+    tensors (:func:`infer_config`). ``heads``/``act`` as checked by :func:`check_load_options`; the tensors
+    are compared with the architecture, shape by shape, by :func:`vop.backbone.checkpoint.load_clip`."""
+    recorded = config_from_record(record) if record is not None else None
+    check_supported(sd)
+    if arch is not None:
+        if heads is not None:
+            raise CheckpointError("give arch= or heads=, not both: the architecture fixes the head counts")
+        if not isinstance(arch, (str, CLIPConfig)):
+            raise CheckpointError(f"arch= must be an architecture name or a CLIPConfig, got {type(arch).__name__}")
+        cfg = get_arch(arch) if isinstance(arch, str) else arch
+        if recorded is not None and not same_tensors(recorded, cfg):
+            raise CheckpointError(f"the file records a {describe(recorded)}, not the {describe(cfg)} named by arch=")
+    elif recorded is not None:
+        cfg = recorded
+    else:
+        return infer_config(sd, act=act, heads=heads)
+    return cfg if act is None else dataclasses.replace(cfg, act=act)

@@ -1,12 +1,21 @@
-"""Prompt checkpoints: only the trainable tensors (safetensors) plus what is needed to rebuild the model.
+"""Prompt checkpoints: save a model's trainable tensors, and load a trained model, in one direction.
 
-Metadata (JSON under the ``vop`` key): method, options, frames, backbone architecture, the backbone
-the model was trained on (``backbone``: a weights path, shipped name or architecture name; null if not
-recorded) and a fingerprint of its weights, library version. Files written before ``backbone`` was a
-field of its own recorded it as ``extra.backbone``: :func:`read_checkpoint_meta` gives it as
-``backbone``. A prompt file loaded onto a different backbone or method fails with a clear message.
-For a method that trains every CLIP weight (its facts say ``backbone="all"``: ``full``) the file is
-the whole model.
+The bytes are vop.formats' (``vop_prompts``: safetensors + JSON metadata; ``modelscope``: the authors'
+folders); this module says what the records mean and rebuilds the model:
+
+    detect the format (vop.formats.checkpoint_format)
+    -> read the records and the tensors' header (vop.formats.vop_prompts), checked against the model they
+       describe, built on the meta device (nothing allocated)
+    -> the architecture (vop.backbone.config) -> the backbone (vop.backbone: load_clip / build_clip)
+    -> its architecture and fingerprint checked -> the method (vop.methods.create_model)
+    -> the trainable tensors (vop.formats.vop_prompts.read_tensors) copied in.
+
+Metadata: method, options, frames, backbone architecture, the backbone the model was trained on
+(``backbone``: a weights path, shipped name or architecture name; null if not recorded) and a
+fingerprint of its weights, library version. Files written before ``backbone`` was a field of its own
+recorded it as ``extra.backbone``: :func:`read_checkpoint_meta` gives it as ``backbone``. A prompt file
+loaded onto a different backbone or method fails with a clear message. For a method that trains every
+CLIP weight (its facts say ``backbone="all"``: ``full``) the file is the whole model.
 
 A folder instead of a file is one of the authors' released ModelScope models (vop.methods.modelscope).
 """
@@ -14,20 +23,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vop import formats
+from vop._version import __version__
+from vop.backbone.checkpoint import build_clip, weights_fingerprint
 from vop.backbone.clip import CLIP
 from vop.backbone.config import CLIPConfig, arch_name
 from vop.errors import CheckpointError, ConfigError
+from vop.formats import modelscope as modelscope_format
+from vop.formats import vop_prompts
 from vop.methods.base import VideoTextModel
 from vop.methods.registry import MethodFacts, method_facts
 
-FORMAT = "vop-prompts/1"
+FORMAT = vop_prompts.FORMAT
 
 
 def checkpoint_facts(path: str | os.PathLike, meta: dict[str, Any]) -> MethodFacts:
@@ -59,19 +72,12 @@ def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[
     :func:`load_checkpoint` finds them again; for files of earlier callers also taken from
     ``extra["backbone"]``. ``extra``: anything else to keep with the file (dataset, epoch ...).
     """
-    from safetensors.torch import save_file
-
-    from vop import __version__
-
     extra = dict(extra or {})
     if backbone is None:
         backbone = extra.get("backbone")
     elif extra.get("backbone") is not None and str(extra["backbone"]) != str(backbone):
         raise ValueError(f"backbone {backbone!r} and extra['backbone'] {extra['backbone']!r} differ")
-    path = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
     meta = {
-        "format": FORMAT,
         "method": model.name,
         "options": model.options_dict(),
         "frames": model.frames,
@@ -84,58 +90,20 @@ def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[
         "torch_version": torch.__version__,
         "extra": extra,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"vop": json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    return vop_prompts.write(model.trainable_state_dict(), meta, path)
 
 
 def read_checkpoint_meta(path: str | os.PathLike, backbone: CLIP | str | os.PathLike | None = None) -> dict[str, Any]:
     """A checkpoint's metadata, with ``backbone`` (str or None) also for files that recorded it only
     in ``extra``. ``backbone`` only matters for a ModelScope folder (default: its ViT-B-32.pt)."""
-    from safetensors import safe_open
-
     path = Path(path)
-    if path.is_dir():
+    if formats.checkpoint_format(path).name == modelscope_format.FORMAT:
         from vop.methods.modelscope import read_folder_meta
 
-        return _with_backbone(read_folder_meta(path, backbone))
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such prompt checkpoint")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("vop")
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors prompt checkpoint ({e})") from None
-    if meta is None:
-        raise CheckpointError(
-            f"{path}: has no vop metadata; it is not a prompt checkpoint written by vop "
-            "(CLIP weights go to --backbone / load_clip instead)"
-        )
-    try:
-        meta = json.loads(meta)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: its vop metadata is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: its vop metadata must be a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown prompt checkpoint format {meta.get('format')!r} (expected {FORMAT})")
-    _check_meta(path, meta)
-    return _with_backbone(meta)
-
-
-def _check_meta(path: Path, meta: dict[str, Any]) -> None:
-    """The numbers and records a checkpoint's metadata gives, checked before anything is built from them."""
-    from vop import limits
-
-    for key, kind in (("method", str), ("options", dict), ("arch", dict)):
-        if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{path}: its vop metadata lacks a valid {key!r} ({kind.__name__}), got "
-                                  f"{type(meta.get(key)).__name__}")
-    limits.check_int(meta.get("frames"), f"{path}: the frames per video its metadata records", 1, limits.MAX_FRAMES,
-                     error=CheckpointError)
+        return vop_prompts.with_backbone(read_folder_meta(path, backbone))
+    meta = vop_prompts.read_meta(path)  # the format's checks: file, JSON, format, record types, frames
     recorded_arch(path, meta)
+    return meta
 
 
 def recorded_arch(path: str | os.PathLike, meta: dict[str, Any]) -> CLIPConfig:
@@ -146,25 +114,18 @@ def recorded_arch(path: str | os.PathLike, meta: dict[str, Any]) -> CLIPConfig:
         raise CheckpointError(f"{path}: the backbone architecture its metadata records is not usable: {e}") from None
 
 
-def _check_tensor_shapes(path: Path, meta: dict[str, Any]) -> None:
+def _check_tensor_shapes(path: Path, meta: dict[str, Any], arch: CLIPConfig, got: dict[str, tuple[int, ...]]) -> None:
     """Build the recorded model on the meta device (no memory) and compare its trainable tensors, name by name
-    and shape by shape, with the tensors the file holds (read from its header): a checkpoint whose metadata
-    does not describe its tensors fails here, before anything is allocated."""
-    from safetensors import safe_open
-
+    and shape by shape, with the tensors the file holds (``got``, read from its header): a checkpoint whose
+    metadata does not describe its tensors fails here, before anything is allocated."""
     from vop.methods import create_model
 
     try:
         with torch.device("meta"):
-            model = create_model(meta["method"], CLIP(recorded_arch(path, meta)), frames=meta["frames"], **meta["options"])
+            model = create_model(meta["method"], CLIP(arch), frames=meta["frames"], **meta["options"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: the model its metadata records cannot be built: {e}") from None
     want = {n: tuple(p.shape) for n, p in model.named_trainable_parameters()}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
     if set(got) != set(want):
         raise CheckpointError(
             f"{path}: tensor names do not match the model its metadata records "
@@ -175,28 +136,16 @@ def _check_tensor_shapes(path: Path, meta: dict[str, Any]) -> None:
                               f"{meta['options']}, {meta['frames']} frames) makes it {want[bad]}")
 
 
-def _with_backbone(meta: dict[str, Any]) -> dict[str, Any]:
-    if "backbone" not in meta:  # written before it was a field: it was in extra (if anywhere)
-        meta["backbone"] = (meta.get("extra") or {}).get("backbone")
-    return meta
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read tensors ({e})") from None
-
-
 def check_backbone(path: str | os.PathLike, meta: dict[str, Any], clip: CLIP, check_fingerprint: bool = True) -> None:
     """A clear CheckpointError unless ``clip`` is the backbone a checkpoint (``meta``, read from ``path``)
     was trained on: same architecture and, with ``check_fingerprint`` and for a method that does not
     hold every weight, the same weights."""
-    from vop.backbone.checkpoint import weights_fingerprint
+    _check_arch(path, meta, recorded_arch(path, meta), clip)
+    if check_fingerprint and not checkpoint_facts(path, meta).whole_model:
+        _check_fingerprint(path, meta, clip)
 
-    want = recorded_arch(path, meta)
+
+def _check_arch(path: str | os.PathLike, meta: dict[str, Any], want: CLIPConfig, clip: CLIP) -> None:
     if want != clip.cfg:
         raise CheckpointError(
             f"{path}: trained on a {meta.get('arch_name') or 'different'} backbone "
@@ -205,7 +154,10 @@ def check_backbone(path: str | os.PathLike, meta: dict[str, Any], clip: CLIP, ch
             f"({clip.cfg.vision.width}-wide, {clip.cfg.vision.layers} layers, patch {clip.cfg.vision.patch_size}); "
             "give the backbone the prompts were trained on"
         )
-    if check_fingerprint and not checkpoint_facts(path, meta).whole_model and meta.get("backbone_fingerprint"):
+
+
+def _check_fingerprint(path: str | os.PathLike, meta: dict[str, Any], clip: CLIP) -> None:
+    if meta.get("backbone_fingerprint"):
         got = weights_fingerprint(clip)
         if got != meta["backbone_fingerprint"]:
             raise CheckpointError(
@@ -226,13 +178,20 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
     from vop.methods import create_model, resolve_backbone
 
     path = Path(path)
-    if path.is_dir():
+    # 1. the format, by content (vop.formats)
+    if formats.checkpoint_format(path).name == modelscope_format.FORMAT:  # the same steps, for the authors' folders
         from vop.methods.modelscope import load_folder
 
         return load_folder(path, backbone, check_fingerprint)
-    meta = read_checkpoint_meta(path)
+    # 2. the records and the tensors' header (vop.formats): nothing allocated
+    meta = vop_prompts.read_meta(path)
+    shapes = vop_prompts.tensor_shapes(path)
+    # 3. the architecture (vop.backbone.config), the method's facts and the model the records describe, built on
+    #    the meta device and compared with the header (vop.methods)
+    arch = recorded_arch(path, meta)
     facts = checkpoint_facts(path, meta)
-    _check_tensor_shapes(path, meta)
+    _check_tensor_shapes(path, meta, arch, shapes)
+    # 4. the backbone (vop.backbone), its architecture and weights checked
     source = backbone
     if source is None and not facts.whole_model:
         source = meta.get("backbone")
@@ -240,37 +199,46 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
             raise CheckpointError(f"{path}: a {meta['method']!r} checkpoint holds only prompts and records no backbone; "
                                   "give the backbone weights too")
     if source is None:
-        from vop.backbone.checkpoint import build_clip
-
-        clip = build_clip(recorded_arch(path, meta))  # the file holds every weight: they overwrite these
+        clip = build_clip(arch)  # the file holds every weight: they overwrite these
     else:
         try:  # weights are read as the recorded architecture (heads and activation are not in every file)
-            clip = resolve_backbone(source, arch=recorded_arch(path, meta))
+            clip = resolve_backbone(source, arch=arch)
         except CheckpointError as e:
             name = meta.get("arch_name") or "the recorded architecture"
             recorded = "" if backbone is not None else " (the backbone recorded in the checkpoint; pass another one)"
             raise CheckpointError(f"{path}: cannot load its backbone ({name}) from {source}{recorded}: {e}") from None
-    check_backbone(path, meta, clip, check_fingerprint)
+    _check_arch(path, meta, arch, clip)
+    if check_fingerprint and not facts.whole_model:
+        _check_fingerprint(path, meta, clip)
     if backbone is not None and (facts.trains_backbone or _holds_clip_tensors(path)):
         clip = copy.deepcopy(clip)  # the file overwrites backbone tensors: leave the caller's CLIP as it was
+    # 5. the method (vop.methods), 6. its trained tensors (vop.formats) copied in
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
-    load_trainable(model, path, meta)
+    _check_loadable(model, path, meta, arch)
+    _copy_tensors(model, path, meta, vop_prompts.read_tensors(path))
     return model
 
 
 def _holds_clip_tensors(path: Path) -> bool:
     """Whether the file holds CLIP tensors (a method whose options unfreeze some, e.g. MV-Adapter's
     ``train_clip_bias``, although its facts say it keeps CLIP frozen by default)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return any(k.startswith("clip.") for k in f.keys())
+    return any(k.startswith("clip.") for k in vop_prompts.tensor_names(path))
 
 
 def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
     """Load a checkpoint's tensors into an existing model of the same method, options and backbone."""
     path = Path(path)
     meta = meta or read_checkpoint_meta(path)
+    _check_loadable(model, path, meta, recorded_arch(path, meta))
+    if formats.checkpoint_format(path).name == modelscope_format.FORMAT:
+        from vop.methods.modelscope import load_folder_tensors
+
+        return load_folder_tensors(model, path)
+    _copy_tensors(model, path, meta, vop_prompts.read_tensors(path))
+
+
+def _check_loadable(model: VideoTextModel, path: Path, meta: dict[str, Any], arch: CLIPConfig) -> None:
+    """Whether a checkpoint (``meta``; ``arch``: its recorded architecture) fits ``model``: method, options, frames, backbone."""
     if meta["method"] != model.name:
         raise CheckpointError(f"{path}: is a {meta['method']!r} checkpoint, the model is {model.name!r}")
     saved = {**dataclasses.asdict(model.Options()), **meta["options"]}  # options added since the file: defaults
@@ -279,13 +247,12 @@ def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[st
             f"{path}: options {saved} / frames {meta['frames']} differ from the model's "
             f"{model.options_dict()} / {model.frames}"
         )
-    if recorded_arch(path, meta) != model.clip.cfg:
-        check_backbone(path, meta, model.clip, False)
-    if path.is_dir():
-        from vop.methods.modelscope import load_folder_tensors
+    if arch != model.clip.cfg:
+        _check_arch(path, meta, arch, model.clip)
 
-        return load_folder_tensors(model, path)
-    tensors = _read_tensors(path)
+
+def _copy_tensors(model: VideoTextModel, path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A prompt checkpoint's tensors into the model's trainable parameters, name by name and shape by shape."""
     params = dict(model.named_trainable_parameters())
     if set(tensors) != set(params):
         raise CheckpointError(

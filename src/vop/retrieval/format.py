@@ -485,7 +485,7 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], me
     ``faiss`` = None or ``{"kind": "ivf"|"hnsw", "params": {...}}`` (only for a scoring where FAISS
     applies). Also used by the benchmarks to write synthetic indexes.
     """
-    from vop import __version__
+    from vop._version import __version__
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def checkpoint_sha256(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)
-    from vop.methods.modelscope import read_folder
+    from vop.formats.modelscope import read_folder
 
     folder = read_folder(path)
     return _folder_sha256([(f.name, sha256_file(f)) for f in (folder.config, folder.weights)])
@@ -47,10 +47,10 @@ def backbone_file(backbone: Any) -> Path | None:
     if p.is_file():
         return p.resolve()
     if isinstance(backbone, str) and not p.exists():
-        from importlib import resources
+        from vop.backbone.checkpoint import shipped_file  # where load_clip finds it
 
-        shipped = resources.files("vop").joinpath("assets", f"{backbone}.safetensors")  # where load_clip finds it
-        return Path(str(shipped)).resolve() if shipped.is_file() else None
+        shipped = shipped_file(backbone)
+        return shipped.resolve() if shipped is not None else None
     return None
 
 
@@ -60,7 +60,7 @@ def model_files(checkpoint: str | os.PathLike, backbone: Any, whole: bool) -> li
     the backbone weights file."""
     path = Path(checkpoint)
     if path.is_dir():
-        from vop.methods.modelscope import read_folder
+        from vop.formats.modelscope import read_folder
 
         folder = read_folder(path)
         out = [file_record(folder.config, "checkpoint config"), file_record(folder.weights, "checkpoint weights")]
@@ -83,11 +83,11 @@ def sha256_of_checkpoint_records(files: Sequence[dict[str, Any]]) -> str:
 
 def checkpoint_info(checkpoint: str | os.PathLike, backbone: str | None = None) -> dict[str, Any]:
     """What an index records about its model: enough to rebuild it and to notice a changed file."""
-    import vop
+    from vop.methods.checkpoint import load_checkpoint, read_checkpoint_meta
     from vop.methods.checkpoint import backbone_record, checkpoint_facts
 
     path = Path(checkpoint)
-    meta = vop.read_checkpoint_meta(path, backbone if path.is_dir() else None)
+    meta = read_checkpoint_meta(path, backbone if path.is_dir() else None)
     whole = checkpoint_facts(path, meta).whole_model  # its file holds every weight: no backbone to record
     bb = backbone or meta.get("backbone")
     if bb is None and not whole:
@@ -180,7 +180,7 @@ def load_index_model(info: dict[str, Any], *, backbone: Any = None, checkpoint: 
     or backbone). The checkpoint must be the very file that was indexed (same SHA-256), and so must
     the backbone weights file where the index records it (:func:`verify_model_files`), both checked
     before either is read."""
-    import vop
+    from vop.methods.checkpoint import load_checkpoint, read_checkpoint_meta
 
     ckpt = Path(checkpoint or info["checkpoint"])
     if not ckpt.exists():
@@ -192,5 +192,5 @@ def load_index_model(info: dict[str, Any], *, backbone: Any = None, checkpoint: 
                 f"{ckpt}: differs from the checkpoint this index was built with (SHA-256 {info['checkpoint_sha256'][:12]}...): "
                 f"its video embeddings would not match; re-run `vop index` with this checkpoint (into a new --out or with --rebuild)")
     bb = backbone if backbone is not None else info.get("backbone")
-    model = vop.load_checkpoint(ckpt, bb)
+    model = load_checkpoint(ckpt, bb)
     return model.to(device).eval()
