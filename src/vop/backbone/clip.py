@@ -1,12 +1,20 @@
-"""The CLIP dual encoder (ViT image tower + causal text tower) with OpenAI state-dict names.
+"""The dual encoder (ViT image tower + text tower) with OpenAI state-dict names, for every family vop builds.
 
-The towers expose their stages (``embed`` -> blocks -> ``head``) so that prompt methods can run the
-block loop themselves; ``encode_image`` / ``encode_text`` are the plain CLIP forward passes.
+OpenAI's CLIP, Meta's PE-Core and EVA02-CLIP share this module; the architecture record
+(vop.backbone.config) says which parts a tower has: [CLS] or none, ln_pre, patch bias, the block's q/k/v
+bias, sub-LN and MLP kind (vop.backbone.layers), 2-D RoPE, the read-out ([CLS] token or an attention pool),
+the projection's bias, the text tower's mask and pooling, a logit bias.
+
+The towers expose their stages (``embed`` -> blocks -> read-out) so that prompt methods can run the
+block loop themselves; ``encode_image`` / ``encode_text`` are the plain forward passes.
 
 The tower API methods use (they never reach into ``transformer.resblocks``): ``blocks(tower)``,
-``tower_config(tower)``, ``head_parameters(tower)`` (final LayerNorm + projection),
-``projection(tower)``, a block's ``branch`` hook (vop.backbone.layers.Branch) and
-``clamp_logit_scale()``. ``tower`` is ``"text"`` or ``"visual"``.
+``tower_config(tower)``, ``rope(tower, tokens, tiles)`` (the rotation of a sequence whose last tokens are
+patches; None without RoPE), ``head_parameters(tower)`` (what reads the tower out: final LayerNorm,
+attention pool, projection), ``projection(tower)`` / ``projection_parameters(tower)`` / ``project(tower, z)``,
+``visual.readout(x)`` (the final token sequence -> embeddings), ``visual.summary(x)`` (one token per frame),
+a block's ``branch`` hook (vop.backbone.layers.Branch), ``tokenizer(context)`` and ``clamp_logit_scale()``.
+``tower`` is ``"text"`` or ``"visual"``. No code outside this module assumes ``x[:, 0]`` is [CLS].
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ from torch import nn
 from typing import Literal
 
 from vop.backbone.config import CLIPConfig, TextConfig, VisionConfig
-from vop.backbone.layers import Transformer
+from vop.backbone.layers import AttentionPool, Rope, RopeTable, Transformer
 
 Tower = Literal["text", "visual"]
 TOWERS: tuple[Tower, ...] = ("text", "visual")
@@ -27,56 +35,116 @@ TOWERS: tuple[Tower, ...] = ("text", "visual")
 MAX_LOGIT_SCALE = 100.0
 
 
+def block_options(c: VisionConfig | TextConfig) -> dict:
+    """The keyword options of a tower's blocks (vop.backbone.layers.ResidualAttentionBlock)."""
+    if isinstance(c, TextConfig):
+        return {"eps": c.eps}
+    return {"eps": c.eps, "qkv_bias": c.qkv_bias, "attn_norm": c.attn_norm, "mlp": c.mlp, "mlp_norm": c.mlp_norm}
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
-        v = cfg.vision
-        self.cfg = v
-        self.conv1 = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size, bias=False)
+        v = self.cfg = cfg.vision
+        self.conv1 = nn.Conv2d(3, v.width, kernel_size=v.patch_size, stride=v.patch_size, bias=v.patch_bias)
         scale = v.width**-0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(v.width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(v.num_patches + 1, v.width))
-        self.ln_pre = nn.LayerNorm(v.width)
-        self.transformer = Transformer(v.width, v.layers, v.heads, v.mlp_ratio, cfg.act)
-        self.ln_post = nn.LayerNorm(v.width)
+        if v.class_token:
+            self.class_embedding = nn.Parameter(scale * torch.randn(v.width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(v.num_patches + v.num_prefix, v.width))
+        self.ln_pre = nn.LayerNorm(v.width, eps=v.eps) if v.ln_pre else nn.Identity()
+        self.transformer = Transformer(v.width, v.layers, v.heads, v.mlp_ratio, cfg.vision_act, **block_options(v))
+        self.ln_post = nn.LayerNorm(v.width, eps=v.eps)
         self.proj = nn.Parameter(scale * torch.randn(v.width, cfg.embed_dim))
+        self.proj_bias = nn.Parameter(torch.zeros(cfg.embed_dim)) if v.proj_bias else None
+        self.attn_pool = (AttentionPool(v.width, v.attn_pool_heads, v.pool_mlp_width, "gelu", v.eps)
+                          if v.pool == "map" else None)
+        self.rope = (Rope(v.grid, v.head_dim, v.rope_theta, v.rope_offset, v.rope_indexing, v.rope_ref_grid)
+                     if v.rope else None)
+
+    @property
+    def num_prefix(self) -> int:
+        """Tokens before the patches in the frozen sequence ([CLS]: 1; a class-less tower: 0): where prompt
+        slots go."""
+        return self.cfg.num_prefix
 
     def positional(self, grid: int) -> torch.Tensor:
         """Positional embedding for a ``grid x grid`` patch layout, bicubically resized if needed."""
         pos = self.positional_embedding
-        old = round(math.sqrt(pos.shape[0] - 1))
+        n = self.num_prefix
+        old = round(math.sqrt(pos.shape[0] - n))
         if grid == old:
             return pos
-        cls, patches = pos[:1], pos[1:]
+        if self.rope is not None:
+            raise ValueError(f"this image tower (2-D RoPE) runs at its native resolution only: a {grid} x {grid} "
+                             f"patch grid, not {old} x {old} ({self.cfg.image_size} px)")
+        cls, patches = pos[:n], pos[n:]
         patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
         patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
         patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
         return torch.cat([cls, patches])
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) -> (N, 1 + M, width): patch tokens with [CLS] first, positions added, ln_pre."""
+        """(N, 3, H, W) -> (N, P + M, width): [CLS] (if the tower has one: P = 1) then the M patch tokens,
+        positions added, ln_pre (if any)."""
         x = self.conv1(images)  # N, d, g, g
         grid = x.shape[-1]
         x = x.flatten(2).transpose(1, 2)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional(grid).to(x.dtype)
+        if self.num_prefix:
+            cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+            x = torch.cat([cls, x], dim=1)
+        x = x + self.positional(grid).to(x.dtype)
         return self.ln_pre(x)
+
+    def rope_table(self, tokens: int, tiles: int = 1) -> RopeTable | None:
+        """The rotation of a sequence of ``tokens`` tokens whose last ``tiles * M`` are patches (identity for the
+        rest); None for a tower without RoPE."""
+        return None if self.rope is None else self.rope.table(tokens, tiles)
 
     def no_weight_decay(self) -> set[str]:
         """Embeddings added to tokens are not weight matrices: no weight decay (as open_clip)."""
-        return {"class_embedding", "positional_embedding"}
+        out = {"positional_embedding"} | ({"class_embedding"} if self.num_prefix else set())
+        return out | ({"attn_pool.probe"} if self.attn_pool is not None else set())
+
+    @property
+    def token_readout(self) -> bool:
+        """The tower is read out at one token ([CLS]), not by an attention pool over all tokens."""
+        return self.attn_pool is None
+
+    def project(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., width) -> (..., embed_dim): the projection to the joint space (and its bias, if any)."""
+        z = z @ self.proj
+        return z if self.proj_bias is None else z + self.proj_bias
 
     def head(self, cls: torch.Tensor) -> torch.Tensor:
-        """[CLS] outputs of the last block -> projected embeddings."""
-        return self.ln_post(cls) @ self.proj
+        """(N, width) read-out tokens (a [CLS] output, or a token a method reads the same way) -> embeddings:
+        ln_post, projection. Only for a tower read out at [CLS] (:attr:`token_readout`)."""
+        if self.attn_pool is not None:
+            raise ValueError("this image tower is read out by an attention pool over all its tokens, not at one "
+                             "token: use readout(x) on the final token sequence")
+        return self.project(self.ln_post(cls))
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, width) final tokens in the frozen layout (any prompt slot removed) -> (N, embed_dim): [CLS]
+        -> ln_post -> projection, or ln_post on every token -> attention pool -> projection."""
+        if self.attn_pool is None:
+            return self.project(self.ln_post(x[:, 0]))
+        return self.project(self.attn_pool(self.ln_post(x)))
+
+    def summary(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, width) -> (N, width): one token summing up each frame as it enters a layer: [CLS] where the
+        tower has one, else the mean of the patch tokens (the last M; prompts excluded)."""
+        if self.num_prefix:
+            return x[:, 0]
+        return x[:, -self.cfg.num_patches:].mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.transformer(self.embed(images))
-        return self.head(x[:, 0])
+        x = self.embed(images)
+        x = self.transformer(x, rope=self.rope_table(x.shape[1]))
+        return self.readout(x)
 
 
 class CLIP(nn.Module):
-    """CLIP with OpenAI's layout: ``visual.*`` for the image tower, the text tower at top level."""
+    """A dual encoder with OpenAI's layout: ``visual.*`` for the image tower, the text tower at top level."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
@@ -85,10 +153,12 @@ class CLIP(nn.Module):
         self.visual = VisionTransformer(cfg)
         self.token_embedding = nn.Embedding(t.vocab_size, t.width)
         self.positional_embedding = nn.Parameter(torch.empty(t.context_length, t.width))
-        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, cfg.act)
-        self.ln_final = nn.LayerNorm(t.width)
+        self.transformer = Transformer(t.width, t.layers, t.heads, t.mlp_ratio, cfg.text_act, **block_options(t))
+        self.ln_final = nn.LayerNorm(t.width, eps=t.eps)
         self.text_projection = nn.Parameter(torch.empty(t.width, cfg.embed_dim))
+        self.text_projection_bias = nn.Parameter(torch.zeros(cfg.embed_dim)) if t.proj_bias else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if cfg.logit_bias else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -106,6 +176,12 @@ class CLIP(nn.Module):
                 nn.init.normal_(blk.mlp.c_fc.weight, std=fc_std)
                 nn.init.normal_(blk.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.text_projection, std=t.width**-0.5)
+        pool = self.visual.attn_pool
+        if pool is not None:
+            width = self.cfg.vision.width
+            nn.init.normal_(pool.probe, std=width**-0.5)
+            nn.init.normal_(pool.attn.in_proj_weight, std=width**-0.5)
+            nn.init.normal_(pool.attn.out_proj.weight, std=width**-0.5)
 
     # text tower stages -------------------------------------------------------------------------
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -116,10 +192,13 @@ class CLIP(nn.Module):
         return self.token_embedding(tokens) + self.positional_embedding[:T]
 
     def text_head(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Last-block outputs -> projected embedding read at the [EOT] token (the largest id)."""
+        """Last-block outputs -> projected embedding, read at the [EOT] token (the largest id) or, for a tower
+        pooled at the last position, at the last token."""
         x = self.ln_final(x)
+        if self.cfg.text.pool == "last":
+            return self.project("text", x[:, -1])
         eot = tokens.argmax(dim=-1)
-        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return self.project("text", x[torch.arange(x.shape[0], device=x.device), eot])
 
     def no_weight_decay(self) -> set[str]:
         """The text tower's embeddings (the image tower lists its own)."""
@@ -141,27 +220,58 @@ class CLIP(nn.Module):
         self._tower(tower)
         return self.cfg.text if tower == "text" else self.cfg.vision
 
+    def rope(self, tower: Tower, tokens: int, tiles: int = 1) -> RopeTable | None:
+        """The rotary table for a sequence of ``tokens`` of ``tower`` whose last ``tiles`` * M tokens are the
+        patches of ``tiles`` frames (vop.backbone.layers.Rope.table); None where the tower has no RoPE."""
+        self._tower(tower)
+        return self.visual.rope_table(tokens, tiles) if tower == "visual" else None
+
     def projection(self, tower: Tower) -> nn.Parameter:
-        """The tower's final projection to the joint space (``text_projection`` / ``visual.proj``)."""
+        """The weight of the tower's final projection to the joint space (``text_projection`` /
+        ``visual.proj``, width x embed_dim); :meth:`projection_parameters` adds its bias, if any."""
         self._tower(tower)
         return self.text_projection if tower == "text" else self.visual.proj
 
+    def projection_parameters(self, tower: Tower) -> list[nn.Parameter]:
+        """The projection's weight and, where the tower has one, its bias."""
+        bias = self.text_projection_bias if tower == "text" else self.visual.proj_bias
+        return [self.projection(tower)] + ([bias] if bias is not None else [])
+
+    def project(self, tower: Tower, z: torch.Tensor) -> torch.Tensor:
+        """(..., width) read-out features of ``tower`` -> (..., embed_dim)."""
+        if tower == "visual":
+            return self.visual.project(z)
+        self._tower(tower)
+        z = z @ self.text_projection
+        return z if self.text_projection_bias is None else z + self.text_projection_bias
+
     def head_parameters(self, tower: Tower) -> list[nn.Parameter]:
-        """What reads the tower out after its last block: the final LayerNorm and the projection."""
+        """What reads the tower out after its last block: the final LayerNorm, the attention pool (if any) and
+        the projection."""
         norm = self.ln_final if tower == "text" else self.visual.ln_post
-        return [*norm.parameters(), self.projection(tower)]
+        pool = self.visual.attn_pool if tower == "visual" else None
+        return [*norm.parameters(), *(pool.parameters() if pool is not None else ()), *self.projection_parameters(tower)]
+
+    def tokenizer(self, context_length: int | None = None):
+        """The tokenizer of this backbone's text tower, producing ``context_length`` ids per text (default: the
+        tower's context)."""
+        from vop.backbone.tokenizer import CLIPTokenizer
+
+        return CLIPTokenizer(context_length or self.cfg.text.context_length)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
-        """Keep exp(logit_scale) in [1, ``max_scale``] (CLIP's training does this after every step)."""
-        self.logit_scale.clamp_(0, math.log(max_scale))
+        """Keep a *trained* exp(logit_scale) in [1, ``max_scale``] (CLIP's training does this after every step).
+        A frozen scale is the backbone's own and is left as loaded."""
+        if self.logit_scale.requires_grad:
+            self.logit_scale.clamp_(0, math.log(max_scale))
 
     # plain CLIP ------------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.transformer(self.embed_text(tokens), causal=True)
+        x = self.transformer(self.embed_text(tokens), causal=self.cfg.text.causal)
         return self.text_head(x, tokens)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,72 @@ if TYPE_CHECKING:
 
 Act = Literal["quick_gelu", "gelu"]
 ACTS = ("quick_gelu", "gelu")
+#: a tower may name its own activation, also the tanh approximation of GELU (SigLIP2's text tower)
+TOWER_ACTS = ("quick_gelu", "gelu", "gelu_tanh")
+#: the families of towers vop builds (what the tensors and the records hold: docs/methods.md, Backbones)
+FAMILIES = ("clip", "pe-core", "eva02")
+#: how an image is brought to the tower's square input: shortest side + centre crop (CLIP), or squashed
+RESIZES = ("crop", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How frames become a tower's input (the architecture record's ``vision.mean/std/resize/interpolation``):
+    ``resize`` "crop" (shortest side to ``size``, centre crop) or "squash" (both sides to ``size``), with
+    ``interpolation``; then (x / 255 - mean) / std per channel."""
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resize: str = "crop"
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        _check_preprocess(self, "preprocess")
+
+    @property
+    def is_clip(self) -> bool:
+        """CLIP's own pipeline (bicubic, shortest side + centre crop, OpenAI mean/std)."""
+        return (self.mean, self.std, self.resize, self.interpolation) == (CLIP_MEAN, CLIP_STD, "crop", "bicubic")
+
+    def with_size(self, size: int) -> "Preprocess":
+        return dataclasses.replace(self, size=size)
+
+    def tag(self) -> str:
+        """A short name of the geometry for file names (frame caches): "" for CLIP's."""
+        return "" if (self.resize, self.interpolation) == ("crop", "bicubic") else f"_{self.resize}-{self.interpolation}"
+
+
+def _check_choice(value: Any, name: str, choices: tuple) -> Any:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _triple(obj: Any, attr: str, name: str) -> None:
+    """A per-channel triple of finite numbers (a JSON list becomes a tuple); std > 0."""
+    value = getattr(obj, attr)
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ConfigError(f"{name}.{attr} must be three numbers (one per channel), got {value!r}")
+    vals = tuple(limits.check_float(v, f"{name}.{attr}", 0, 1e3, lo_open=attr == "std") for v in value)
+    object.__setattr__(obj, attr, vals)
+
+
+def _check_preprocess(p: Any, name: str) -> None:
+    if hasattr(p, "size"):
+        limits.check_int(p.size, f"{name}.size", 1, limits.MAX_IMAGE_SIZE)
+    _triple(p, "mean", name)
+    _triple(p, "std", name)
+    _check_choice(p.resize, f"{name}.resize", RESIZES)
+    _check_choice(p.interpolation, f"{name}.interpolation", INTERPOLATIONS)
 
 
 def _check_tower(c: "VisionConfig | TextConfig", tower: str) -> None:
@@ -41,14 +107,62 @@ def _check_tower(c: "VisionConfig | TextConfig", tower: str) -> None:
                           f"outside 1..{limits.MAX_MLP_WIDTH}")
 
 
+def _check_eps(c: Any, tower: str) -> None:
+    limits.check_float(c.eps, f"architecture {tower}.eps", 0, 0.1, lo_open=True)
+    if c.act is not None:
+        _check_choice(c.act, f"architecture {tower}.act", TOWER_ACTS)
+    _check_bool(c.proj_bias, f"architecture {tower}.proj_bias")
+
+
 @dataclass(frozen=True)
 class VisionConfig:
+    """The image tower. The first six fields are what every architecture has (OpenAI's CLIP ViT); the others
+    describe the other families' towers (their defaults are OpenAI's CLIP, and a record leaves them out):
+
+    - ``act``: the MLP activation (None: the architecture's ``act``); ``eps``: every LayerNorm's epsilon;
+    - ``class_token`` ([CLS] first, with its own position row), ``ln_pre`` (LayerNorm before the blocks),
+      ``patch_bias`` (a bias on the patch embedding);
+    - ``qkv_bias``: "qkv" (one fused bias) or "qv" (EVA02: no key bias); ``attn_norm``: a LayerNorm over the
+      heads' outputs before the output projection (EVA02's sub-LN); ``mlp``: "mlp" (fc -> act -> fc) or
+      "swiglu" (SiLU(gate) * x, then ``mlp_norm``'s LayerNorm if set, then fc);
+    - ``rope``: 2-D rotary position embedding on the patches' queries and keys (never on [CLS] or prompts):
+      ``head_dim / 4`` frequencies ``rope_theta ** (-k / (head_dim / 4))`` per axis, patch (row r, column c) at
+      coordinates ((r or c) + ``rope_offset``) * ``rope_ref_grid`` / grid (no rescaling when None), x first for
+      ``rope_indexing`` "xy" (PE), y first for "ij" (EVA02); interleaved pairs (vop.backbone.layers.Rope);
+    - ``pool``: the read-out, "token" ([CLS] after ln_post) or "map" (an attention pool with one latent query,
+      ``pool_heads`` heads (None: the tower's) and an MLP of ``pool_mlp_ratio``, over the final tokens after
+      ln_post); ``proj_bias``: a bias on the projection to the joint space;
+    - ``mean``, ``std``, ``resize``, ``interpolation``: the preprocessing the tower was trained with
+      (:class:`Preprocess`).
+    """
     image_size: int = 224
     patch_size: int = 32
     width: int = 768
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+    act: str | None = None
+    eps: float = 1e-5
+    class_token: bool = True
+    ln_pre: bool = True
+    patch_bias: bool = False
+    qkv_bias: str = "qkv"
+    attn_norm: bool = False
+    mlp: str = "mlp"
+    mlp_norm: bool = False
+    rope: bool = False
+    rope_theta: float = 10000.0
+    rope_offset: float = 0.0
+    rope_indexing: str = "ij"
+    rope_ref_grid: int | None = None
+    pool: str = "token"
+    pool_heads: int | None = None
+    pool_mlp_ratio: float = 4.0
+    proj_bias: bool = False
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resize: str = "crop"
+    interpolation: str = "bicubic"
 
     def __post_init__(self) -> None:
         _check_tower(self, "vision")
@@ -57,6 +171,34 @@ class VisionConfig:
         if self.image_size % self.patch_size:
             raise ConfigError(f"architecture vision.image_size {self.image_size} is not a multiple of vision.patch_size "
                               f"{self.patch_size}")
+        n = lambda f: f"architecture vision.{f}"  # noqa: E731
+        _check_eps(self, "vision")
+        for f in ("class_token", "ln_pre", "patch_bias", "attn_norm", "mlp_norm", "rope"):
+            _check_bool(getattr(self, f), n(f))
+        _check_choice(self.qkv_bias, n("qkv_bias"), ("qkv", "qv"))
+        _check_choice(self.mlp, n("mlp"), ("mlp", "swiglu"))
+        _check_choice(self.pool, n("pool"), ("token", "map"))
+        if self.pool == "token" and not self.class_token:
+            raise ConfigError("architecture vision.pool 'token' reads the [CLS] token: it needs vision.class_token")
+        if self.rope:
+            limits.check_float(self.rope_theta, n("rope_theta"), 1, 1e9)
+            limits.check_float(self.rope_offset, n("rope_offset"), 0, limits.MAX_IMAGE_SIZE)
+            _check_choice(self.rope_indexing, n("rope_indexing"), ("xy", "ij"))
+            if self.rope_ref_grid is not None:
+                limits.check_int(self.rope_ref_grid, n("rope_ref_grid"), 1, limits.MAX_IMAGE_SIZE)
+            if self.head_dim % 4:
+                raise ConfigError(f"architecture vision.rope needs a head width divisible by 4 (two axes of pairs), got "
+                                  f"{self.head_dim}")
+        if self.pool == "map":
+            if self.pool_heads is not None:
+                limits.check_int(self.pool_heads, n("pool_heads"), 1, self.width)
+                if self.width % self.pool_heads:
+                    raise ConfigError(f"{n('width')} {self.width} is not divisible by vision.pool_heads {self.pool_heads}")
+            limits.check_float(self.pool_mlp_ratio, n("pool_mlp_ratio"), 0, None, lo_open=True)
+            if not 1 <= self.pool_mlp_width <= limits.MAX_MLP_WIDTH:
+                raise ConfigError(f"{n('pool_mlp_ratio')} {self.pool_mlp_ratio!r} gives an MLP width of "
+                                  f"{self.pool_mlp_width}, outside 1..{limits.MAX_MLP_WIDTH}")
+        _check_preprocess(self, "architecture vision")
 
     @property
     def grid(self) -> int:
@@ -67,35 +209,97 @@ class VisionConfig:
         return self.grid**2
 
     @property
+    def num_prefix(self) -> int:
+        """Tokens before the patches in the frozen sequence: 1 ([CLS]) or 0."""
+        return int(self.class_token)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
     def mlp_width(self) -> int:
         return int(round(self.width * self.mlp_ratio))
+
+    @property
+    def pool_mlp_width(self) -> int:
+        return int(self.width * self.pool_mlp_ratio)  # timm's AttentionPoolLatent: int(), not round()
+
+    @property
+    def attn_pool_heads(self) -> int:
+        return self.heads if self.pool_heads is None else self.pool_heads
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """How frames become this tower's input, at its native size."""
+        return Preprocess(self.image_size, self.mean, self.std, self.resize, self.interpolation)
 
 
 @dataclass(frozen=True)
 class TextConfig:
+    """The text tower. Beyond the sizes: ``act`` (None: the architecture's), ``eps`` (LayerNorm epsilon),
+    ``causal`` (the causal mask), ``pool`` (read the final tokens at "argmax": the largest id, CLIP's [EOT]; or
+    at the "last" position), ``proj_bias`` and ``tokenizer`` ("clip": CLIP's BPE)."""
     context_length: int = 77
     vocab_size: int = 49408
     width: int = 512
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+    act: str | None = None
+    eps: float = 1e-5
+    causal: bool = True
+    pool: str = "argmax"
+    proj_bias: bool = False
+    tokenizer: str = "clip"
 
     def __post_init__(self) -> None:
         _check_tower(self, "text")
         limits.check_int(self.context_length, "architecture text.context_length", limits.MIN_CAPTION, limits.MAX_CONTEXT)
         limits.check_int(self.vocab_size, "architecture text.vocab_size", 1, limits.MAX_VOCAB)
+        _check_eps(self, "text")
+        _check_bool(self.causal, "architecture text.causal")
+        _check_choice(self.pool, "architecture text.pool", ("argmax", "last"))
+        _check_choice(self.tokenizer, "architecture text.tokenizer", ("clip",))
 
     @property
     def mlp_width(self) -> int:
         return int(round(self.width * self.mlp_ratio))
 
 
+#: the fields of OpenAI's CLIP configs; the others are written to records only where they differ from
+#: their default, so the records (and ``key()``, the weights fingerprint) of CLIP architectures are unchanged
+_BASE_FIELDS = {"": ("embed_dim", "vision", "text", "act"),
+                "vision": ("image_size", "patch_size", "width", "layers", "heads", "mlp_ratio"),
+                "text": ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")}
+
+
+def _record(obj: Any, where: str) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in ("vision", "text"):
+            value = _record(value, f.name)
+        elif f.name not in _BASE_FIELDS[where]:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if value == default:
+                continue
+            value = list(value) if isinstance(value, tuple) else value
+        out[f.name] = value
+    return out
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
+    """A dual encoder: ``family`` ("clip": OpenAI's CLIP; "pe-core": Meta's Perception Encoder; "eva02":
+    EVA02-CLIP), the towers, ``act`` (the towers' activation unless one names its own) and ``logit_bias``
+    (a learned bias added to the scaled scores, SigLIP's)."""
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     act: Act = "quick_gelu"
+    family: str = "clip"
+    logit_bias: bool = False
 
     def __post_init__(self) -> None:
         """Every size checked (types, ranges, heads dividing widths: vop.limits) when the config is made,
@@ -106,9 +310,21 @@ class CLIPConfig:
                 raise ConfigError(f"architecture {name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
         if self.act not in ACTS:
             raise ConfigError(f"architecture act must be one of {', '.join(ACTS)}, got {self.act!r}")
+        _check_choice(self.family, "architecture family", FAMILIES)
+        _check_bool(self.logit_bias, "architecture logit_bias")
+
+    @property
+    def vision_act(self) -> str:
+        """The image tower's MLP activation (a SwiGLU tower's gate is SiLU whatever this says)."""
+        return self.vision.act or self.act
+
+    @property
+    def text_act(self) -> str:
+        return self.text.act or self.act
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The record: OpenAI's CLIP fields always, the other families' fields where they differ from the default."""
+        return _record(self, "")
 
     @classmethod
     def from_dict(cls, d: Any) -> "CLIPConfig":
@@ -169,6 +385,10 @@ _REFUSED = (
     (r"roberta|mt5|nllb|bert|moderntext|gte-", "a Hugging Face or modern text tower"),
     (r"^(clap|naflex)", "audio or variable-resolution (NaFlex) towers"),
     (r"^rn\d", "a ResNet image tower"),
+    (r"^pe-core-bigg", "an image tower without a class token (read out by its attention pool alone; the class-less "
+                       "path comes with SigLIP), at 448 px"),
+    (r"^eva02-e-14", "post-norm blocks (timm's EvaBlockPostNorm)"),
+    (r"^eva01", "EVA01's image tower (no RoPE, no SwiGLU; EVA-CLIP's first generation)"),
     (r"^(convnext|swin|vit_|vitamin|eva|mobileclip|pe-core)", "a timm or other non-CLIP image tower"),
 )
 
@@ -176,7 +396,7 @@ _REFUSED = (
 _FOREIGN_TENSORS = (
     ("visual.trunk.", "a timm image tower (visual.trunk.*; open_clip's SigLIP and timm configs)"),
     ("visual.layer1.", "a ResNet image tower (visual.layer1.*; open_clip's RN50 ... configs)"),
-    ("visual.attn_pool.", "an attentional pooler (visual.attn_pool.*; CoCa)"),
+    ("visual.attn_pool.query", "an attentional pooler with many queries (visual.attn_pool.query; CoCa)"),
     ("text.", "a Hugging Face or custom text tower (text.*)"),
     ("text_projection.weight", "a text projection with a bias (proj_bias; the SigLIP configs)"),
 )
@@ -223,11 +443,14 @@ def arch_name(cfg: CLIPConfig) -> str | None:
     return None
 
 
-def shapes(cfg: CLIPConfig) -> tuple[int, ...]:
-    """All an architecture's tensors show: everything but the head counts and the activation."""
+def shapes(cfg: CLIPConfig) -> tuple:
+    """All an architecture's tensors show: everything but the head counts, the activations, the epsilons, the
+    RoPE layout, the read-out's heads, the text mask and pooling, and the preprocessing."""
     v, t = cfg.vision, cfg.text
-    return (cfg.embed_dim, v.image_size, v.patch_size, v.width, v.layers, v.mlp_width,
+    base = (cfg.embed_dim, v.image_size, v.patch_size, v.width, v.layers, v.mlp_width,
             t.context_length, t.vocab_size, t.width, t.layers, t.mlp_width)
+    return base + (v.class_token, v.ln_pre, v.patch_bias, v.qkv_bias, v.attn_norm, v.mlp, v.mlp_norm, v.pool,
+                   v.pool_mlp_width if v.pool == "map" else 0, v.proj_bias, t.proj_bias, cfg.logit_bias)
 
 
 def parameter_count(cfg: CLIPConfig) -> int:
@@ -235,12 +458,21 @@ def parameter_count(cfg: CLIPConfig) -> int:
     ``sum(p.numel() for p in CLIP(cfg).parameters())``, tests/test_bounds.py checks it)."""
     def tower(c: VisionConfig | TextConfig) -> int:
         w, m = c.width, c.mlp_width
-        block = (3 * w * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w) + 4 * w  # attn, mlp, ln_1, ln_2
-        return c.layers * block + 2 * w  # + the final LayerNorm (ln_post / ln_final)
+        if isinstance(c, VisionConfig):
+            attn = 3 * w * w + (2 if c.qkv_bias == "qv" else 3) * w + (2 * w if c.attn_norm else 0) + w * w + w
+            mlp = ((2 if c.mlp == "swiglu" else 1) * (w * m + m) + (2 * m if c.mlp_norm else 0) + m * w + w)
+        else:
+            attn, mlp = (3 * w * w + 3 * w) + (w * w + w), (w * m + m) + (m * w + w)
+        return c.layers * (attn + mlp + 4 * w) + 2 * w  # + ln_1, ln_2 per block; + the final LayerNorm
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
-    vision = 3 * v.patch_size**2 * v.width + v.width + (v.num_patches + 1) * v.width + 2 * v.width + tower(v) + v.width * e
-    text = t.vocab_size * t.width + t.context_length * t.width + tower(t) + t.width * e
-    return vision + text + 1  # + the logit scale
+    w = v.width
+    vision = (3 * v.patch_size**2 * w + (w if v.patch_bias else 0) + (w if v.class_token else 0)
+              + (v.num_patches + v.num_prefix) * w + (2 * w if v.ln_pre else 0) + tower(v) + w * e + (e if v.proj_bias else 0))
+    if v.pool == "map":  # latent, q/k/v (fused), out-proj, LayerNorm, MLP
+        pm = v.pool_mlp_width
+        vision += w + (3 * w * w + 3 * w) + (w * w + w) + 2 * w + (w * pm + pm) + (pm * w + w)
+    text = t.vocab_size * t.width + t.context_length * t.width + tower(t) + t.width * e + (e if t.proj_bias else 0)
+    return vision + text + 1 + int(cfg.logit_bias)  # + the logit scale (and bias)
 
 
 def same_tensors(a: CLIPConfig, b: CLIPConfig) -> bool:
@@ -248,15 +480,33 @@ def same_tensors(a: CLIPConfig, b: CLIPConfig) -> bool:
     return shapes(a) == shapes(b) and (a.vision.heads, a.text.heads) == (b.vision.heads, b.text.heads)
 
 
+def family_of(sd: dict[str, Any]) -> str:
+    """The family of tower a state dict with canonical names holds, from its key patterns: "pe-core" (an
+    attention-pool read-out, visual.attn_pool.probe, with [CLS]), "eva02" (split q/v biases,
+    visual...attn.q_bias), "class-less" (an attention pool without [CLS]: SigLIP, PE-Core-bigG), else "clip"."""
+    if "visual.attn_pool.probe" in sd:
+        return "pe-core" if "visual.class_embedding" in sd else "class-less"
+    if any(k.startswith("visual.") and k.endswith(".attn.q_bias") for k in sd):
+        return "eva02"
+    return "clip"
+
+
+_CLASS_LESS = ("an image tower without a class token read out by an attention pool (SigLIP / SigLIP2 or "
+               "PE-Core-bigG-14-448; the class-less path is planned, docs/methods.md, Backbones)")
+
+
 def unsupported_feature(sd: dict[str, Any]) -> str | None:
-    """A feature of an OpenAI-named state dict that vop's towers lack (layer scale, timm towers ...)."""
+    """A feature of a state dict with canonical names that vop's towers lack (layer scale, timm towers ...)."""
     for k in sd:
-        if ".ls_1." in k or ".ls_2." in k:
+        if ".ls_1." in k or ".ls_2." in k or ".gamma_1" in k or ".gamma_2" in k:
             return f"layer scale ({k}; open_clip's ls_init_value, e.g. ViT-M-16-alt)"
     for prefix, feature in _FOREIGN_TENSORS:
         if any(k.startswith(prefix) for k in sd):
             return feature
-    if "visual.conv1.weight" in sd and "visual.ln_pre.weight" not in sd:
+    family = family_of(sd)
+    if family == "class-less":
+        return _CLASS_LESS
+    if family == "clip" and "visual.conv1.weight" in sd and "visual.ln_pre.weight" not in sd:
         return "no LayerNorm before the image transformer (no_ln_pre; the CLIPA configs)"
     emb = sd.get("token_embedding.weight")
     if emb is not None and emb.shape[0] != CLIP_VOCAB:
@@ -277,7 +527,7 @@ _NAME_IT = ("name the architecture: load_clip(..., arch='ViT-H-14'), model.backb
 
 def _tower_heads(kind: str, width: int, layers: int, mlp_width: int) -> int:
     """Heads of a tower from the shipped towers of the same sizes, else width // 64 where that is safe."""
-    towers = [getattr(c, kind) for c in _REGISTRY.values()]
+    towers = [getattr(c, kind) for c in _REGISTRY.values() if c.family == "clip"]
     same = {t.heads for t in towers if (t.width, t.layers, t.mlp_width) == (width, layers, mlp_width)}
     if len(same) == 1:
         return same.pop()
@@ -319,6 +569,9 @@ def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, i
     (ViT-H-14, ViT-bigG-14 ...: LAION vs DFN/MetaCLIP weights).
     """
     check_supported(sd)
+    family = family_of(sd)
+    if family != "clip":
+        return infer_family(sd, family, act=act, heads=heads)
     try:
         conv = sd["visual.conv1.weight"]
         vwidth, patch = conv.shape[0], conv.shape[-1]
@@ -372,12 +625,68 @@ def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, i
     return dataclasses.replace(known[0] if known else cfg, act=act)
 
 
+def family_shapes(sd: dict[str, Any]) -> dict[str, Any]:
+    """The sizes the tensors of a PE-Core / EVA02 state dict (canonical names) show, as :func:`shapes` names
+    them; a CheckpointError naming the missing key otherwise."""
+    try:
+        conv = sd["visual.conv1.weight"]
+        width, patch = conv.shape[0], conv.shape[-1]
+        prefix = int("visual.class_embedding" in sd)
+        grid = round(math.sqrt(sd["visual.positional_embedding"].shape[0] - prefix))
+        hidden = sd["visual.transformer.resblocks.0.mlp.c_proj.weight"].shape[1]
+        return {
+            "embed_dim": sd["visual.proj"].shape[1], "image_size": grid * patch, "patch_size": patch, "width": width,
+            "layers": len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")}),
+            "mlp_width": hidden, "context_length": sd["positional_embedding"].shape[0],
+            "vocab_size": sd["token_embedding.weight"].shape[0], "text_width": sd["ln_final.weight"].shape[0],
+            "text_layers": len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
+            "text_mlp_width": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        }
+    except KeyError as e:
+        raise CheckpointError(f"not a complete state dict of its family: missing key {e.args[0]!r}") from None
+    except (IndexError, ValueError) as e:
+        raise CheckpointError(f"a tensor has an unexpected shape ({e})") from None
+
+
+def infer_family(sd: dict[str, Any], family: str, act: Act | None = None,
+                 heads: tuple[int, int] | None = None) -> CLIPConfig:
+    """The shipped architecture of ``family`` whose tensors these are. What the tensors cannot show (the RoPE
+    layout, the attention pool's heads, the epsilons, the preprocessing) is the record's: a file of sizes no
+    shipped record has, or of sizes several have, is refused, asking for ``arch=``."""
+    got = family_shapes(sd)
+    names = sorted(n for n, c in _REGISTRY.items() if c.family == family)
+
+    def sizes(c: CLIPConfig) -> dict[str, Any]:
+        v, t = c.vision, c.text
+        return {"embed_dim": c.embed_dim, "image_size": v.image_size, "patch_size": v.patch_size, "width": v.width,
+                "layers": v.layers, "mlp_width": v.mlp_width, "context_length": t.context_length,
+                "vocab_size": t.vocab_size, "text_width": t.width, "text_layers": t.layers, "text_mlp_width": t.mlp_width}
+
+    fits = [n for n in names if sizes(_REGISTRY[n]) == got]
+    if len(fits) == 1:
+        cfg = _REGISTRY[fits[0]]
+        if (heads is not None and tuple(heads) != (cfg.vision.heads, cfg.text.heads)) or act not in (None, cfg.act):
+            raise CheckpointError(f"these are {fits[0]} weights ({family}), whose architecture record fixes the heads "
+                                  f"({cfg.vision.heads} / {cfg.text.heads}) and the activation ({cfg.act}): leave out "
+                                  "heads= and act=, or give the whole architecture with arch=")
+        return cfg
+    if fits:
+        raise CheckpointError(f"these {family} weights fit {' and '.join(fits)}, which the tensors cannot tell apart: "
+                              f"name one with arch= ({_NAME_IT.split(';')[0]})")
+    shown = ", ".join(f"{k} {v}" for k, v in got.items())
+    raise CheckpointError(f"these {family} weights ({shown}) fit no shipped {family} architecture ({', '.join(names)}): "
+                          "what the tensors do not show (RoPE layout, attention-pool heads, epsilons, preprocessing) "
+                          "cannot be guessed; give the architecture: load_clip(..., arch=CLIPConfig(...))")
+
+
 # ---------------------------------------------------------------------------------------------
 # the architecture of a weights file (vop.load_clip)
 # ---------------------------------------------------------------------------------------------
 def describe(cfg: CLIPConfig) -> str:
     v, t = cfg.vision, cfg.text
     name = arch_name(cfg)
+    if cfg.family != "clip":
+        name = f"{name or ''} ({cfg.family})".strip()
     return (f"{name + ' ' if name else ''}({v.width}-wide {v.layers}-layer image tower with {v.heads} heads, "
             f"patch {v.patch_size}, {v.image_size} px; {t.width}-wide {t.layers}-layer text tower with {t.heads} heads)")
 

@@ -13,6 +13,8 @@ CLIP weights (``vop.load_clip``, :func:`read_clip`):
 - ``torch_state_dict``: open_clip / PyTorch state dicts (``torch.load(weights_only=True)``; the fallback);
 - ``safetensors_clip``: ``.safetensors`` files, with our ``vop_clip_config`` architecture record;
 - ``hf_clip``: Hugging Face ``CLIPModel`` folders and names (converted; config.json as the record);
+- ``open_clip_timm``: open_clip's PE-Core and EVA02-CLIP (a timm image tower, ``visual.trunk.*``, text under ``text.*``);
+- ``pe_clip``: Meta's own Perception Encoder checkpoints (OpenAI-style names with ``visual.attn_pool.*``);
 - ``openai_clip``: OpenAI / open_clip names, the canonical ones (the fallback of the names).
 
 Trained models (``vop.load_checkpoint``, :func:`checkpoint_format`):
@@ -31,6 +33,8 @@ from vop.formats import torchscript  # noqa: F401,E402,I001
 from vop.formats import torch_state_dict  # noqa: F401,E402
 from vop.formats import safetensors_clip  # noqa: F401,E402
 from vop.formats import hf_clip  # noqa: F401,E402
+from vop.formats import open_clip_timm  # noqa: F401,E402
+from vop.formats import pe_clip  # noqa: F401,E402
 from vop.formats import openai_clip  # noqa: F401,E402
 from vop.formats import modelscope  # noqa: F401,E402
 from vop.formats import vop_prompts  # noqa: F401,E402
