@@ -100,7 +100,7 @@ def embed_video_batch(model: "VideoTextModel", video: torch.Tensor, device: torc
     (a dual encoder: L2-normalised (B, D); cma's query score: the raw per-frame embeddings (B, F, D))."""
     from vop.data.transforms import to_model_input
 
-    x = to_model_input(video.to(device, non_blocking=True))
+    x = to_model_input(video.to(device, non_blocking=True), preprocess=model.clip.preprocess)
     with autocast(device, dtype):
         return model.scoring.rows(model.encode_video(x).float()).cpu()
 
@@ -130,6 +130,18 @@ def encode_texts(model: "VideoTextModel", captions: Sequence[str], *, batch_size
     return torch.cat(out) if out else _empty(model)
 
 
+def check_geometry(model: "VideoTextModel", preprocess: Any, what: str) -> None:
+    """Frames resized for another backbone are refused (a ConfigError): ``preprocess`` (a dataset's; None: CLIP's
+    shortest side + centre crop, bicubic) must resize as ``model.clip.preprocess`` does (PE-Core squashes,
+    bilinear), or the embeddings would silently be of other pixels."""
+    want = model.clip.preprocess
+    have = ("crop", "bicubic") if preprocess is None else (preprocess.resize, preprocess.interpolation)
+    if have != (want.resize, want.interpolation):
+        raise ConfigError(f"{what} are resized as {have[0]}/{have[1]}, but this backbone was trained on frames resized "
+                          f"as {want.resize}/{want.interpolation}: build the dataset with preprocess=model.clip.preprocess "
+                          "(get_dataset(..., preprocess=...))")
+
+
 @torch.no_grad()
 def encode_videos(model: "VideoTextModel", videos: "VideoDataset", *, batch_size: int = 16,
                   device: torch.device | str = "cpu", num_workers: int = 0, precision: str = "auto",
@@ -143,6 +155,7 @@ def encode_videos(model: "VideoTextModel", videos: "VideoDataset", *, batch_size
 
     from vop.data import build_loader
 
+    check_geometry(model, getattr(videos, "preprocess", None), "the videos")
     device = torch.device(device)
     dtype = autocast_dtype(device, precision)
     loader = build_loader(videos, batch_size, shuffle=False, num_workers=num_workers, drop_last=False)

@@ -252,6 +252,12 @@ class CLIP(nn.Module):
         pool = self.visual.attn_pool if tower == "visual" else None
         return [*norm.parameters(), *(pool.parameters() if pool is not None else ()), *self.projection_parameters(tower)]
 
+    @property
+    def preprocess(self):
+        """How frames become this backbone's input (vop.backbone.config.Preprocess, from the architecture record):
+        every place frames are prepared (training, evaluation, indexing, search, the demo) reads it."""
+        return self.cfg.vision.preprocess
+
     def tokenizer(self, context_length: int | None = None):
         """The tokenizer of this backbone's text tower, producing ``context_length`` ids per text (default: the
         tower's context)."""

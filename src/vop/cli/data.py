@@ -82,6 +82,9 @@ def cache_cmd(
     split: Optional[str] = _SPLIT,
     frames: Optional[int] = typer.Option(None, "--frames", "-f", help="Frames per video (default 12; 64 for paragraphs)."),
     size: int = typer.Option(224, "--size", help="Side of the stored square frames."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Resize frames as this architecture was trained "
+                                           "(e.g. PE-Core-B-16: squash, bilinear); default: CLIP's shortest side + "
+                                           "centre crop, bicubic."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Re-decode videos already cached."),
     videos: Optional[Path] = _VIDEOS,
     annotations: Optional[Path] = _ANN,
@@ -96,8 +99,13 @@ def cache_cmd(
                          ("--frames", frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES),
                          ("--size", size, 1, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE))
     split = split or get_format(dataset).default_split
+    preprocess = None
+    if backbone is not None:
+        from vop.backbone.config import get_arch
+
+        preprocess = get_arch(backbone).vision.preprocess.with_size(size)
     ds = get_dataset(dataset, root, split, frames=frames, size=size, train=False, videos_dir=videos,
-                     annotations=annotations)
+                     annotations=annotations, preprocess=preprocess)
     report = build_cache(ds, out, num_workers=workers, overwrite=overwrite)
     typer.echo(f"{report.directory}: {report.written} written, {report.existing} already cached, "
                f"{len(report.failed)} failed")

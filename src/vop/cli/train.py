@@ -95,7 +95,7 @@ def eval_cmd(
     frames = model.check_frames(frames, str(checkpoint or method))
     model.to(dev)
     size = image_size or model.clip.cfg.vision.image_size
-    ds = get_dataset(dataset, root, split, frames=frames, size=size, train=False)
+    ds = get_dataset(dataset, root, split, frames=frames, size=size, train=False, preprocess=model.clip.preprocess)
     # a batch of decoded videos (and its normalised copy) must fit, before the first is decoded
     from vop.memory import check_fits
 

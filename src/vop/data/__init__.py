@@ -29,14 +29,15 @@ from vop.data.decode import VideoInfo, VideoReader, check_video, decode_frames, 
 from vop.data.formats import FORMATS, load_records
 from vop.data.loading import get_dataset
 from vop.data.synth import generate_world, heldout_subset, load_stills, make_stills, temporal_subset
-from vop.data.transforms import CLIP_MEAN, CLIP_STD, augment, augment_draws, normalize, resize_center_crop, to_model_input
+from vop.data.transforms import (CLIP_MEAN, CLIP_STD, Preprocess, augment, augment_draws, normalize, resize_center_crop,
+                                  resize_frames, to_model_input)
 from vop.data.verify import VerifyReport, read_manifest, verify, write_manifest
 
 __all__ = [
     "get_dataset", "load_records", "FORMATS", "Record", "VideoTextDataset", "VideoDataset", "FailedSample",
     "collate", "EpochSampler", "VideoLoader", "build_loader",
     "VideoReader", "VideoInfo", "sample_indices", "load_frames", "decode_frames", "video_info", "check_video",
-    "CLIP_MEAN", "CLIP_STD", "resize_center_crop", "normalize", "augment", "augment_draws", "to_model_input",
+    "CLIP_MEAN", "CLIP_STD", "Preprocess", "resize_center_crop", "resize_frames", "normalize", "augment", "augment_draws", "to_model_input",
     "verify", "VerifyReport", "read_manifest", "write_manifest", "build_cache",
     "generate_world", "make_stills", "load_stills", "temporal_subset", "heldout_subset",
 ]

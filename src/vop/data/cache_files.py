@@ -1,6 +1,6 @@
 """Frame cache entries: where a video's cached frames are stored and how one is read back.
 
-Layout: ``<cache_dir>/f<F>_s<size>/<video id, %-quoted>.npz`` holding ``frames``
+Layout: ``<cache_dir>/f<F>_s<size>[_<resize>-<interpolation>]/<video id, %-quoted>.npz`` holding ``frames``
 ``(F, 3, size, size)`` uint8 and ``indices`` ``(F,)`` int64 (the decoded frame indices).
 Written by :func:`vop.data.cache.build_cache`, read by the datasets (:mod:`vop.data.dataset`).
 """
@@ -19,11 +19,12 @@ from vop.errors import DataError
 __all__ = ["cache_file", "read_cached"]
 
 
-def cache_file(cache_dir: str | os.PathLike, video_id: str, frames: int, size: int) -> Path:
+def cache_file(cache_dir: str | os.PathLike, video_id: str, frames: int, size: int, tag: str = "") -> Path:
+    """``tag``: the geometry of frames not prepared as CLIP's (``Preprocess.tag()``, e.g. "_squash-bilinear")."""
     name = quote(video_id, safe="")
     if len(name) > 200:
         name = hashlib.sha1(video_id.encode()).hexdigest()
-    return Path(cache_dir) / f"f{frames}_s{size}" / f"{name}.npz"
+    return Path(cache_dir) / f"f{frames}_s{size}{tag}" / f"{name}.npz"
 
 
 def read_cached(path: Path) -> tuple[torch.Tensor, np.ndarray]:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vop.data.cache_files import cache_file, read_cached
 from vop.data.decode import load_frames
-from vop.data.transforms import resize_center_crop
+from vop.data.transforms import Preprocess, resize_frames
 from vop.errors import ConfigError, DataError
 
 __all__ = [
@@ -61,24 +61,29 @@ class FailedSample:
 
 
 class _Frames:
-    """Turns (video, sample key) into uint8 frames ``(F, 3, size, size)``; shared by both views."""
+    """Turns (video, sample key) into uint8 frames ``(F, 3, size, size)``; shared by both views.
+    ``preprocess``: the backbone's (its resize and interpolation: shortest side + centre crop, or squash;
+    None: CLIP's)."""
 
-    def __init__(self, frames: int, size: int, train: bool, seed: int, cache_dir: str | os.PathLike | None):
+    def __init__(self, frames: int, size: int, train: bool, seed: int, cache_dir: str | os.PathLike | None,
+                 preprocess: Preprocess | None = None):
         if frames < 1 or size < 1:
             raise ConfigError(f"frames and size must be >= 1, got frames={frames}, size={size}")
         self.frames, self.size, self.train, self.seed = frames, size, train, seed
+        self.preprocess = preprocess
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.epoch = 0
 
     def read(self, video_id: str, path: Path, key: int) -> tuple[torch.Tensor, np.ndarray]:
         if self.cache_dir is not None and not self.train:
-            cached = cache_file(self.cache_dir, video_id, self.frames, self.size)
+            cached = cache_file(self.cache_dir, video_id, self.frames, self.size,
+                                self.preprocess.tag() if self.preprocess is not None else "")
             if cached.is_file():
                 return read_cached(cached)
         rng = np.random.default_rng([self.seed, self.epoch, key]) if self.train else None
         frames, idx = load_frames(path, self.frames, train=self.train, generator=rng)
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (F, 3, H, W)
-        return resize_center_crop(x, self.size).contiguous(), idx
+        return resize_frames(x, self.size, self.preprocess).contiguous(), idx
 
     def sample(self, index: int, video_index: int, video_id: str, path: Path) -> dict | FailedSample:
         try:
@@ -100,6 +105,8 @@ class _VideoBase(Dataset):
     frames = property(lambda self: self._frames.frames, doc="frames per video (F)")
     size = property(lambda self: self._frames.size, doc="side of the square frames")
     train = property(lambda self: self._frames.train, doc="random (train) or middle (test) sampling")
+    preprocess = property(lambda self: self._frames.preprocess,
+                          doc="the backbone's preprocessing the frames are resized for (None: CLIP's)")
 
     def set_epoch(self, epoch: int) -> None:
         """Train sampling draws new frames for each epoch."""
@@ -129,6 +136,7 @@ class VideoTextDataset(_VideoBase):
         cache_dir: str | os.PathLike | None = None,
         name: str = "dataset",
         split: str = "",
+        preprocess: Preprocess | None = None,
     ):
         if not records:
             raise DataError(f"{name} {split}: no sample (empty annotations, or every video missing)")
@@ -141,7 +149,7 @@ class VideoTextDataset(_VideoBase):
         #: samples (captions) of the split that went with the dropped videos, and per reason
         self.dropped_samples = 0
         self.dropped_samples_by_kind: dict[str, int] = {}
-        self._frames = _Frames(frames, size, train, seed, cache_dir)
+        self._frames = _Frames(frames, size, train, seed, cache_dir, preprocess)
         first: dict[str, int] = {}
         paths: list[Path] = []
         for r in self.records:
@@ -184,7 +192,8 @@ class VideoTextDataset(_VideoBase):
         drop = set(video_ids) & set(self.videos)
         f = self._frames
         ds = VideoTextDataset([r for r in self.records if r.video_id not in drop], frames=f.frames, size=f.size,
-                              train=f.train, seed=f.seed, cache_dir=f.cache_dir, name=self.name, split=self.split)
+                              train=f.train, seed=f.seed, cache_dir=f.cache_dir, name=self.name, split=self.split,
+                              preprocess=f.preprocess)
         ds.dropped = {**self.dropped, **{v: "left out after failing to load" for v in sorted(drop)}}
         ds.dropped_kinds = {**self.dropped_kinds, **{v: "unreadable" for v in drop}}
         ds.dropped_samples = self.dropped_samples + len(self) - len(ds)
@@ -204,7 +213,8 @@ class VideoTextDataset(_VideoBase):
     def video_dataset(self) -> "VideoDataset":
         """The gallery: one item per unique video (test sampling), for encoding each video once."""
         f = self._frames
-        return VideoDataset(self.videos, self.video_paths, frames=f.frames, size=f.size, cache_dir=f.cache_dir)
+        return VideoDataset(self.videos, self.video_paths, frames=f.frames, size=f.size, cache_dir=f.cache_dir,
+                            preprocess=f.preprocess)
 
     def __repr__(self) -> str:
         return (f"VideoTextDataset({self.name!r}, split={self.split!r}, samples={len(self)}, "
@@ -224,12 +234,13 @@ class VideoDataset(_VideoBase):
         train: bool = False,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
+        preprocess: Preprocess | None = None,
     ):
         if len(video_ids) != len(paths):
             raise ValueError("video_ids and paths differ in length")
         self.videos = list(video_ids)
         self.video_paths = [Path(p) for p in paths]
-        self._frames = _Frames(frames, size, train, seed, cache_dir)
+        self._frames = _Frames(frames, size, train, seed, cache_dir, preprocess)
 
     def __len__(self) -> int:
         return len(self.videos)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from vop.data.dataset import VideoTextDataset
+from vop.data.transforms import Preprocess
 from vop.data.formats import get_format, load_records
 from vop.data.verify import manifest_path, read_manifest, still_bad
 from vop.errors import DataError
@@ -32,11 +33,13 @@ def get_dataset(
     cache_dir: str | os.PathLike | None = None,
     manifest: str | os.PathLike | None | Literal["auto"] = "auto",
     missing: Literal["drop", "keep", "error"] = "drop",
+    preprocess: Preprocess | None = None,
 ) -> VideoTextDataset:
     """Build the dataset ``name`` (msrvtt, didemo, activitynet, lsmdc, collection) for ``split``.
 
     - ``frames``: frames per video (default 12; 64 for the paragraph datasets didemo/activitynet);
-      ``size``: side of the square frames handed out (resize short side + centre crop).
+      ``size``: side of the square frames handed out (resize short side + centre crop, or as
+      ``preprocess``, the backbone's, says: ``model.clip.preprocess``).
     - ``train``: random frame per segment (default: True for training splits only), seeded by
       ``(seed, epoch, sample index)``.
     - ``manifest``: a ``vop data verify`` manifest whose bad videos are left out; ``"auto"`` uses
@@ -93,6 +96,7 @@ def get_dataset(
         cache_dir=cache_dir,
         name=name,
         split=split,
+        preprocess=preprocess,
     )
     ds.dropped.update(dropped)
     ds.dropped_kinds.update({v: kinds[v] for v in dropped})

@@ -1,9 +1,11 @@
 """Pixel transforms on whole tensors (any leading dims, e.g. ``(B, F, 3, H, W)``), CPU or GPU.
 
-The loader hands out uint8 frames already resized and centre-cropped to ``size`` (cheap to move
-between processes and to the GPU); the model side then calls :func:`to_model_input`, which does
-the optional training augmentation (one random resized crop + flip per video, shared by its
-frames) and the CLIP normalisation on the device where the batch lives.
+The loader hands out uint8 frames already brought to ``size`` x ``size`` (cheap to move between
+processes and to the GPU) as the backbone was trained: shortest side + centre crop, bicubic (CLIP,
+EVA02-CLIP), or squashed, bilinear (PE-Core) (:func:`resize_frames`, the architecture record's
+:class:`~vop.backbone.config.Preprocess`); the model side then calls :func:`to_model_input`, which does
+the optional training augmentation (one random resized crop + flip per video, shared by its frames) and
+the normalisation with the backbone's mean and std on the device where the batch lives.
 
 Training draws each video's crop and flip with :func:`augment_draws`, from a generator of its own
 seeded by (seed, epoch, sample index): the same augmentation whatever the batch it lands in, its
@@ -18,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "resize_center_crop", "normalize", "augment", "augment_draws", "to_model_input"]
+from vop.backbone.config import CLIP_MEAN, CLIP_STD, Preprocess
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+__all__ = ["CLIP_MEAN", "CLIP_STD", "Preprocess", "resize_center_crop", "resize_frames", "normalize", "augment",
+           "augment_draws", "to_model_input"]
 
 
 def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -31,12 +33,22 @@ def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return x.reshape(-1, *x.shape[-3:]), lead
 
 
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize the short side to ``size`` (bicubic, antialiased) and centre-crop ``size x size``.
+def _interpolate(flat: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Antialiased resize keeping the dtype (on CPU, uint8 uses torch's native uint8 kernel, which rounds
+    between the two separable passes: values can differ by a few levels from the float path)."""
+    if flat.dtype == torch.uint8 and flat.device.type == "cpu":  # native uint8 kernel: ~5x faster
+        return F.interpolate(flat, size=size, mode=mode, align_corners=False, antialias=True)
+    y = F.interpolate(flat.float(), size=size, mode=mode, align_corners=False, antialias=True)
+    if flat.dtype == torch.uint8:
+        y = y.round_().clamp_(0, 255).to(torch.uint8)
+    return y
+
+
+def resize_center_crop(x: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Resize the short side to ``size`` (bicubic or bilinear, antialiased) and centre-crop ``size x size``.
 
     ``x``: ``(..., 3, H, W)``; uint8 in -> uint8 out, float in -> float out. One interpolate
-    call for all frames (on CPU, uint8 uses torch's native uint8 kernel, which rounds between the
-    two separable passes: values can differ by a few levels from the float path).
+    call for all frames.
     """
     flat, lead = _flat(x)
     h, w = flat.shape[-2:]
@@ -44,21 +56,27 @@ def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-        if x.dtype == torch.uint8 and x.device.type == "cpu":  # native uint8 kernel: ~5x faster
-            y = F.interpolate(flat, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-        else:
-            y = F.interpolate(flat.float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-            if x.dtype == torch.uint8:
-                y = y.round_().clamp_(0, 255).to(torch.uint8)
-        flat = y[..., top : top + size, left : left + size]
+        flat = _interpolate(flat, (nh, nw), interpolation)[..., top : top + size, left : left + size]
     return flat.reshape(*lead, 3, size, size)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (or float in 0..255) ``(..., 3, H, W)`` -> float32 with CLIP mean/std."""
-    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device, dtype=torch.float32).view(3, 1, 1)
-    return (x.float() / 255.0 - mean) / std
+def resize_frames(x: torch.Tensor, size: int, preprocess: Preprocess | None = None) -> torch.Tensor:
+    """``(..., 3, H, W)`` -> ``(..., 3, size, size)`` as ``preprocess`` says (None: CLIP's shortest side + centre
+    crop, bicubic; :func:`resize_center_crop`): "crop", or "squash" (both sides to ``size``, no crop, the
+    aspect ratio not kept: PE-Core's), with its interpolation, antialiased; dtype kept."""
+    if preprocess is None or preprocess.resize == "crop":
+        return resize_center_crop(x, size, preprocess.interpolation if preprocess is not None else "bicubic")
+    flat, lead = _flat(x)
+    if tuple(flat.shape[-2:]) != (size, size):
+        flat = _interpolate(flat, (size, size), preprocess.interpolation)
+    return flat.reshape(*lead, 3, size, size)
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
+    """uint8 (or float in 0..255) ``(..., 3, H, W)`` -> float32 with the backbone's mean/std (default: CLIP's)."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(3, 1, 1)
+    return (x.float() / 255.0 - m) / s
 
 
 #: SeedSequence spawn key of the augmentation stream: independent of the frame-sampling stream
@@ -139,13 +157,16 @@ def to_model_input(
     draws: torch.Tensor | None = None,
     scale: tuple[float, float] = (0.5, 1.0),
     flip: bool = True,
+    preprocess: Preprocess | None = None,
 ) -> torch.Tensor:
     """Batch of uint8 frames ``(B, F, 3, S, S)`` -> normalised float32 model input, same shape.
 
     With ``train=True`` and per-video ``draws`` (:func:`augment_draws`) or a ``generator``, applies
     :func:`augment` first; without either no augmentation is done (e.g. when augmentation is
-    switched off in the config).
+    switched off in the config). ``preprocess``: the backbone's (its mean and std; None: CLIP's).
     """
     if train and (draws is not None or generator is not None):
         frames = augment(frames, generator, draws=draws, scale=scale, flip=flip)
-    return normalize(frames)
+    if preprocess is None:
+        return normalize(frames)
+    return normalize(frames, preprocess.mean, preprocess.std)

@@ -173,7 +173,8 @@ def prepare(out: Path, s: DemoSettings, *, progress: bool = True, say: Callable[
             shutil.rmtree(world)
         generate_world(world, seed=s.world_seed, size=s.world_size, progress=progress)
     clip = resolve_backbone(s.backbone)
-    test = get_dataset("collection", world, "test", frames=s.frames, size=s.image_size, train=False)
+    test = get_dataset("collection", world, "test", frames=s.frames, size=s.image_size, train=False,
+                       preprocess=clip.preprocess)
     say(f"      test split: {len(test.videos)} videos, {len(test.captions)} captions "
         f"({len(temporal_subset(test))} in the temporal-order subset)")
     return world, clip, test

@@ -33,7 +33,7 @@ from vop.backbone.clip import CLIP
 from vop.backbone.config import CLIPConfig, get_arch
 from vop.backbone.tokenizer import CLIPTokenizer
 from vop.data.synth import COLOURS, SHAPES, STILL_VERBS, VERBS, make_stills
-from vop.data.transforms import normalize, resize_center_crop
+from vop.data.transforms import Preprocess, normalize, resize_frames
 from vop.errors import ConfigError
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain", "contrastive_loss", "still_batch", "encode_captions",
@@ -108,10 +108,12 @@ def deterministic(threads: int | None) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
-def still_images(images: np.ndarray, image_size: int) -> torch.Tensor:
-    """uint8 ``(N, S, S, 3)`` stills -> CLIP-normalised float ``(N, 3, size, size)``, resized like video frames."""
+def still_images(images: np.ndarray, image_size: int, preprocess: Preprocess | None = None) -> torch.Tensor:
+    """uint8 ``(N, S, S, 3)`` stills -> normalised float ``(N, 3, size, size)``, resized like video frames, as the
+    backbone's ``preprocess`` says (None: CLIP's)."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-    return normalize(resize_center_crop(x, image_size))
+    x = resize_frames(x, image_size, preprocess)
+    return normalize(x) if preprocess is None else normalize(x, preprocess.mean, preprocess.std)
 
 
 def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -136,11 +138,11 @@ def encode_text_bucketed(model: CLIP, tokens: torch.Tensor, buckets: int = 4) ->
     return out.index_copy(0, order, torch.cat(parts))
 
 
-def still_batch(step: int, cfg: PretrainConfig, tokenizer: CLIPTokenizer, image_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def still_batch(step: int, cfg: PretrainConfig, tokenizer: CLIPTokenizer, image_size: int,
+                preprocess: Preprocess | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The ``step``-th training batch: (images, trimmed tokens, captions)."""
     images, captions = make_stills(cfg.batch_size, cfg.seed, cfg.canvas, style="rich", start=step * cfg.batch_size)
-    return still_images(images, image_size), trim_tokens(tokenizer(captions)), captions
+    return still_images(images, image_size, preprocess), trim_tokens(tokenizer(captions)), captions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +208,8 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), *, progress: bool = False,
         # the next batch is drawn in a background thread while this one trains (a batch is a pure
         # function of its step, so this changes nothing but the wall time)
         pool = ThreadPoolExecutor(max_workers=1)
-        fetch = lambda k: pool.submit(still_batch, k, cfg, tokenizer, clip_cfg.vision.image_size)  # noqa: E731
+        fetch = lambda k: pool.submit(still_batch, k, cfg, tokenizer, clip_cfg.vision.image_size,  # noqa: E731
+                                      clip_cfg.vision.preprocess)
         pending = fetch(0)
         try:
             for step in range(cfg.steps):
@@ -250,7 +253,7 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), *, progress: bool = False,
 def encode_stills(model: CLIP, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised embeddings of uint8 stills ``(N, S, S, 3)``."""
     size = model.cfg.vision.image_size
-    out = [F.normalize(model.encode_image(still_images(images[i : i + batch_size], size)), dim=-1)
+    out = [F.normalize(model.encode_image(still_images(images[i : i + batch_size], size, model.preprocess)), dim=-1)
            for i in range(0, len(images), batch_size)]
     return torch.cat(out)
 

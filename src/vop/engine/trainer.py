@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vop.backbone.config import arch_name, get_arch, is_arch
-from vop.data import augment_draws, build_loader, get_dataset, to_model_input
+from vop.data import Preprocess, augment_draws, build_loader, get_dataset, to_model_input
 from vop.data.dataset import VideoTextDataset
 from vop.engine.config import RunConfig, check_ranges, load_config, save_config
 from vop.engine.distributed import DistEnv, all_reduce_mean
@@ -171,25 +171,28 @@ def _check_model_options(cfg: RunConfig) -> tuple[nn.Module, bool]:
     return model, exact
 
 
-def _dataset(cfg: RunConfig, split: str, size: int, train: bool) -> VideoTextDataset:
+def _dataset(cfg: RunConfig, split: str, size: int, train: bool, preprocess: Preprocess | None = None
+             ) -> VideoTextDataset:
     ds = get_dataset(cfg.data.dataset, cfg.data.root, split, frames=cfg.model.frames, size=size, train=train,
-                     seed=cfg.seed, videos_dir=cfg.data.videos_dir)
+                     seed=cfg.seed, videos_dir=cfg.data.videos_dir, preprocess=preprocess)
     if len(ds) == 0:
         raise DataError(f"the {split!r} split of {cfg.data.dataset} at {cfg.data.root} has no usable samples")
     return ds
 
 
-def build_datasets(cfg: RunConfig, size: int) -> Datasets:
-    train = _dataset(cfg, cfg.data.train_split, size, True)
+def build_datasets(cfg: RunConfig, size: int, preprocess: Preprocess | None = None) -> Datasets:
+    """``preprocess``: the backbone's (``clip.preprocess``: how frames are resized; None: CLIP's)."""
+    train = _dataset(cfg, cfg.data.train_split, size, True, preprocess)
     if cfg.data.val_split:
-        return Datasets(train, _dataset(cfg, cfg.data.val_split, size, False), f"the {cfg.data.val_split!r} split")
+        return Datasets(train, _dataset(cfg, cfg.data.val_split, size, False, preprocess),
+                        f"the {cfg.data.val_split!r} split")
     if cfg.data.val_fraction > 0:
         videos = list(train.videos)
         rng = np.random.default_rng(cfg.seed)
         held = set(rng.permutation(videos)[: max(1, round(cfg.data.val_fraction * len(videos)))].tolist())
         keep = [r for r in train.records if r.video_id not in held]
         val = [r for r in train.records if r.video_id in held]
-        f = dict(frames=cfg.model.frames, size=size, name=train.name)
+        f = dict(frames=cfg.model.frames, size=size, name=train.name, preprocess=preprocess)
         note = f"{len(held)} training videos held out ({cfg.data.val_fraction:.0%}; the dataset has no validation split)"
         kept = VideoTextDataset(keep, train=True, seed=cfg.seed, split="train-minus-val", **f)
         # what the split lost (missing files...) still counts against data.max_skipped
@@ -365,8 +368,8 @@ class _Run:
             on_device = 4 * sum(p.numel() for p in clip.parameters()) if self.device.type == "cpu" else 0
             check_step_memory(cfg, meta_model, self.device, self.env.world_size, loaded=on_device)
         size = cfg.model.image_size or clip.cfg.vision.image_size
-        self.data = build_datasets(cfg, size)
-        self.test = _dataset(cfg, cfg.data.test_split, size, False)
+        self.data = build_datasets(cfg, size, clip.preprocess)
+        self.test = _dataset(cfg, cfg.data.test_split, size, False, clip.preprocess)
         self.model = create_model(cfg.model.method, clip, frames=cfg.model.frames, **cfg.model.options).to(self.device)
         self.model.set_grad_checkpointing(cfg.optim.grad_checkpointing)
         self.trainable = self.model.trainable_parameters()
@@ -474,7 +477,8 @@ class _Run:
         # each video's crop and flip depend only on (seed, epoch, its sample index), like its frames: the
         # same on any number of processes, micro-batches or workers, and after a resume
         draws = augment_draws(cfg.seed, self.epoch, batch["index"]) if cfg.data.augment else None
-        video = to_model_input(batch["video"].to(device, non_blocking=True), train=cfg.data.augment, draws=draws)
+        video = to_model_input(batch["video"].to(device, non_blocking=True), train=cfg.data.augment, draws=draws,
+                               preprocess=self.model.clip.preprocess)
         tokens = self.tokenizer(batch["text"]).to(device)
         loss = _step(self.net, self.model, video, tokens, o.accumulate, self.amp_dtype, device, self.scaler)
         if o.grad_clip:

@@ -162,7 +162,7 @@ def build_index(
         if image_size is not None and image_size < 1:
             raise ConfigError(f"--image-size must be >= 1, got {image_size}")
         settings = EncodeSettings(frames, image_size or model.clip.cfg.vision.image_size, thumb_frames,
-                             thumb_height, content_hash)
+                                  thumb_height, content_hash, model.clip.preprocess)
         new_meta = {"model": info, "settings": {"frames": settings.frames, "image_size": settings.image_size,
                                                 "max_words": max_words, "thumb_frames": thumb_frames,
                                                 "thumb_height": thumb_height, "content_hash": content_hash},

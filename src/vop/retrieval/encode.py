@@ -40,6 +40,8 @@ class EncodeSettings:
     thumb_frames: int
     thumb_height: int
     content_hash: bool
+    #: the backbone's preprocessing (vop.backbone.config.Preprocess: how frames are resized); None: CLIP's
+    preprocess: Any = None
 
 
 class _IndexItems(Dataset):
@@ -53,7 +55,7 @@ class _IndexItems(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         from vop.data.decode import VideoReader, sample_indices
-        from vop.data.transforms import resize_center_crop
+        from vop.data.transforms import resize_frames
         from vop.retrieval.images import encode_image, pick_thumb_frames, thumbnail_strip
 
         src, s = self.sources[i], self.s
@@ -71,7 +73,7 @@ class _IndexItems(Dataset):
             out["error"] = f"{src.path}: {type(e).__name__}: {e}"
             return out
         x = torch.from_numpy(frames).permute(0, 3, 1, 2)
-        out["video"] = resize_center_crop(x, s.image_size).contiguous()
+        out["video"] = resize_frames(x, s.image_size, s.preprocess).contiguous()
         strip = thumbnail_strip(frames[pick_thumb_frames(len(frames), s.thumb_frames)], s.thumb_height)
         data, ext = encode_image(strip)
         key = hashlib.sha1(json.dumps([src.id, out["signature"]], sort_keys=True).encode()).hexdigest()[:20]
