@@ -212,7 +212,7 @@ def test_trains_nothing_of_a_plugin(own_registry):
 
     facts = {m: vop.method_facts(m).trains_nothing for m in ("frozen-twin", "one-tensor", "broken")}
     assert facts == {"frozen-twin": True, "one-tensor": False, "broken": False}
-    assert vop.method_facts("frozen-twin") == dataclasses.replace(vop.method_facts("frozen-twin"), method=None)
+    assert vop.method_facts("frozen-twin") == dataclasses.replace(vop.method_facts("frozen-twin"), model_class=None)
 
 
 # -- the demo asks the facts ----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ class MethodFacts:
     demo_rates: Rates = Rates(3e-3, 1e-5)
     backbone: Backbone = "frozen"
     #: the registered class (set by ``register``), from which derived facts are computed
-    method: Any = field(default=None, repr=False, compare=False, kw_only=True)
+    model_class: Any = field(default=None, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_TRAINING:
@@ -73,7 +73,7 @@ class MethodFacts:
         options on the meta device (no memory, no weights) on the ``tiny`` architecture. A method that cannot be
         built so (a plugin whose defaults need a larger backbone ...) counts as training something: its run
         trains, and reports its own error there."""
-        if self.trains_backbone or self.method is None:
+        if self.trains_backbone or self.model_class is None:
             return False
         import torch
 
@@ -82,7 +82,7 @@ class MethodFacts:
 
         try:
             with torch.device("meta"):
-                model = self.method(CLIP(get_arch("tiny")), frames=2)
+                model = self.model_class(CLIP(get_arch("tiny")), frames=2)
         except _NOT_CAUGHT:
             raise
         except BaseException:  # noqa: BLE001 - a plugin's failure is reported where the method is used
@@ -195,7 +195,7 @@ def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = 
         if not (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)):
             raise TypeError(f"method {name!r}: {cls.__qualname__}.Options must be a dataclass, got {cls.Options!r}")
         cls.name = name
-        cls.facts = dataclasses.replace(facts, method=cls)
+        cls.facts = dataclasses.replace(facts, model_class=cls)
         _METHODS[name] = cls
         return cls
 
