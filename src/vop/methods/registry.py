@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from vop.errors import ConfigError, VopError
@@ -41,12 +42,16 @@ class MethodFacts:
       the whole model and loads without a backbone).
     - ``rates``: learning rates for real data (the shipped configs; starting points, see their ``why``).
     - ``demo_rates``: learning rates on the synthetic world (chosen on its validation split).
+    - ``trains_nothing`` (derived, not declared): the method has no trainable tensor with its default
+      options (zero-shot CLIP): a run of it only evaluates.
     """
 
     label: str
     rates: Rates
     demo_rates: Rates = Rates(3e-3, 1e-5)
     backbone: Backbone = "frozen"
+    #: the registered class (set by ``register``), from which derived facts are computed
+    model_class: Any = field(default=None, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_TRAINING:
@@ -60,6 +65,29 @@ class MethodFacts:
     def whole_model(self) -> bool:
         """Its checkpoints hold every weight (no backbone needed to load them)."""
         return self.backbone == "all"
+
+    @functools.cached_property
+    def trains_nothing(self) -> bool:
+        """No tensor of the method is trainable with its default options: a run of it only evaluates (zero-shot
+        CLIP; a plugin that trains nothing alike). Derived, once, from the method itself: built with its default
+        options on the meta device (no memory, no weights) on the ``tiny`` architecture. A method that cannot be
+        built so (a plugin whose defaults need a larger backbone ...) counts as training something: its run
+        trains, and reports its own error there."""
+        if self.trains_backbone or self.model_class is None:
+            return False
+        import torch
+
+        from vop.backbone.clip import CLIP
+        from vop.backbone.config import get_arch
+
+        try:
+            with torch.device("meta"):
+                model = self.model_class(CLIP(get_arch("tiny")), frames=2)
+        except _NOT_CAUGHT:
+            raise
+        except BaseException:  # noqa: BLE001 - a plugin's failure is reported where the method is used
+            return False
+        return not any(p.requires_grad for p in model.parameters())
 
 
 _METHODS: dict[str, type["VideoTextModel"]] = {}
@@ -167,7 +195,7 @@ def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = 
         if not (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)):
             raise TypeError(f"method {name!r}: {cls.__qualname__}.Options must be a dataclass, got {cls.Options!r}")
         cls.name = name
-        cls.facts = facts
+        cls.facts = dataclasses.replace(facts, model_class=cls)
         _METHODS[name] = cls
         return cls
 
