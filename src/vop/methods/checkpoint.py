@@ -12,7 +12,6 @@ A folder instead of a file is one of the authors' released ModelScope models (vo
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -224,6 +223,7 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
     ``whole_model``) nor for the authors' ModelScope folders (their backbone is in the folder).
     """
     from vop.methods import create_model, resolve_backbone
+    from vop.methods.base import private_backbone
 
     path = Path(path)
     if path.is_dir():
@@ -251,20 +251,12 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
             recorded = "" if backbone is not None else " (the backbone recorded in the checkpoint; pass another one)"
             raise CheckpointError(f"{path}: cannot load its backbone ({name}) from {source}{recorded}: {e}") from None
     check_backbone(path, meta, clip, check_fingerprint)
-    if backbone is not None and (facts.trains_backbone or _holds_clip_tensors(path)):
-        clip = copy.deepcopy(clip)  # the file overwrites backbone tensors: leave the caller's CLIP as it was
+    if not isinstance(backbone, CLIP):
+        private_backbone(clip)  # built here for this model alone: it trains it in place (no copy)
+    # a given CLIP is never changed: the model copies the CLIP tensors the file holds (its trained ones)
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
     load_trainable(model, path, meta)
     return model
-
-
-def _holds_clip_tensors(path: Path) -> bool:
-    """Whether the file holds CLIP tensors (a method whose options unfreeze some, e.g. MV-Adapter's
-    ``train_clip_bias``, although its facts say it keeps CLIP frozen by default)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return any(k.startswith("clip.") for k in f.keys())
 
 
 def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:

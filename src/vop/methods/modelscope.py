@@ -20,7 +20,6 @@ the backbone (the logit scale aside, it changes no embedding). Weights are read 
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from vop.backbone.config import arch_name
 from vop import limits
 from vop.errors import CheckpointError
 from vop.methods.base import VideoTextModel
-from vop.methods.registry import method_facts
 
 FORMAT = "modelscope-vop"
 CONFIG, BACKBONE = "configuration.json", "ViT-B-32.pt"
@@ -224,14 +222,15 @@ def read_folder_meta(path: str | os.PathLike, backbone: Any = None) -> dict[str,
 def load_folder(path: str | os.PathLike, backbone: Any = None, check_fingerprint: bool = True) -> VideoTextModel:
     """The model of a folder, on ``backbone`` (default: the folder's ViT-B-32.pt)."""
     from vop.methods import create_model
+    from vop.methods.base import private_backbone
 
     folder = read_folder(path)
     clip = _backbone(folder, backbone)
     sd = read_weights(folder)
     _check_prompt_shapes(folder, sd, clip)  # the numbers of configuration.json against the tensors, before any build
     meta = _describe(folder, _clip_copies(folder, sd, clip), clip, backbone)
-    if isinstance(backbone, CLIP) and method_facts(meta["method"]).trains_backbone:
-        clip = copy.deepcopy(clip)  # the weights overwrite backbone tensors: leave the caller's CLIP as it was
+    if not isinstance(backbone, CLIP):
+        private_backbone(clip)  # loaded here for this model alone (a given CLIP is never changed: the model copies)
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
     load_folder_tensors(model, folder, sd, check=check_fingerprint)
     return model
