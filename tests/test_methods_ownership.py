@@ -227,3 +227,18 @@ def test_a_method_that_unfreezes_clip_in_build_gets_its_own_copy():
     with pytest.raises(TypeError, match=r"trains_clip\(\) gave Parameter \(2,\), which is not a Parameter of self.clip"):
         Foreign(clip, frames=4)
     _assert_unchanged(clip, snap)
+
+
+def test_the_trainers_logit_scale_clamp_leaves_a_shared_scale_alone():
+    """The trainer clamps ``model.clip``'s logit scale after every step (exp <= 100). OpenAI's released scale is
+    4.6052 > log(100): a frozen scale, the caller's storage, is left as it is; a trained one (its own) is clamped."""
+    clip = _clip()
+    with torch.no_grad():
+        clip.logit_scale.fill_(4.6052)
+    snap = _snapshot(clip)
+    prompts, full = create_model("vop", clip, frames=4), create_model("full", clip, frames=4)
+    prompts.clip.clamp_logit_scale()
+    full.clip.clamp_logit_scale()
+    _assert_unchanged(clip, snap)
+    assert prompts.clip.logit_scale.item() == clip.logit_scale.item() > 4.6052 - 1e-6
+    assert full.clip.logit_scale.item() == pytest.approx(4.605170, abs=1e-6)

@@ -142,8 +142,7 @@ class VideoTextModel(nn.Module):
         # the caller's CLIP is never changed: the model holds a frozen view of it (shared storage) ...
         private = bool(clip.__dict__.pop(_PRIVATE, False))
         self.clip = clip.requires_grad_(False) if private else clip_view(clip)
-        self._private_clip = private
-        self._own: set[int] = set()  # ids of the CLIP Parameters the model owns (trains)
+        own: set[int] = set()  # ids of the CLIP Parameters the model owns (trains)
         self._frames = frames
         self.opts = opts
         self.text_prompts: TextPrompts | None = None
@@ -151,15 +150,16 @@ class VideoTextModel(nn.Module):
         self.grad_checkpointing = False
         self.backbone_fingerprint: str | None = None
         # ... and its own copy of each tensor it trains, made before build() (whose modules may refer to them)
-        self._take_clip_tensors(self.trains_clip(), "trains_clip()")
+        self._take_clip_tensors(self.trains_clip(), "trains_clip()", own, private)
         self.build()
         # a build() that unfroze CLIP tensors itself (requires_grad_): those become the model's own too
-        self._take_clip_tensors([p for p in self.clip.parameters() if p.requires_grad and id(p) not in self._own],
-                                "build()")
+        self._take_clip_tensors([p for p in self.clip.parameters() if p.requires_grad and id(p) not in own], "build()",
+                                own, private)
 
-    def _take_clip_tensors(self, params: Iterable[nn.Parameter], source: str) -> None:
-        """Make each of ``params`` (Parameters of ``self.clip``) a trained tensor the model owns: a copy of the
-        caller's values (a CLIP built for this model alone is trained in place)."""
+    def _take_clip_tensors(self, params: Iterable[nn.Parameter], source: str, own: set[int], private: bool) -> None:
+        """Make each of ``params`` (Parameters of ``self.clip``) a trained tensor the model owns (its id added to
+        ``own``): a copy of the caller's values, or, for a CLIP built for this model alone (``private``), the
+        tensor itself."""
         params = list(params)
         if not params:
             return
@@ -169,19 +169,19 @@ class VideoTextModel(nn.Module):
                 if p is not None:
                     where.setdefault(id(p), []).append((m, k))
         for p in params:
-            if id(p) in self._own:
+            if id(p) in own:
                 continue
             if not isinstance(p, nn.Parameter) or id(p) not in where:
                 raise TypeError(f"method {self.name!r}: {source} gave {type(p).__name__} {tuple(getattr(p, 'shape', ()))}, "
                                 "which is not a Parameter of self.clip (give self.clip's own, e.g. "
                                 "self.clip.projection('text') or a block of self.clip.blocks(tower))")
-            if self._private_clip:
+            if private:
                 mine = p.requires_grad_(True)
             else:
                 mine = nn.Parameter(p.detach().clone(), requires_grad=True)
                 for m, k in where[id(p)]:
                     m._parameters[k] = mine
-            self._own.add(id(mine))
+            own.add(id(mine))
 
     # -- what a method defines ---------------------------------------------------------------------
     @classmethod
