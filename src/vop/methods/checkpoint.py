@@ -152,10 +152,12 @@ def _check_tensor_shapes(path: Path, meta: dict[str, Any]) -> None:
     from safetensors import safe_open
 
     from vop.methods import create_model
+    from vop.methods.base import private_backbone
 
     try:
         with torch.device("meta"):
-            model = create_model(meta["method"], CLIP(recorded_arch(path, meta)), frames=meta["frames"], **meta["options"])
+            model = create_model(meta["method"], private_backbone(CLIP(recorded_arch(path, meta))), frames=meta["frames"],
+                                 **meta["options"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: the model its metadata records cannot be built: {e}") from None
     want = {n: tuple(p.shape) for n, p in model.named_trainable_parameters()}

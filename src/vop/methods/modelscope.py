@@ -174,9 +174,11 @@ def _se_method(folder: Folder, copies: dict[str, list[tuple[str, torch.Tensor]]]
 
     ref = clip.state_dict()
     changed = {n for n, found in copies.items() if n != "logit_scale" and not _same(found[-1][1], ref[n], exact=True)}
+    from vop.methods.base import private_backbone
+
     for method, options in _SE_METHODS:
         with torch.device("meta"):
-            m = create_model(method, CLIP(clip.cfg), **options)
+            m = create_model(method, private_backbone(CLIP(clip.cfg)), **options)
         if changed <= {n[len("clip."):] for n, _ in m.named_trainable_parameters()}:
             return method, m.options_dict()
     raise AssertionError("full trains every tensor")  # pragma: no cover
