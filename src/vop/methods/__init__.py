@@ -15,7 +15,7 @@ from vop.backbone.clip import CLIP
 from vop.backbone.config import CLIPConfig, is_arch
 from vop.errors import ConfigError
 # first what a method module imports (``from vop.methods import register, Rates, VideoTextModel`` works in one)
-from vop.methods.base import _PRIVATE, VideoTextModel, private_backbone
+from vop.methods.base import VideoTextModel, is_private_backbone, private_backbone
 from vop.methods.registry import (Expected, MethodFacts, Rates, broken_plugins, get_method, list_methods, method_facts,
                                   parse_options, plugin_errors, plugin_of, register)
 
@@ -51,7 +51,7 @@ def create_model(method: str, backbone: CLIP | CLIPConfig | str | os.PathLike = 
     cls = get_method(method)
     with plugin_errors(method):  # a third-party method's failure: one ConfigError naming its plugin
         opts = parse_options(method, cls.Options, options)
-    private = not isinstance(backbone, CLIP) or _PRIVATE in backbone.__dict__  # nothing else holds it
+    private = not isinstance(backbone, CLIP) or is_private_backbone(backbone)  # nothing else holds it
     clip = resolve_backbone(backbone)
     device = next(clip.parameters()).device
     with plugin_errors(method):  # a third-party method's failure: one ConfigError naming its plugin

@@ -84,6 +84,11 @@ def private_backbone(clip: CLIP) -> CLIP:
     return clip
 
 
+def is_private_backbone(clip: CLIP) -> bool:
+    """Whether ``clip`` is marked as built for the next model alone (:func:`private_backbone`)."""
+    return _PRIVATE in clip.__dict__
+
+
 def clip_view(clip: CLIP) -> CLIP:
     """The same module tree as ``clip`` (new module objects) whose every Parameter is a new frozen Parameter
     on the same storage (``requires_grad=False``; no memory copied); buffers and other attributes are shared,
