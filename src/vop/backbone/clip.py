@@ -268,7 +268,8 @@ class CLIP(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
         """Keep a *trained* exp(logit_scale) in [1, ``max_scale``] (CLIP's training does this after every step).
-        A frozen scale is the backbone's own and is left as loaded."""
+        A frozen scale is the backbone's own and is left as loaded: it is not trained, and a model shares it with
+        the CLIP it was given."""
         if self.logit_scale.requires_grad:
             self.logit_scale.clamp_(0, math.log(max_scale))
 

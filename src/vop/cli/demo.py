@@ -28,7 +28,10 @@ def demo(
         raise typer.BadParameter("--ablations runs its own set of models: leave out --methods / --all")
     kw: dict = {"backbone": backbone, "seeds": seeds if seeds is not None else (3 if ablations and not smoke else 1)}
     if all_methods:
-        kw["methods"] = [m for m in vop.list_methods() if m != "zeroshot"]
+        from vop.demo.run import reference_method
+
+        reference = reference_method()  # the method that trains nothing: the demo's reference row already
+        kw["methods"] = [m for m in vop.list_methods() if m != reference]
     elif methods:
         for m in methods:
             vop.methods.get_method(m)

@@ -17,7 +17,9 @@ def train_cmd(
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue the run in this directory exactly where it stopped."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Train a method on a dataset (one process, or one per GPU under torchrun)."""
+    """Train a method on a dataset (one process, or one per GPU under torchrun).
+
+    optim.lr / optim.backbone_lr left out are the rates the method declares (printed with their source and saved in the run's config.yaml); a value given wins."""
     from vop.engine.config import RunConfig, load_config
     from vop.engine.trainer import train
     from vop.errors import ConfigError
@@ -90,7 +92,9 @@ def eval_cmd(
             raise ConfigError("--method needs --backbone")
         from vop.methods import resolve_backbone
 
-        model = vop.create_model(method, resolve_backbone(backbone, arch=backbone_arch), frames=frames or 12)
+        from vop.methods.base import private_backbone
+
+        model = vop.create_model(method, private_backbone(resolve_backbone(backbone, arch=backbone_arch)), frames=frames or 12)
     # before any video is decoded: can this model take that many frames? (model.frames is never changed)
     frames = model.check_frames(frames, str(checkpoint or method))
     model.to(dev)

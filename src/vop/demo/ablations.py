@@ -32,8 +32,8 @@ from typing import Any, Callable
 import torch
 
 import vop
-from vop.demo.run import (DemoSettings, Eta, minutes, aggregate, evaluate_zeroshot, machine, output_folder, peak_rss_mib,
-                          prepare, train_and_evaluate)
+from vop.demo.run import (DemoSettings, Eta, minutes, aggregate, evaluate_untrained, machine, output_folder, peak_rss_mib,
+                          prepare, reference_method, train_and_evaluate, trains_nothing)
 
 LENGTHS = (1, 2, 4, 8, 16)
 
@@ -81,12 +81,13 @@ def ablations(layers: int) -> list[Ablation]:
 
     half = max(1, layers // 2)
     ks_default = round(2 * layers / 3)
+    untrained = reference_method()  # CLIP without tuning: the registered method that trains nothing
     depth_values = sorted({1, half, layers})
     return [
         Ablation(
             "modality", "(a) Uni-modal prompts", "prompted encoders",
             "prompting both encoders (VoP) > uni-modal prompts (text-only or video-only) > CLIP without tuning",
-            [row("zero-shot CLIP (no prompts)", "zeroshot", "none"), row("text prompts only", "vop", "text", n_video=0),
+            [row("zero-shot CLIP (no prompts)", untrained, "none"), row("text prompts only", "vop", "text", n_video=0),
              row("video prompts only", "vop", "video", n_text=0), row("both (VoP)", "vop", "both")],
             numeric=False,
             comparisons=[("gt", "both (VoP)", "text prompts only"), ("gt", "both (VoP)", "video prompts only"),
@@ -150,7 +151,7 @@ def run_ablations(out_dir: str | Path, settings: DemoSettings | None = None, *, 
     for a in abls:
         for r in a.rows:
             distinct.setdefault(r.key, r)
-    trained = [k for k, r in distinct.items() if r.method != "zeroshot"]
+    trained = [k for k, r in distinct.items() if not trains_nothing(r.method)]
     results: dict[str, Any] = {
         "settings": asdict(s), "layers": layers, "runs": {},
         "ablations": [{"name": a.name, "title": a.title, "x_label": a.x_label, "claim": a.claim,
@@ -162,8 +163,8 @@ def run_ablations(out_dir: str | Path, settings: DemoSettings | None = None, *, 
 
     say("[2/4] zero-shot CLIP (frames mean-pooled)")
     for key, r in distinct.items():
-        if r.method == "zeroshot":
-            run, model, _ = evaluate_zeroshot(s, clip, test, progress=progress)
+        if trains_nothing(r.method):  # evaluated as it is, once
+            run, model, _ = evaluate_untrained(s, clip, test, r.method, dict(r.options), progress=progress)
             results["runs"][key] = {"method": r.method, "options": dict(r.options), "counts": model.parameter_counts(),
                                     "shapes": trainable_shapes(model), "runs": [run], "summary": aggregate([run])}
 

@@ -1,4 +1,8 @@
-"""The demo's report: results.md (the paper's table shape), figure1.png, qualitative.html."""
+"""The demo's report: results.md (the paper's table shape), figure1.png, qualitative.html.
+
+What each part shows comes from the run (the methods it evaluated, in the order asked) and from the
+methods' declared facts (``vop.method_facts``: the method that trains nothing is the reference row, the
+whole-model one Figure 1's baseline), never from method names."""
 from __future__ import annotations
 
 import html
@@ -10,11 +14,34 @@ import torch
 
 from vop.data import load_frames, temporal_subset
 
-def label(method: str) -> str:
-    """The method's name in the paper's tables (its registered label)."""
+def facts(method: str):
+    """The method's declared facts (``MethodFacts``), or None for a name the registry does not hold (a results
+    file of a plugin that is not installed)."""
     from vop.methods import list_methods, method_facts
 
-    return method_facts(method).label if method in list_methods() else method
+    return method_facts(method) if method in list_methods() else None
+
+
+def label(method: str) -> str:
+    """The method's name in the paper's tables (its registered label)."""
+    f = facts(method)
+    return f.label if f is not None else method
+
+
+def trains_nothing(method: str) -> bool:
+    f = facts(method)
+    return f is not None and f.trains_nothing
+
+
+def qualitative_methods(methods: list[str]) -> list[str]:
+    """The methods the qualitative page shows, from their facts and the order they were asked in: the reference
+    (the first that trains nothing: CLIP without tuning), then the first and the last of the trained methods that
+    keep CLIP frozen (prompts, adapters: for the demo's defaults basic VoP and VoP^{F+C}); where no trained method
+    keeps CLIP frozen, the first trained one."""
+    untrained = [m for m in methods if trains_nothing(m)][:1]
+    trained = [m for m in methods if not trains_nothing(m)]
+    frozen = [m for m in trained if facts(m) is not None and not facts(m).trains_backbone] or trained[:1]
+    return untrained + list(dict.fromkeys(frozen[:1] + frozen[-1:])) or list(methods)[:2]
 
 
 def _fmt(m: dict[str, float], digits: int = 1) -> str:
@@ -62,11 +89,9 @@ def write_figure(path: Path, results: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vop.methods import list_methods, method_facts
-
     methods = results["methods"]
     # the reference: full fine-tuning (the method that trains every CLIP weight)
-    full = [m for m in methods if m in list_methods() and method_facts(m).whole_model]
+    full = [m for m in methods if facts(m) is not None and facts(m).whole_model]
     if not full:
         return
     base = methods[full[0]]["summary"]["t2v"]["R1"]["mean"]
@@ -104,7 +129,7 @@ def write_qualitative(out: Path, dataset, sims: dict[str, torch.Tensor], frames:
 
     img_dir = out / "qualitative"
     img_dir.mkdir(exist_ok=True)
-    shown = [m for m in ("zeroshot", "vop", "vop-fc") if m in sims] or list(sims)[:2]
+    shown = qualitative_methods(list(sims))
     temporal = temporal_subset(dataset).tolist()
     others = [i for i in range(len(dataset.captions)) if i not in set(temporal)]
     picks = temporal[: max(1, queries // 2) * 2: 2][: queries - 1] + others[:1]
@@ -229,7 +254,7 @@ def write_ablation_figure(path: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     runs, abls = results["runs"], results["ablations"]
-    zs = next((r for r in runs.values() if r["method"] == "zeroshot"), None)
+    zs = next((r for r in runs.values() if trains_nothing(r["method"])), None)  # CLIP without tuning
     cols = 2
     rows_n = (len(abls) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(10, 3.6 * rows_n), dpi=110, squeeze=False)
@@ -240,7 +265,7 @@ def write_ablation_figure(path: Path, results: dict[str, Any]) -> None:
         mean = [runs[r["run"]]["summary"]["t2v"]["R1"]["mean"] for r in rows]
         std = [runs[r["run"]]["summary"]["t2v"]["R1"]["std"] for r in rows]
         ax.errorbar(xs, mean, yerr=std, fmt="o-", color="tab:red", capsize=3, label="t2v R@1 (mean ± std)")
-        if zs is not None and all(runs[r["run"]]["method"] != "zeroshot" for r in rows):
+        if zs is not None and all(not trains_nothing(runs[r["run"]]["method"]) for r in rows):
             ax.axhline(zs["summary"]["t2v"]["R1"]["mean"], color="grey", ls="--", lw=1, label="zero-shot")
         if numeric and any(isinstance(r["x"], int) and r["x"] > 0 for r in rows) and a["name"] == "length":
             ax.set_xscale("log", base=2)

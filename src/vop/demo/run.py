@@ -1,7 +1,9 @@
 """The demo: generate the synthetic world, evaluate zero-shot CLIP, adapt the methods with the same
 training engine real datasets use, evaluate every one on the test split, write the report.
 
-Every number comes from a run of this code; nothing is copied from the paper.
+Every number comes from a run of this code; nothing is copied from the paper. Which method is which is
+asked of the registry's facts (``vop.method_facts``), never of names: the reference row is the method that
+trains nothing (``trains_nothing``), and the runs are typed ``RunConfig`` objects given to the engine.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import vop
 from vop.data import generate_world, get_dataset, heldout_subset, temporal_subset
 from vop.data.synth import GENERATOR, WORLD_ENTRIES, WORLD_SIZES, world_manifest
-from vop.engine.config import RunConfig, load_config
+from vop.engine.config import DataConfig, EvalConfig, ModelConfig, OptimConfig, RunConfig
 from vop.engine.evaluate import evaluate
 from vop.engine.metrics import rank_metrics, t2v_ranks, tie_tolerance
 from vop.engine.trainer import train
@@ -33,8 +35,9 @@ from vop.methods import resolve_backbone
 
 log = logging.getLogger("vop.demo")
 
+#: the demo's default methods (the paper's Table 1 in miniature); the reference row, the method that trains
+#: nothing (zero-shot CLIP), is added by the demo itself
 HEADLINE = ["full", "vop", "vop-p", "vop-f", "vop-fc"]
-
 
 
 @dataclass
@@ -180,9 +183,24 @@ def prepare(out: Path, s: DemoSettings, *, progress: bool = True, say: Callable[
     return world, clip, test
 
 
-def evaluate_zeroshot(s: DemoSettings, clip, test, *, progress: bool = True):
-    """Zero-shot CLIP (frames mean-pooled) on the test split: (run record, model, evaluation)."""
-    model = vop.create_model("zeroshot", clip, frames=s.frames)
+def trains_nothing(method: str) -> bool:
+    """The registry's fact: ``method`` has nothing to train (its run is an evaluation)."""
+    return vop.method_facts(method).trains_nothing
+
+
+def reference_method() -> str:
+    """The demo's reference row: the first registered method that trains nothing (vop's zero-shot CLIP)."""
+    for m in vop.list_methods():
+        if trains_nothing(m):
+            return m
+    raise ConfigError("no registered method trains nothing: the demo's reference row (CLIP without tuning) needs one")
+
+
+def evaluate_untrained(s: DemoSettings, clip, test, method: str | None = None, options: dict[str, Any] | None = None,
+                       *, progress: bool = True):
+    """A method that trains nothing (default: :func:`reference_method`, zero-shot CLIP with its frames
+    mean-pooled) on the test split, as it is built: (run record, model, evaluation)."""
+    model = vop.create_model(method or reference_method(), clip, frames=s.frames, **(options or {}))
     ev = evaluate(model, test, batch_size=32, num_workers=s.num_workers, progress=progress)
     run = {"seed": None, "test": {k: ev.metrics[k] for k in ("t2v", "v2t")}, "diagnostics": diagnostics(ev, test),
            "train_seconds": 0.0}
@@ -202,18 +220,10 @@ def train_and_evaluate(s: DemoSettings, out: Path, world: Path, clip, test, meth
 
     Returns (run record, the reloaded model, its test evaluation).
     """
-    rates = vop.method_facts(method).demo_rates  # chosen on the world's validation split (docs/results.md)
-    lr, blr = rates.lr, rates.backbone_lr
     run_dir = out / "runs" / run_dir_name(method, options, seed)
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cfg = load_config(RunConfig, None, [
-        f"data.root={world}", "data.dataset=collection", f"model.backbone={s.backbone}", f"model.method={method}",
-        f"model.frames={s.frames}", f"model.image_size={s.image_size}", f"optim.epochs={s.epochs}",
-        f"optim.batch_size={s.batch_size}", f"optim.lr={lr}", f"optim.backbone_lr={blr}",
-        "optim.warmup_fraction=0.1", f"data.num_workers={s.num_workers}", "eval.batch_size=32",
-        f"seed={seed}", f"out_dir={run_dir}", "log_every=20",
-        *(f"model.options.{k}={v}" for k, v in (options or {}).items())])
+    cfg = run_config(s, world, method, seed, run_dir, options)
     t0 = time.perf_counter()
     summary = train(cfg, progress=False)
     seconds = time.perf_counter() - t0
@@ -224,6 +234,21 @@ def train_and_evaluate(s: DemoSettings, out: Path, world: Path, clip, test, meth
            "test": {k: ev.metrics[k] for k in ("t2v", "v2t")}, "diagnostics": diagnostics(ev, test),
            "train_seconds": seconds}
     return run, model, ev
+
+
+def run_config(s: DemoSettings, world: Path, method: str, seed: int, run_dir: Path,
+               options: dict[str, Any] | None = None) -> RunConfig:
+    """The engine's run configuration of one demo training, built as the typed config (the engine checks
+    it: types and ranges, the method's options). Learning rates: the method's ``demo_rates``, chosen on the
+    world's validation split (docs/results.md), not its ``rates`` for real data."""
+    rates = vop.method_facts(method).demo_rates
+    return RunConfig(
+        model=ModelConfig(method=method, backbone=s.backbone, frames=s.frames, image_size=s.image_size,
+                          options=dict(options or {})),
+        data=DataConfig(dataset="collection", root=str(world), num_workers=s.num_workers),
+        optim=OptimConfig(epochs=s.epochs, batch_size=s.batch_size, lr=float(rates.lr),
+                          backbone_lr=float(rates.backbone_lr), warmup_fraction=0.1),
+        eval=EvalConfig(batch_size=32), seed=seed, out_dir=str(run_dir), log_every=20)
 
 
 def check_methods(methods: list[str], clip, frames: int) -> None:
@@ -256,17 +281,20 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, *, progr
     check_methods(s.methods, clip, s.frames)
     results: dict[str, Any] = {"settings": asdict(s), "methods": {}}
     sims: dict[str, torch.Tensor] = {}  # seed-0 test scores, for the qualitative page
+    # the methods that train nothing: the reference first, then any other asked for (evaluated, not trained)
+    reference = reference_method()
+    untrained = [reference] + [m for m in dict.fromkeys(s.methods) if m != reference and trains_nothing(m)]
+    trained = [m for m in s.methods if not trains_nothing(m)]
     say("[2/4] zero-shot CLIP (frames mean-pooled)")
-    run, zs, ev = evaluate_zeroshot(s, clip, test, progress=progress)
-    sims["zeroshot"] = ev.sim
-    results["methods"]["zeroshot"] = {"counts": zs.parameter_counts(), "runs": [run], "summary": aggregate([run])}
-    _say_row(say, "zeroshot", results["methods"]["zeroshot"]["summary"])
+    for method in untrained:
+        run, model, ev = evaluate_untrained(s, clip, test, method, progress=progress)
+        sims[method] = ev.sim
+        results["methods"][method] = {"counts": model.parameter_counts(), "runs": [run], "summary": aggregate([run])}
+        _say_row(say, method, results["methods"][method]["summary"])
 
-    say(f"[3/4] adapting {len(s.methods)} method(s) x {s.seeds} seed(s), {s.epochs} epoch(s) each")
-    eta = Eta([m for m in s.methods if m != "zeroshot"], s.seeds)
-    for method in s.methods:
-        if method == "zeroshot":
-            continue
+    say(f"[3/4] adapting {len(trained)} method(s) x {s.seeds} seed(s), {s.epochs} epoch(s) each")
+    eta = Eta(trained, s.seeds)
+    for method in trained:
         runs = []
         for seed in range(s.seeds):
             t0 = time.perf_counter()

@@ -109,9 +109,13 @@ def _type_name(tp) -> str:
     return str(tp).replace("typing.", "")
 
 
+class _WrongType(ConfigError):
+    """A value of another type than the annotation's (an Optional field tries its other alternatives)."""
+
+
 def _bad(key: str, where: str, tp, value) -> ConfigError:
     hint = " (write true or false)" if tp is bool else ""
-    return ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
+    return _WrongType(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def _convert(tp, value, key: str, where: str):
@@ -131,12 +135,15 @@ def _convert(tp, value, key: str, where: str):
         options = [a for a in args if a is not type(None)]
         if len(options) == 1 and isinstance(value, (dict, list)):
             return _convert(options[0], value, key, where)  # keep the detailed message from inside
+        detail = None  # a value of the right type but refused (a float that is not finite): that message
         for option in options:
             try:
                 return _convert(option, value, key, where)
-            except ConfigError:
+            except _WrongType:
                 pass
-        raise _bad(key, where, tp, value)
+            except ConfigError as e:
+                detail = detail or e
+        raise detail or _bad(key, where, tp, value)
     if origin is Literal:
         if not any(value == a and type(value) is type(a) for a in args):
             choices = ", ".join(repr(a) for a in args)
@@ -377,8 +384,10 @@ class DataConfig:
 class OptimConfig:
     epochs: int = bounded(5, min=0, max=MAX_EPOCHS)
     batch_size: int = bounded(32, min=1, max=limits.MAX_BATCH)
-    lr: float = bounded(1e-3, min=0, min_open=True)  # prompts and new modules
-    backbone_lr: float = bounded(1e-6, min=0)  # CLIP weights, for methods that train them
+    # None (left out, or null): the method's declared rate (its @register rates; vop.engine.optim.resolve_rates
+    # fills it in when a run starts and saves it in the run's config.yaml); a value given always wins
+    lr: float | None = bounded(None, min=0, min_open=True, null="the method's declared rate")  # prompts and new modules
+    backbone_lr: float | None = bounded(None, min=0, null="the method's declared rate")  # CLIP weights, for methods that train them
     weight_decay: float = bounded(0.2, min=0)
     warmup_fraction: float = bounded(0.1, min=0, max=1)  # of all optimiser steps, then cosine decay
     grad_clip: float | None = bounded(1.0, min=0, min_open=True, null="no clipping")  # max global grad norm; None: no clipping

@@ -1,7 +1,7 @@
 """The training loop: one function, `train(cfg)`, the same on one CPU and under torchrun.
 
 Run directory (``cfg.out_dir``):
-    config.yaml        the resolved configuration (``--resume`` reads it back)
+    config.yaml        the resolved configuration, learning rates filled in (``--resume`` reads it back)
     versions.json      library, torch and Python versions, world size, device
     metrics.jsonl      one JSON object per log step and per evaluation
     tb/                TensorBoard events (when tensorboard is installed)
@@ -37,10 +37,11 @@ from vop.engine.config import RunConfig, check_ranges, load_config, save_config
 from vop.engine.distributed import DistEnv, all_reduce_mean
 from vop.engine.evaluate import autocast_dtype, coverage_line, evaluate
 from vop.engine.loss import accumulated_backward, contrastive_loss
-from vop.engine.optim import cosine_with_warmup, param_groups
+from vop.engine.optim import cosine_with_warmup, param_groups, resolve_rates
 from vop.engine.skips import SkipTracker
 from vop.errors import CheckpointError, ConfigError, DataError
 from vop.methods import create_model, get_method, resolve_backbone
+from vop.methods.base import private_backbone
 from vop.methods.checkpoint import load_trainable, save_checkpoint
 from vop.methods.registry import parse_options, plugin_errors
 
@@ -85,7 +86,7 @@ def check_config(cfg: RunConfig, world_size: int = 1, device: torch.device | Non
         raise ConfigError(f"the per-process batch {o.batch_size // world_size} is not divisible by optim.accumulate={o.accumulate}")
     if o.precision == "fp16" and o.accumulate > 1:
         raise ConfigError("optim.precision=fp16 with optim.accumulate > 1 is not supported: use bf16")
-    if o.epochs < 0 or o.lr <= 0:
+    if o.epochs < 0 or (o.lr is not None and o.lr <= 0):  # None: the method's declared rate (resolve_rates)
         raise ConfigError("optim.epochs must be >= 0 and optim.lr > 0")
     if not 0 <= cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
@@ -294,15 +295,19 @@ def _test_stop_after_steps() -> int | None:
 def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
     """Train ``cfg`` (or resume the run in ``resume``); returns the results dict (also in results.json).
 
-    The phases, in order: open the run directory (and read a resumed run's state), check the config
+    The phases, in order: open the run directory (and read a resumed run's state), fill in the learning
+    rates left out (the method's declared ones, :func:`vop.engine.optim.resolve_rates`), check the config
     and join the processes, build data, model and optimiser (:class:`_Run`), restore the resumed
     state, train epoch by epoch (each epoch ends with validation and model selection), then test the
     last and the selected model and write the results.
     """
     cfg, run_dir, saved_state = _open_run(cfg, resume)
+    cfg, rates = resolve_rates(cfg)  # optim.lr / backbone_lr left out: the method's declared rates (saved so)
     env = DistEnv.from_env()
     device = env.device(cfg.device)
     check_config(cfg, env.world_size, device)
+    if env.is_main:
+        log.info(rates)  # each value and where it comes from, once the config is known good
     env.setup(device)
     run = _Run(cfg, run_dir, env, device, progress)
     if saved_state is not None:
@@ -370,7 +375,9 @@ class _Run:
         size = cfg.model.image_size or clip.cfg.vision.image_size
         self.data = build_datasets(cfg, size, clip.preprocess)
         self.test = _dataset(cfg, cfg.data.test_split, size, False, clip.preprocess)
-        self.model = create_model(cfg.model.method, clip, frames=cfg.model.frames, **cfg.model.options).to(self.device)
+        # loaded for this run alone: the model trains it in place, no copy of what it trains (vop.methods.base)
+        self.model = create_model(cfg.model.method, private_backbone(clip), frames=cfg.model.frames,
+                                  **cfg.model.options).to(self.device)
         self.model.set_grad_checkpointing(cfg.optim.grad_checkpointing)
         self.trainable = self.model.trainable_parameters()
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from vop.errors import ConfigError, VopError
@@ -41,12 +42,16 @@ class MethodFacts:
       the whole model and loads without a backbone).
     - ``rates``: learning rates for real data (the shipped configs; starting points, see their ``why``).
     - ``demo_rates``: learning rates on the synthetic world (chosen on its validation split).
+    - ``trains_nothing`` (derived, not declared): the method has no trainable tensor with its default
+      options (zero-shot CLIP): a run of it only evaluates.
     """
 
     label: str
     rates: Rates
     demo_rates: Rates = Rates(3e-3, 1e-5)
     backbone: Backbone = "frozen"
+    #: the registered class (set by ``register``), from which derived facts are computed
+    model_class: Any = field(default=None, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_TRAINING:
@@ -60,6 +65,57 @@ class MethodFacts:
     def whole_model(self) -> bool:
         """Its checkpoints hold every weight (no backbone needed to load them)."""
         return self.backbone == "all"
+
+    @functools.cached_property
+    def trains_nothing(self) -> bool:
+        """No tensor of the method is trainable with its default options: a run of it only evaluates (zero-shot
+        CLIP; a plugin that trains nothing alike). Derived, once, from the method itself: built with its default
+        options on the meta device (no memory, no weights) on the ``tiny`` architecture. A method that cannot be
+        built so (a plugin whose defaults need a larger backbone ...) counts as training something: its run
+        trains, and reports its own error there."""
+        if self.trains_backbone or self.model_class is None:
+            return False
+        import torch
+
+        from vop.backbone.clip import CLIP
+        from vop.backbone.config import get_arch
+
+        try:
+            with torch.device("meta"):
+                model = self.model_class(CLIP(get_arch("tiny")), frames=2)
+        except _NOT_CAUGHT:
+            raise
+        except BaseException:  # noqa: BLE001 - a plugin's failure is reported where the method is used
+            return False
+        return not any(p.requires_grad for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What vop's shared method tests expect of a method (tests/test_methods.py, tests/test_methods_descriptors.py
+    and tests/test_methods_ownership.py iterate ``list_methods()`` and read it), declared at registration
+    (``@register(..., expected=Expected(...))``) so that adding a method adds no edit to a shared test file.
+    Every method shipped with vop declares it; a plugin may. Counts on ViT-B/32, 12 frames, default options.
+
+    - ``b32``: trainable parameters as the paper counts them; ``b32_uncounted``: trainable ones reported
+      separately (the model's ``uncounted``).
+    - ``clip_at_init``: its embeddings equal frozen CLIP's (frames mean-pooled) before any training.
+    - ``frame_order``: its video embedding at initialisation depends on the order of the frames.
+    - ``mean_pooled``: ``encode_video`` is meanP of ``encode_frames`` (each frame L2-normalised, averaged).
+    - ``token_tensors``: last name parts of its token-like tensors that ``no_weight_decay()`` must list,
+      beyond those of vop's prompt modules (``tokens``, ``shared``, ``position``, ``deep``,
+      ``frame_position``, ``embedding``).
+    - ``option_sets``: further options to exercise (counts, gradients, checkpoints, ownership of CLIP's
+      tensors): ``(options, trainable parameters on ViT-B/32)`` pairs.
+    """
+
+    b32: int
+    b32_uncounted: int = 0
+    clip_at_init: bool = True
+    frame_order: bool = False
+    mean_pooled: bool = True
+    token_tensors: tuple[str, ...] = ()
+    option_sets: tuple[tuple[dict[str, Any], int], ...] = ()
 
 
 _METHODS: dict[str, type["VideoTextModel"]] = {}
@@ -149,8 +205,10 @@ def plugin_errors(name: str, what: str = "build") -> Iterator[None]:
 
 
 def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = None,
-             backbone: Backbone = "frozen") -> Callable[[type["VideoTextModel"]], type["VideoTextModel"]]:
-    """Class decorator: ``@register("vop-p", label="VoP^P", rates=Rates(5e-3, 1e-6, "..."))``."""
+             backbone: Backbone = "frozen", expected: Expected | None = None
+             ) -> Callable[[type["VideoTextModel"]], type["VideoTextModel"]]:
+    """Class decorator: ``@register("vop-p", label="VoP^P", rates=Rates(5e-3, 1e-6, "..."))``.
+    ``expected``: what the shared tests check of it (:class:`Expected`; every method shipped with vop has it)."""
     facts = MethodFacts(label=label, rates=rates, backbone=backbone,
                         **({"demo_rates": demo_rates} if demo_rates is not None else {}))
 
@@ -166,8 +224,11 @@ def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = 
             raise TypeError(f"@register({name!r}) decorates {cls!r}, which is not a subclass of vop.methods.VideoTextModel")
         if not (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)):
             raise TypeError(f"method {name!r}: {cls.__qualname__}.Options must be a dataclass, got {cls.Options!r}")
+        if expected is not None and not isinstance(expected, Expected):
+            raise TypeError(f"method {name!r}: expected= must be a vop.methods.Expected, got {expected!r}")
         cls.name = name
-        cls.facts = facts
+        cls.facts = dataclasses.replace(facts, model_class=cls)
+        cls.expected = expected  # per registration: a registered subclass does not inherit its parent's
         _METHODS[name] = cls
         return cls
 
