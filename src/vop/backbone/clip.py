@@ -35,6 +35,12 @@ TOWERS: tuple[Tower, ...] = ("text", "visual")
 MAX_LOGIT_SCALE = 100.0
 
 
+def frame_summary(x: torch.Tensor, prefix: int, patches: int) -> torch.Tensor:
+    """(N, T, width) -> (N, width): one token summing up each frame: [CLS] (the first token) where the tower has
+    one (``prefix`` 1), else the mean of its ``patches`` patch tokens (the last ones: prompts excluded)."""
+    return x[:, 0] if prefix else x[:, -patches:].mean(dim=1)
+
+
 def block_options(c: VisionConfig | TextConfig) -> dict:
     """The keyword options of a tower's blocks (vop.backbone.layers.ResidualAttentionBlock)."""
     if isinstance(c, TextConfig):
@@ -133,9 +139,7 @@ class VisionTransformer(nn.Module):
     def summary(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, width) -> (N, width): one token summing up each frame as it enters a layer: [CLS] where the
         tower has one, else the mean of the patch tokens (the last M; prompts excluded)."""
-        if self.num_prefix:
-            return x[:, 0]
-        return x[:, -self.cfg.num_patches:].mean(dim=1)
+        return frame_summary(x, self.num_prefix, self.cfg.num_patches)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed(images)

@@ -13,16 +13,25 @@ _COUNTS = ("trainable", "percent", "paper_count", "uncounted", "inert", "backbon
 def params_table(backbone, frames: int) -> list[dict]:
     """One row per method; ``backbone`` is an architecture name or a CLIPConfig.
 
-    Every row has ``plugin`` (the entry point of a third-party method, else ``None``) and ``broken``
+    Every row has ``plugin`` (the entry point of a third-party method, else ``None``), ``broken``
     (``None``, or why a plugin is left out: its method failed to build, or the plugin failed to import;
-    such rows have ``None`` counts, and ``method`` is ``None`` for a plugin that registered nothing)."""
-    from vop.methods import broken_plugins, count_parameters, list_methods, plugin_of
+    such rows have ``None`` counts, and ``method`` is ``None`` for a plugin that registered nothing) and
+    ``unsupported`` (``None``, or why the method does not run on this backbone, e.g. DGL on PE-Core's
+    attention-pool read-out; such rows have ``None`` counts)."""
+    from vop.backbone.config import get_arch
+    from vop.methods import broken_plugins, count_parameters, get_method, list_methods, plugin_of
     from vop.errors import VopError
     from vop.methods.registry import describe_error
 
+    cfg = get_arch(backbone) if isinstance(backbone, str) else backbone
     rows, broken = [], []
     for method in list_methods():
         plugin = plugin_of(method)
+        why = get_method(method).unsupported_backbone(cfg)
+        if why is not None:
+            broken.append({"method": method, **dict.fromkeys(_COUNTS), "plugin": plugin, "broken": None,
+                           "unsupported": why})
+            continue
         try:
             c = count_parameters(method, backbone, frames=frames)
         except (KeyboardInterrupt, GeneratorExit):
@@ -31,7 +40,8 @@ def params_table(backbone, frames: int) -> list[dict]:
             if plugin is None:
                 raise  # vop's own methods: a ConfigError (frames ...) is the user's, anything else a bug in vop
             why = str(e) if isinstance(e, VopError) else describe_error(e)
-            broken.append({"method": method, **dict.fromkeys(_COUNTS), "plugin": plugin, "broken": why})
+            broken.append({"method": method, **dict.fromkeys(_COUNTS), "plugin": plugin, "broken": why,
+                           "unsupported": None})
             continue
         rows.append({
             "method": method,
@@ -43,9 +53,11 @@ def params_table(backbone, frames: int) -> list[dict]:
             "backbone": c["backbone"],
             "plugin": plugin,
             "broken": None,
+            "unsupported": None,
         })
     for ep, err in broken_plugins().items():
-        broken.append({"method": None, **dict.fromkeys(_COUNTS), "plugin": ep, "broken": f"failed to import: {err}"})
+        broken.append({"method": None, **dict.fromkeys(_COUNTS), "plugin": ep, "broken": f"failed to import: {err}",
+                       "unsupported": None})
     return rows + broken
 
 
@@ -72,7 +84,8 @@ def params(
     from rich.table import Table
 
     broken = [r for r in rows if r["broken"]]
-    rows = [r for r in rows if not r["broken"]]
+    unsupported = [r for r in rows if r["unsupported"]]
+    rows = [r for r in rows if not r["broken"] and not r["unsupported"]]
     table = Table(title=f"Trainable parameters on {backbone}, {frames} frames (backbone: {rows[0]['backbone']:,})")
     table.add_column("method")
     table.add_column("trainable", justify="right")
@@ -89,6 +102,9 @@ def params(
     if inert:
         console.print(f"Inert (trainable and included on the left, but provably never influencing the output): "
                       f"{', '.join(inert)}.")
+    for r in unsupported:  # a method that does not run on this backbone: named, with why
+        console.print(f"Not on this backbone: {r['method']} ({r['unsupported']}).", markup=False, highlight=False,
+                      soft_wrap=True)
     for r in broken:  # a third-party plugin that failed: named, left out, the rest listed
         what = f"method {r['method']!r} of the plugin {r['plugin']}" if r["method"] else f"the plugin {r['plugin']}"
         console.print(f"Left out, broken: {what} ({r['broken']}).", markup=False, highlight=False, soft_wrap=True)

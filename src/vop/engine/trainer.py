@@ -103,8 +103,19 @@ def check_config(cfg: RunConfig, world_size: int = 1, device: torch.device | Non
         except CheckpointError as e:
             raise ConfigError(f"model.backbone_arch: {e}") from None
     model, exact = _check_model_options(cfg)
+    if exact:
+        check_image_size(cfg, model.clip.cfg)
     if device is not None and exact:
         check_step_memory(cfg, model, device, world_size)
+
+
+def check_image_size(cfg: RunConfig, clip_cfg) -> None:
+    """A tower with 2-D RoPE (PE-Core, EVA02) runs at its native resolution only (the references disagree on
+    resizing its tables): ``model.image_size`` must be that or left out, a ConfigError otherwise."""
+    v = clip_cfg.vision
+    if v.rope and cfg.model.image_size not in (None, v.image_size):
+        raise ConfigError(f"model.image_size={cfg.model.image_size}: this backbone's image tower (2-D RoPE, "
+                          f"{clip_cfg.family}) runs at its native {v.image_size} px only; leave model.image_size out")
 
 
 def check_step_memory(cfg: RunConfig, model, device: torch.device, world_size: int = 1, loaded: int = 0) -> None:
@@ -372,6 +383,7 @@ class _Run:
                 meta_model = create_model(cfg.model.method, CLIP(clip.cfg), frames=cfg.model.frames, **cfg.model.options)
             on_device = 4 * sum(p.numel() for p in clip.parameters()) if self.device.type == "cpu" else 0
             check_step_memory(cfg, meta_model, self.device, self.env.world_size, loaded=on_device)
+        check_image_size(cfg, clip.cfg)
         size = cfg.model.image_size or clip.cfg.vision.image_size
         self.data = build_datasets(cfg, size, clip.preprocess)
         self.test = _dataset(cfg, cfg.data.test_split, size, False, clip.preprocess)

@@ -7,9 +7,11 @@ backbone through its tower API (``clip.blocks``, ``clip.tower_config``, ``clip.h
 block's ``branch`` hook), never through its module tree. The pipeline itself is the paper's and is the
 same for all:
 
-- video (B, F, 3, H, W): every frame through the image tower, [CLS] -> ln_post -> proj, each frame
-  embedding L2-normalised, then the mean over F (CLIP4Clip's meanP, as in the authors' code and DGL);
-- text (B, T) token ids: the text tower, read at [EOT], projected;
+- video (B, F, 3, H, W): every frame through the image tower, its final tokens read out by the tower
+  (``clip.visual.readout``: [CLS] -> ln_post -> proj, or PE-Core's attention pool over every token ->
+  proj), each frame embedding L2-normalised, then the mean over F (CLIP4Clip's meanP, as in the
+  authors' code and DGL);
+- text (B, T) token ids: the text tower, read at [EOT] (``clip.text_head``), projected;
 - score: cosine similarity times CLIP's logit scale (:attr:`VideoTextModel.scoring`, vop.scoring: a method that
   scores otherwise, e.g. cma's query score over frames, returns its own scoring).
 
@@ -32,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from vop import limits
 from vop.backbone.clip import CLIP, Tower
 from vop.backbone.config import CLIPConfig
-from vop.backbone.layers import Branch
+from vop.backbone.layers import Branch, RopeTable
 from vop.backbone.tokenizer import CLIPTokenizer
 from vop.errors import ConfigError
 from vop.methods.blocks import Run, TextPrompts
@@ -146,6 +148,9 @@ class VideoTextModel(nn.Module):
         # types and ranges of every option, against this backbone, before build() allocates anything
         check_option_types(self.name, opts)
         type(self).check_options(opts, clip.cfg, frames)
+        why = type(self).unsupported_backbone(clip.cfg)
+        if why is not None:
+            raise ConfigError(f"method {self.name!r} cannot run on this backbone: {why}")
         # the caller's CLIP is never changed: the model holds a frozen view of it (shared storage) ...
         private = bool(clip.__dict__.pop(_PRIVATE, False))
         self.clip = clip.requires_grad_(False) if private else clip_view(clip)
@@ -153,7 +158,7 @@ class VideoTextModel(nn.Module):
         self._frames = frames
         self.opts = opts
         self.text_prompts: TextPrompts | None = None
-        self.video_prompts: nn.Module | None = None  # forward(x, run, B, F) -> (B*F, d) [CLS] outputs
+        self.video_prompts: nn.Module | None = None  # forward(x, run, B, F) -> (B*F, T, d) final tokens
         self.grad_checkpointing = False
         self.backbone_fingerprint: str | None = None
         # ... and its own copy of each tensor it trains, made before build() (whose modules may refer to them)
@@ -199,6 +204,21 @@ class VideoTextModel(nn.Module):
         ints, finite floats, lists ...). Token counts must leave room in the text context, depths and widths
         stay within vop.limits, layer indices within the towers."""
 
+    #: the method reads the image tower at one token, [CLS], by construction (its read-out or its modules
+    #: treat [CLS] as the frame's embedding token): it refuses a tower read out otherwise (PE-Core's attention
+    #: pool) or without [CLS] (:meth:`unsupported_backbone`)
+    reads_cls: ClassVar[bool] = False
+
+    @classmethod
+    def unsupported_backbone(cls, cfg: CLIPConfig) -> str | None:
+        """Why the method cannot run on a backbone of architecture ``cfg`` (None: it can); checked before
+        anything is built. Default: a method that :attr:`reads_cls` needs an image tower read out at [CLS]."""
+        if cls.reads_cls and cfg.vision.pool != "token":
+            return ("it reads the image tower at its [CLS] token by construction, and this image tower is read out "
+                    f"by an attention pool over all its tokens ({cfg.family}); it runs on towers read out at [CLS] "
+                    "(OpenAI's CLIP, EVA02-CLIP)")
+        return None
+
     def trains_clip(self) -> Iterable[nn.Parameter]:
         """The CLIP tensors this method trains, as Parameters of ``self.clip`` (reached through its tower API:
         ``self.clip.projection(tower)``, ``self.clip.blocks(tower)``, ``self.clip.head_parameters(tower)``, or
@@ -222,11 +242,15 @@ class VideoTextModel(nn.Module):
         """A term added next to block ``i``'s sublayers (vop.backbone.layers.Branch); adapters return one."""
         return None
 
-    def block(self, tower: Tower, i: int, blk: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def block(self, tower: Tower, i: int, blk: nn.Module, x: torch.Tensor, causal: bool,
+              rope: RopeTable | None = None) -> torch.Tensor:
         """Run block ``i`` of ``tower`` ("text" or "visual"), with the method's branch if it has one.
-        A method that changes the block itself (not only adds to it) overrides this."""
+        ``rope``: the rotation of this sequence's tokens (``clip.rope``; None without RoPE). A method that
+        changes the block itself (not only adds to it) overrides this."""
         branch = self.branch(tower, i)
-        return blk(x, causal=causal) if branch is None else blk(x, causal=causal, branch=branch)
+        if branch is None:
+            return blk(x, causal=causal) if rope is None else blk(x, causal=causal, rope=rope)
+        return blk(x, causal=causal, branch=branch, rope=rope)
 
     # -- memory estimate (vop.memory) -------------------------------------------------------------------
     def grad_start(self, tower: Tower) -> int | None:
@@ -285,21 +309,33 @@ class VideoTextModel(nn.Module):
         return self.clip.cfg.text.context_length - self.text_prompt_tokens
 
     def tokenizer(self, max_words: int | None = None) -> CLIPTokenizer:
+        """The backbone's tokenizer (``clip.tokenizer``) with the caption budget: its context (77 for CLIP and
+        EVA02, 32 for PE-Core) minus the text prompt tokens, or ``max_words`` if smaller."""
         n = self.max_text_tokens if max_words is None else min(max_words, self.max_text_tokens)
-        return CLIPTokenizer(n)
+        return self.clip.tokenizer(n)
+
+    @property
+    def preprocess(self):
+        """How frames become this model's input (the backbone's: ``clip.preprocess``)."""
+        return self.clip.preprocess
 
     def options_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.opts)
 
     # -- forward -------------------------------------------------------------------------------------
     def _runner(self, tower: str) -> Run:
+        """``run(i, x, tiles=1)``: block ``i`` of ``tower`` on ``x``. In the image tower, the last ``tiles`` * M
+        tokens of ``x`` are the patches of ``tiles`` frames and every token before them ([CLS], prompts) gets
+        the identity rotation (vop.backbone.layers.Rope: one table row per patch)."""
         blocks = self.clip.blocks(tower)
-        causal = tower == "text"
+        causal = tower == "text" and self.clip.cfg.text.causal
+        clip = self.clip
 
-        def run(i: int, x: torch.Tensor) -> torch.Tensor:
+        def run(i: int, x: torch.Tensor, tiles: int = 1) -> torch.Tensor:
+            rope = clip.rope(tower, x.shape[1], tiles)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                return checkpoint(self.block, tower, i, blocks[i], x, causal, use_reentrant=False)
-            return self.block(tower, i, blocks[i], x, causal)
+                return checkpoint(self.block, tower, i, blocks[i], x, causal, rope, use_reentrant=False)
+            return self.block(tower, i, blocks[i], x, causal, rope)
 
         return run
 
@@ -330,12 +366,11 @@ class VideoTextModel(nn.Module):
         x = self.clip.visual.embed(video.flatten(0, 1))
         run = self._runner("visual")
         if self.video_prompts is not None:
-            cls = self.video_prompts(x, run, B, F)
+            x = self.video_prompts(x, run, B, F)  # each frame's final tokens, prompts removed
         else:
             for i in range(len(self.clip.blocks("visual"))):
                 x = run(i, x)
-            cls = x[:, 0]
-        return self.clip.visual.head(cls).view(B, F, -1)
+        return self.clip.visual.readout(x).view(B, F, -1)
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """(B, F, 3, H, W) -> (B, D): meanP, the mean of the L2-normalised frame embeddings.

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from vop import limits
+from vop.backbone.layers import Attention
 from vop.methods.base import VideoTextModel
 from vop.methods.registry import Expected, Rates, register
 
@@ -45,17 +48,26 @@ class Bias(VideoTextModel):
     Options = BiasOptions
 
     def trains_clip(self):
-        suffixes = (".bias", ".in_proj_bias") if self.opts.attention_qkv else (".bias",)
-        return [p for name, p in self.clip.named_parameters() if name.endswith(suffixes)]
+        """The bias of every Linear and LayerNorm module (attention pool included, PE-Core) and of the projections
+        (PE-Core, EVA02); with ``attention_qkv`` the q/k/v biases too (``in_proj_bias``; EVA02's ``q_bias`` and
+        ``v_bias``, its key has none). Not the patch embedding's (a convolution; EVA02). In CLIP's order."""
+        picked = {id(m.bias) for m in self.clip.modules()
+                  if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None}
+        picked |= {id(p) for t in ("visual", "text") for p in self.clip.projection_parameters(t)[1:]}
+        if self.opts.attention_qkv:
+            picked |= {id(p) for m in self.clip.modules() if isinstance(m, Attention)
+                       for n, p in m.named_parameters(recurse=False) if n in ("in_proj_bias", "q_bias", "v_bias")}
+        return [p for p in self.clip.parameters() if id(p) in picked]
 
 
 @register("proj", label="Proj", backbone="part", demo_rates=Rates(1e-3, 1e-3),
           rates=Rates(1e-3, 1e-4, "two projection matrices: linear-probe-like rate"), expected=Expected(b32=655_360))
 class Proj(VideoTextModel):
-    """Only the final projections of both encoders (visual.proj, text_projection)."""
+    """Only the final projections of both encoders (visual.proj, text_projection; and their biases where the
+    backbone has them: PE-Core's and EVA02's image projection)."""
 
     def trains_clip(self):
-        return [self.clip.projection(tower) for tower in ("visual", "text")]
+        return [p for tower in ("visual", "text") for p in self.clip.projection_parameters(tower)]
 
 
 @dataclass

@@ -2,9 +2,15 @@
 
 Shapes (ViT-B/32, 224 px): frames go through the image tower as N = B*F sequences of
 [CLS, prompts..., 49 patches] with width d_v = 768; captions as [SOT, prompts..., words] of width
-d_t = 512. Prompt tokens occupy a *slot* right after the first token: every prompted layer writes its
+d_t = 512. Prompt tokens occupy a *slot* right after the prefix (the first token: [SOT], or the image
+tower's [CLS]; a tower without [CLS] has none, ``visual.num_prefix``): every prompted layer writes its
 own tokens into the slot (the previous layer's outputs there are dropped), and the slot is removed
-after the last prompted layer, so outside prompted layers the sequences are exactly CLIP's.
+after the last prompted layer, so outside prompted layers the sequences are exactly the backbone's.
+The patches are always the last tokens of a frame's sequence (the last F*M of a video's in VoP^F's
+joint layers): the runner gives every token before them the identity rotation on a RoPE tower
+(vop.backbone.layers.Rope), so prompts carry no position there either. Every module returns the final
+tokens of each frame in the frozen layout, read out by the tower (``clip.visual.readout``: [CLS], or an
+attention pool that never sees a prompt).
 
 Every module here lists its prompt tokens in ``no_weight_decay()`` (tokens are not weight matrices).
 
@@ -18,7 +24,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-Run = Callable[[int, torch.Tensor], torch.Tensor]  # run(layer_index, x) -> x
+from vop.backbone.clip import frame_summary
+
+Run = Callable[..., torch.Tensor]  # run(layer_index, x[, tiles]) -> x (tiles: frames whose patches end x)
 
 
 def prompt_param(*shape: int, std: float = 0.02) -> nn.Parameter:
@@ -36,14 +44,15 @@ def write_slot(x: torch.Tensor, start: int, tokens: torch.Tensor | None, current
 
 
 def run_prompted(x: torch.Tensor, run: Run, layers: range, tokens_at: Callable[[int, torch.Tensor], torch.Tensor | None],
-                 start: int = 1) -> torch.Tensor:
-    """Run ``layers`` with per-layer prompt tokens written into the slot at ``start``; returns x without the slot."""
+                 start: int = 1, tiles: int = 1) -> torch.Tensor:
+    """Run ``layers`` with per-layer prompt tokens written into the slot at ``start``; returns x without the slot.
+    ``tiles``: the sequences end with the patches of that many frames (VoP^F's joint layers)."""
     current = 0
     for i in layers:
         p = tokens_at(i, x)
         x = write_slot(x, start, p, current)
         current = 0 if p is None else p.shape[1]
-        x = run(i, x)
+        x = run(i, x) if tiles == 1 else run(i, x, tiles)
     return write_slot(x, start, None, current)
 
 
@@ -175,7 +184,8 @@ class PositionFrameTokens(FrameTokens):
 
 
 class ContextModule(nn.Module):
-    """VoP^C's context modelling: a 1-layer BiLSTM over the F [CLS] tokens + a linear map to tokens.
+    """VoP^C's context modelling: a 1-layer BiLSTM over the F frame-summary tokens ([CLS]) + a linear map to
+    tokens.
 
     (B, F, d) -> (B, F, n_gen, d). Shared by every prompted layer.
     """
@@ -196,23 +206,27 @@ class ContextModule(nn.Module):
 
 
 class ContextFrameTokens(FrameTokens):
-    """VoP^C: per layer, n_shared learnable tokens + n_gen tokens generated from the frames' [CLS] tokens
-    as they enter the layer. The generated tokens only prompt; [CLS] is never overwritten."""
+    """VoP^C: per layer, n_shared learnable tokens + n_gen tokens generated from one "frame summary" token per
+    frame as it enters the layer: [CLS] where the tower has one (``prefix`` 1), else the mean of the frame's
+    ``patches`` patch tokens (prompts excluded; vop.backbone.clip.frame_summary). The generated tokens only
+    prompt; [CLS] is never overwritten."""
 
     def no_weight_decay(self) -> set[str]:
         return {"shared"}
 
-    def __init__(self, depth: int, n_shared: int, context: ContextModule, width: int):
+    def __init__(self, depth: int, n_shared: int, context: ContextModule, width: int, prefix: int = 1,
+                 patches: int = 0):
         super().__init__()
         self.depth = depth
         self.shared = prompt_param(depth, n_shared, width)
         self.context = context
+        self.prefix, self.patches = prefix, patches
 
     def tokens(self, i, x, B, F):
         j = self.layer(i)
         if j is None:
             return None
-        gen = self.context(x[:, 0].reshape(B, F, -1)).flatten(0, 1)
+        gen = self.context(frame_summary(x, self.prefix, self.patches).reshape(B, F, -1)).flatten(0, 1)
         return torch.cat([self.shared[j].expand(B * F, -1, -1), gen.to(x.dtype)], dim=1)
 
 
@@ -220,21 +234,23 @@ class ContextFrameTokens(FrameTokens):
 # video encoders: how frames flow through the image tower's blocks
 # ------------------------------------------------------------------------------------------------
 class FrameVideoPrompts(nn.Module):
-    """Every layer works per frame; frame-level prompts from ``source`` sit between [CLS] and patches."""
+    """Every layer works per frame; frame-level prompts from ``source`` sit between the prefix ([CLS]; ``prefix``
+    tokens) and the patches. Returns each frame's final tokens, the slot removed."""
 
-    def __init__(self, source: FrameTokens, layers: int):
+    def __init__(self, source: FrameTokens, layers: int, prefix: int = 1):
         super().__init__()
-        self.source, self.layers = source, layers
+        self.source, self.layers, self.prefix = source, layers, prefix
 
     def forward(self, x: torch.Tensor, run: Run, B: int, F: int) -> torch.Tensor:
-        x = run_prompted(x, run, range(self.layers), lambda i, x: self.source.tokens(i, x, B, F))
-        return x[:, 0]
+        return run_prompted(x, run, range(self.layers), lambda i, x: self.source.tokens(i, x, B, F), start=self.prefix)
 
 
 class FunctionVideoPrompts(nn.Module):
     """VoP^F: layers < ks per frame with frame-level prompts; then a learnable frame position embedding
     is added to every token of frame j, and layers >= ks attend jointly over the whole video:
-    one sequence [F CLS tokens, n video-level prompts, F*M patches] per video. Read-out: the F CLS.
+    one sequence [F CLS tokens (F x ``prefix``), n video-level prompts, F*M patches] per video, each patch
+    keeping its own frame's rotary position (the per-frame table tiled F times; identity before). Returns
+    each frame's own final tokens [CLS_j, patches_j], read out per frame by the tower.
     """
 
     def no_weight_decay(self) -> set[str]:
@@ -244,26 +260,30 @@ class FunctionVideoPrompts(nn.Module):
         return "frame position embedding" if self.ks < self.layers else None
 
     def __init__(self, shallow: FrameTokens | None, layers: int, ks: int, frames: int, n_deep: int, width: int,
-                 position_std: float = 0.02):
+                 position_std: float = 0.02, prefix: int = 1):
         super().__init__()
         self.shallow, self.layers, self.ks, self.frames, self.n_deep = shallow, layers, ks, frames, n_deep
+        self.prefix = prefix
         if ks < layers:
             self.frame_position = prompt_param(frames, width, std=position_std)
             self.deep = prompt_param(layers - ks, n_deep, width)
 
     def forward(self, x: torch.Tensor, run: Run, B: int, F: int) -> torch.Tensor:
         at = (lambda i, x: self.shallow.tokens(i, x, B, F)) if self.shallow is not None else (lambda i, x: None)
-        x = run_prompted(x, run, range(self.ks), at)
+        P = self.prefix
+        x = run_prompted(x, run, range(self.ks), at, start=P)
         if self.ks == self.layers:
-            return x[:, 0]
+            return x
         if F != self.frames:
             raise ValueError(f"the frame position embedding was built for {self.frames} frames, got {F}")
-        N, T, d = x.shape  # T = 1 + M
+        N, T, d = x.shape  # T = P + M
+        M = T - P
         x = x.view(B, F, T, d) + self.frame_position.to(x.dtype).view(1, F, 1, d)
-        x = torch.cat([x[:, :, 0], x[:, :, 1:].reshape(B, F * (T - 1), d)], dim=1)  # [F CLS, F*M patches]
+        x = torch.cat([x[:, :, :P].reshape(B, F * P, d), x[:, :, P:].reshape(B, F * M, d)], dim=1)  # [F CLS, F*M patches]
         deep = lambda i, x: self.deep[i - self.ks].expand(B, -1, -1) if self.n_deep else None  # noqa: E731
-        x = run_prompted(x, run, range(self.ks, self.layers), deep, start=F)
-        return x[:, :F].reshape(B * F, d)
+        x = run_prompted(x, run, range(self.ks, self.layers), deep, start=F * P, tiles=F)
+        # back to one sequence per frame, [CLS_j, patches_j]: the tower reads each frame out on its own tokens
+        return torch.cat([x[:, :F * P].view(B, F, P, d), x[:, F * P:].view(B, F, M, d)], dim=2).view(B * F, T, d)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vop.backbone.layers import Attention, QuickGELU, ResidualAttentionBlock
+from vop.backbone.layers import Attention, QuickGELU, ResidualAttentionBlock, RopeTable
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel, check_depth, check_prompt_tokens, check_text_prompts, pool_frames
 from vop.methods.blocks import write_slot
@@ -77,15 +77,16 @@ def uniform_prompt(shape: tuple[int, ...], patch_size: int, width: int) -> nn.Pa
 # ------------------------------------------------------------------------------------------------
 # the global-local video attention
 # ------------------------------------------------------------------------------------------------
-def global_local_attention(attn: Attention, g: torch.Tensor, x: torch.Tensor, frames: int
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def global_local_attention(attn: Attention, g: torch.Tensor, x: torch.Tensor, frames: int,
+                           rope: RopeTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One frozen attention layer over a video held as global tokens ``g`` (B, G, d) and per-frame tokens
     ``x`` (B*F, T, d), both already normalised (ln_1). q/k/v are computed once with the layer's weights;
     two SDPA calls: every frame's T queries over [global; own frame] (G + T keys) and the G global queries
     over [global; all frames] (G + F*T keys). Equal to one attention over the video's G + F*T tokens with
     the block mask "frame tokens see global + own frame, global tokens see all". Returns the projected
-    outputs (B, G, d), (B*F, T, d). With G = 0 it is the layer's own attention, per frame."""
-    qx, kx, vx = attn.qkv(x)  # (N, h, T, hd), N = B*F
+    outputs (B, G, d), (B*F, T, d). With G = 0 it is the layer's own attention, per frame. ``rope``: the
+    rotation of a frame's T tokens (a RoPE tower: its patches; the global prompts are not rotated)."""
+    qx, kx, vx = attn.qkv(x, rope)  # (N, h, T, hd), N = B*F
     N, h, T, hd = qx.shape
     B, G = g.shape[0], g.shape[1]
     if G == 0:
@@ -103,10 +104,10 @@ def global_local_attention(attn: Attention, g: torch.Tensor, x: torch.Tensor, fr
     return attn.project_out(glob), attn.project_out(local)
 
 
-def global_local_block(blk: ResidualAttentionBlock, g: torch.Tensor, x: torch.Tensor, frames: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def global_local_block(blk: ResidualAttentionBlock, g: torch.Tensor, x: torch.Tensor, frames: int,
+                       rope: RopeTable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A frozen pre-LN block on (global, frames): t + global-local attention(ln_1 t), then t + mlp(ln_2 t)."""
-    a_g, a_x = global_local_attention(blk.attn, blk.ln_1(g), blk.ln_1(x), frames)
+    a_g, a_x = global_local_attention(blk.attn, blk.ln_1(g), blk.ln_1(x), frames, rope)
     x = x + a_x
     x = x + blk.mlp(blk.ln_2(x))
     if g.shape[1]:
@@ -198,6 +199,7 @@ class DGL(VideoTextModel):
 
     Options = DGLOptions
     linear: ClassVar[bool] = False
+    reads_cls = True  # frames read at [CLS], global prompts read out as [CLS] is (ln_post, proj)
 
     @classmethod
     def check_options(cls, opts, cfg, frames) -> None:
@@ -298,9 +300,10 @@ class DGL(VideoTextModel):
 
     # -- video --------------------------------------------------------------------------------------
     def _block(self, blk: ResidualAttentionBlock, g: torch.Tensor, x: torch.Tensor, frames: int):
+        rope = self.clip.rope("visual", x.shape[1])  # a frame's [CLS, local prompts, patches]: patches last
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(global_local_block, blk, g, x, frames, use_reentrant=False)
-        return global_local_block(blk, g, x, frames)
+            return checkpoint(global_local_block, blk, g, x, frames, rope, use_reentrant=False)
+        return global_local_block(blk, g, x, frames, rope)
 
     def encode_tokens(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, F, 3, H, W) -> last-block outputs of the global prompts (B, n_global, d_v) and of the frames'
@@ -348,14 +351,16 @@ _WHY = ("knightyxp/DGL scripts/msrvtt.sh: lr 2e-3 for every new tensor (AdamW, w
 register("dgl", label="DGL", rates=Rates(2e-3, 0.0, _WHY),
          demo_rates=Rates(3e-3, 0.0, "validation t2v R@1 on the synthetic world: 25.0 (1e-3: 17.2, 1e-2: 25.0)"),
          # the video embedding is the first global prompt's (readout global0), not meanP
-         expected=Expected(b32=9_575_168, clip_at_init=False, frame_order=True, mean_pooled=False))(DGL)
+         expected=Expected(b32=9_575_168, clip_at_init=False, frame_order=True, mean_pooled=False,
+                           identity={"n_text": 0, "n_local": 0, "n_global": 0, "readout": "cls_mean"}))(DGL)
 
 
 @register("dgl-l", label="DGL (linear)",
           rates=Rates(2e-3, 0.0, _WHY + "; the repo's linear-generator scripts: LSMDC and ActivityNet 1e-2, VATEX 5e-3"),
           demo_rates=Rates(1e-2, 0.0, "validation t2v R@1 on the synthetic world: 28.1 (1e-3: 17.2, 3e-3: 21.9, 3e-2: 23.4)"),
           # local prompts shared by every frame, global prompts without positions: the order of the frames is not seen
-          expected=Expected(b32=827_392, clip_at_init=False, mean_pooled=False, token_tensors=("visual",)))
+          expected=Expected(b32=827_392, clip_at_init=False, mean_pooled=False, token_tensors=("visual",),
+                            identity={"n_text": 0, "n_local": 0, "n_global": 0, "readout": "cls_mean"}))
 class DGLLinear(DGL):
     """DGL with the linear prompt generator (see the module docstring)."""
 

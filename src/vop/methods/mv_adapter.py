@@ -209,6 +209,7 @@ class MVAdapter(VideoTextModel):
 
     Options = MVAdapterOptions
     depth_options = ("cmt_layers",)  # layer indices: checked against a weights file's depth once it is read
+    reads_cls = True  # the temporal output goes to each frame's [CLS], the token the tower is read out at
 
     @classmethod
     def check_options(cls, o, cfg, frames) -> None:
@@ -257,10 +258,11 @@ class MVAdapter(VideoTextModel):
         self.cmt_factors = nn.ParameterList(nn.Parameter(torch.zeros(o.factor_dim)) for _ in entries)
 
     def trains_clip(self):
-        """``train_clip_bias``: every CLIP bias (q/k/v included), as the released config."""
+        """``train_clip_bias``: every CLIP bias (q/k/v included; EVA02's q_bias/v_bias, the patch embedding's and
+        the projection's biases where the backbone has them), as the released config."""
         if not self.opts.train_clip_bias:
             return []
-        return [p for name, p in self.clip.named_parameters() if name.endswith((".bias", ".in_proj_bias"))]
+        return [p for name, p in self.clip.named_parameters() if name.endswith("bias")]
 
     def factor(self, tower: str, i: int) -> torch.Tensor | None:
         """The shared factor phi of block ``i`` of ``tower``, None where the layer is not tied."""

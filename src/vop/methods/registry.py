@@ -107,6 +107,9 @@ class Expected:
       ``frame_position``, ``embedding``).
     - ``option_sets``: further options to exercise (counts, gradients, checkpoints, ownership of CLIP's
       tensors): ``(options, trainable parameters on ViT-B/32)`` pairs.
+    - ``identity``: options under which the method computes exactly its frozen backbone, bit for bit, on every
+      backbone family (zero prompt tokens ...; tests/test_methods_families.py), or a function of the
+      architecture (a CLIPConfig) giving them; None: ``{}`` for a method that is ``clip_at_init``, else none.
     """
 
     b32: int
@@ -116,6 +119,13 @@ class Expected:
     mean_pooled: bool = True
     token_tensors: tuple[str, ...] = ()
     option_sets: tuple[tuple[dict[str, Any], int], ...] = ()
+    identity: Any = None
+
+    def identity_options(self, cfg: Any) -> dict[str, Any] | None:
+        """The options of :attr:`identity` on a backbone of architecture ``cfg`` (None: the method has none)."""
+        if self.identity is None:
+            return {} if self.clip_at_init else None
+        return self.identity(cfg) if callable(self.identity) else dict(self.identity)
 
 
 _METHODS: dict[str, type["VideoTextModel"]] = {}

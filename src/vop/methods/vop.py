@@ -124,7 +124,9 @@ class Context:
         if not 0 < o.n_context <= o.n_video:
             raise ConfigError(f"model.options.n_context={o.n_context} of {model.name} must be in 1..{o.n_video} "
                               f"(the generated part of the n_video={o.n_video} video prompts)")
-        return ContextFrameTokens(depth, o.n_video - o.n_context, ContextModule(width, o.n_context, o.context_hidden), width)
+        v = model.clip.tower_config("visual")
+        return ContextFrameTokens(depth, o.n_video - o.n_context, ContextModule(width, o.n_context, o.context_hidden), width,
+                                  prefix=v.num_prefix, patches=v.num_patches)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ class PerFrame:
             return None
         tokens = source(model, depth)
         tokens.start = start
-        return FrameVideoPrompts(tokens, layers)
+        return FrameVideoPrompts(tokens, layers, prefix=model.clip.tower_config("visual").num_prefix)
 
 
 class Split:
@@ -179,7 +181,8 @@ class Split:
             raise ConfigError(f"model.options.ks={ks} of {model.name} must be in 0..{v.layers} "
                               f"(the layers of this backbone's image tower)")
         shallow = source(model, ks) if (ks and o.n_video) else None
-        return FunctionVideoPrompts(shallow, v.layers, ks, model.frames, o.n_video, v.width, o.frame_position_std)
+        return FunctionVideoPrompts(shallow, v.layers, ks, model.frames, o.n_video, v.width, o.frame_position_std,
+                                    prefix=v.num_prefix)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,7 +232,8 @@ class PromptedVoP(VideoTextModel):
 
 
 @register("vop", label="VoP", rates=Rates(5e-3, 1e-6, "prompt tuning recipes use 1e-3..1e-2 for prompts"),
-          expected=Expected(b32=122_880, clip_at_init=False, option_sets=(({"semantics": "modelscope"}, 122_880),)))
+          expected=Expected(b32=122_880, clip_at_init=False, option_sets=(({"semantics": "modelscope"}, 122_880),),
+                            identity={"n_text": 0, "n_video": 0}))
 class VoP(PromptedVoP):
     """Basic VoP, which can also run the authors' released layout (``semantics="modelscope"``)."""
 
@@ -252,6 +256,10 @@ class VoP(PromptedVoP):
     def build_modelscope(self) -> None:
         """Prompts in every layer of both towers, laid out as in the authors' code."""
         o, t, v = self.opts, self.clip.tower_config("text"), self.clip.tower_config("visual")
+        if self.clip.cfg.family != "clip":
+            raise ConfigError(f"semantics='modelscope' runs the prompts as the authors' code runs them on OpenAI's CLIP "
+                              f"(prompts through ln_pre, text read after [EOT]); this backbone is {self.clip.cfg.family}: "
+                              "use semantics='vop'")
         if o.depth is not None or o.prompt_from != "input":
             raise ConfigError("semantics='modelscope' prompts every layer (as the authors' code): leave depth unset "
                               "(and prompt_from)")
@@ -272,7 +280,7 @@ class VoP(PromptedVoP):
         x = self.text_prompts(self.clip.token_embedding(tokens), self._runner("text"), self.clip.positional_embedding)
         x = self.clip.ln_final(x)
         read = tokens.argmax(dim=-1) + self.text_prompt_tokens  # n_text positions after [EOT], as their code reads
-        return x[torch.arange(x.shape[0], device=x.device), read] @ self.clip.text_projection
+        return self.clip.project("text", x[torch.arange(x.shape[0], device=x.device), read])
 
 
 _AS_VOP = Rates(5e-3, 1e-6, "as vop")
@@ -285,7 +293,8 @@ def variant_options(name: str, source: type, flow: type) -> type:
 
 # The five variants: a frame-token source x a flow. Counts on ViT-B/32 in the module docstring.
 @register("vop-p", label="VoP^P", rates=_AS_VOP,
-          expected=Expected(b32=528_384, clip_at_init=False, frame_order=True))
+          expected=Expected(b32=528_384, clip_at_init=False, frame_order=True,
+                            identity={"n_text": 0, "n_video": 0, "n_position": 0}))
 class VoPP(PromptedVoP):
     """VoP^P: position frame tokens, frame flow."""
 
@@ -296,7 +305,7 @@ class VoPP(PromptedVoP):
 
 @register("vop-c", label="VoP^C", rates=Rates(1e-3, 1e-6, "14M-parameter context module (BiLSTM + linear): a lower rate "
                                                         "than pure prompts"),
-          expected=Expected(b32=14_257_152, clip_at_init=False, frame_order=True))
+          expected=Expected(b32=14_257_152, clip_at_init=False, frame_order=True, identity={"depth": 0}))
 class VoPC(PromptedVoP):
     """VoP^C: context frame tokens, frame flow."""
 
@@ -307,7 +316,8 @@ class VoPC(PromptedVoP):
 
 @register("vop-f", label="VoP^F", rates=_AS_VOP,
           expected=Expected(b32=122_880, b32_uncounted=9_216, clip_at_init=False, frame_order=True,
-                            option_sets=(({"ks": 1}, 122_880 + 9_216),)))
+                            option_sets=(({"ks": 1}, 122_880 + 9_216),),
+                            identity=lambda cfg: {"n_text": 0, "n_video": 0, "ks": cfg.vision.layers}))
 class VoPF(PromptedVoP):
     """VoP^F: shared frame tokens, split flow."""
 
@@ -317,7 +327,8 @@ class VoPF(PromptedVoP):
 
 
 @register("vop-fp", label="VoP^{F+P}", rates=_AS_VOP,
-          expected=Expected(b32=393_216, b32_uncounted=9_216, clip_at_init=False, frame_order=True))
+          expected=Expected(b32=393_216, b32_uncounted=9_216, clip_at_init=False, frame_order=True,
+                            identity=lambda cfg: {"n_text": 0, "n_video": 0, "n_position": 0, "ks": cfg.vision.layers}))
 class VoPFP(PromptedVoP):
     """VoP^{F+P}: position frame tokens, split flow."""
 
@@ -327,7 +338,8 @@ class VoPFP(PromptedVoP):
 
 
 @register("vop-fc", label="VoP^{F+C}", rates=Rates(1e-3, 1e-6, "as vop-c"),
-          expected=Expected(b32=14_269_440, b32_uncounted=9_216, clip_at_init=False, frame_order=True))
+          expected=Expected(b32=14_269_440, b32_uncounted=9_216, clip_at_init=False, frame_order=True,
+                            identity=lambda cfg: {"n_text": 0, "n_video": 0, "ks": cfg.vision.layers}))
 class VoPFC(PromptedVoP):
     """VoP^{F+C}: context frame tokens, split flow."""
 
