@@ -2,6 +2,11 @@
 
     python configs/make_configs.py        # regenerate (a test checks the files are up to date)
 
+It writes configs/msrvtt-9k/<backbone>/*.yaml: the same protocol on the backbones people use now
+(PE-Core-B-16, EVA02-B-16; docs/methods.md, Backbones), every method that runs on the backbone (a method
+reading [CLS] by construction is left out of PE-Core's folder), at the backbone's native resolution, with its
+preprocessing and tokenizer (PE-Core: 32 text positions) taken from its architecture record.
+
 It also writes configs/msrvtt-9k/ablations/*.yaml: the paper's ablations (uni-modal prompts,
 prompted depth, prompt length, VoP^F's K_s) as the same recipe as configs/msrvtt-9k/vop.yaml (or
 vop-f.yaml) with one ablated option each; the rows are those of ``vop demo --ablations``
@@ -42,6 +47,47 @@ def trains_nothing(method: str, frames: int, options: str = "{}") -> bool:
     """A method that trains no tensor (zero-shot): its runs only evaluate (0 epochs). Built on the meta device
     (``options``: JSON)."""
     return count_parameters(method, "ViT-B-32", frames=frames, **json.loads(options))["trainable"] == 0
+
+
+#: folder -> (architecture, weights file name) of the backbones beyond CLIP with configs (on BACKBONE_DATASETS)
+BACKBONES = {"pe-core-b-16": ("PE-Core-B-16", "PE-Core-B-16.safetensors"),
+             "eva02-b-16": ("EVA02-B-16", "EVA02-B-16.safetensors")}
+BACKBONE_DATASETS = ("msrvtt-9k",)
+
+
+def backbone_methods(folder: str) -> list[str]:
+    """The methods that run on the backbone of ``folder`` (those reading [CLS] refuse PE-Core's attention pool)."""
+    from vop.backbone.config import get_arch
+
+    cfg = get_arch(BACKBONES[folder][0])
+    return [m for m in list_methods() if get_method(m).unsupported_backbone(cfg) is None]
+
+
+def backbone_config(name: str, method: str, folder: str) -> dict:
+    """The protocol of ``config`` on another backbone: its weights (named by architecture), native size."""
+    from vop.backbone.config import get_arch
+
+    arch, weights = BACKBONES[folder]
+    cfg = config(name, method)
+    cfg["model"].update(backbone=weights, backbone_arch=arch, image_size=get_arch(arch).vision.image_size)
+    cfg["out_dir"] = f"runs/{name}/{folder}/{method}"
+    return cfg
+
+
+def render_backbone(name: str, method: str, folder: str) -> str:
+    from vop.backbone.config import get_arch
+
+    arch, weights = BACKBONES[folder]
+    a = get_arch(arch)
+    p, t = a.vision.preprocess, a.text
+    head = (f"# {method} on {name} with {arch} (see configs/make_configs.py): the paper's protocol on this backbone.\n"
+            f"# Backbone: open_clip's {arch} weights ({weights}: .pt, .bin or .safetensors as open_clip saves them).\n"
+            f"# From its record: {p.size} px, frames resized {p.resize}/{p.interpolation}, mean {list(p.mean)}, std "
+            f"{list(p.std)}; text context {t.context_length} (captions: {t.context_length} minus the text prompts).\n"
+            f"# Learning rates: {method_facts(method).rates.why} (CLIP's starting points, not tuned for {arch}).\n"
+            f"# Usage: vop train --config configs/{name}/{folder}/{method}.yaml data.root=/path/to/{DATASETS[name][0]} "
+            f"model.backbone=/path/to/{weights}\n")
+    return head + yaml.safe_dump(backbone_config(name, method, folder), sort_keys=False)
 
 
 def config(name: str, method: str) -> dict:
@@ -162,6 +208,13 @@ def main() -> None:
     for name, method in AS_PUBLISHED:
         (here / name / "as-published").mkdir(exist_ok=True)
         (here / name / "as-published" / f"{method}.yaml").write_text(as_published(name, method))
+    for name in BACKBONE_DATASETS:
+        for folder in BACKBONES:
+            (here / name / folder).mkdir(exist_ok=True)
+            for old in (here / name / folder).glob("*.yaml"):
+                old.unlink()
+            for method in backbone_methods(folder):
+                (here / name / folder / f"{method}.yaml").write_text(render_backbone(name, method, folder))
 
 
 if __name__ == "__main__":

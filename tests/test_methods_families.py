@@ -237,3 +237,28 @@ def test_one_training_step_per_family(arch, world, tmp_path):
     size_err = _vop("train", "-q", f"data.root={world}", "data.dataset=collection", f"model.backbone={arch}",
                     "model.image_size=64", f"out_dir={tmp_path / 'bad'}")
     assert size_err.returncode == 2 and "native 32 px only" in size_err.stderr and "Traceback" not in size_err.stderr
+
+
+def test_backbone_configs_load_and_are_current():
+    """configs/msrvtt-9k/<backbone>/*.yaml: every method that runs on the backbone, generated (current), valid."""
+    import importlib.util
+    from pathlib import Path
+
+    from vop.engine.config import RunConfig, load_config
+    from vop.engine.trainer import check_config
+
+    root = Path(__file__).parent.parent / "configs"
+    spec = importlib.util.spec_from_file_location("make_configs", root / "make_configs.py")
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    for name in mc.BACKBONE_DATASETS:
+        for folder, (arch, _) in mc.BACKBONES.items():
+            methods = mc.backbone_methods(folder)
+            assert {p.name for p in (root / name / folder).glob("*.yaml")} == {f"{m}.yaml" for m in methods}
+            assert ("dgl" in methods) == (arch == "EVA02-B-16") and "vop" in methods and "vop-f" in methods
+            for method in methods:
+                path = root / name / folder / f"{method}.yaml"
+                assert path.read_text() == mc.render_backbone(name, method, folder), f"{path} is stale: run configs/make_configs.py"
+                cfg = load_config(RunConfig, path, ["data.root=/data"])
+                check_config(cfg)
+                assert cfg.model.backbone_arch == arch and cfg.model.image_size == get_arch(arch).vision.image_size
