@@ -25,6 +25,9 @@ Sections, in order of priority (each is guarded: an exception, out-of-memory inc
 6. ``max_batch``: for each training method, the batch doubled from 64 until it runs out of memory
    (or ``--max-batch``); the largest that fits, with its step time, videos/s and MFU (FLOPs scaled
    from batch 32: every cost is per video except the B x B logits).
+7. ``backbones``: the backbones beyond CLIP against ViT-B/16 (``--backbones``, the first is the baseline;
+   tiny: tiny, eva02-tiny, pe-core-tiny): image-tower frames/s of zero-shot ``encode_frames`` and a basic-VoP
+   training step at the batch, each at its native size (PE-Core: 32-token context, 24-token captions).
 
 CPU smoke test (what tests/test_benchmarks.py runs): ``--device cpu --tiny``.
 
@@ -341,6 +344,27 @@ def encode_entry(ctx: Ctx) -> dict:
     return out
 
 
+def backbone_entry(ctx: Ctx, arch: str) -> dict:
+    """Zero-shot image-tower throughput and a basic-VoP training step of ``arch`` at the run's batch and frames."""
+    import vop
+
+    torch, a = ctx.torch, ctx.args
+    clip = vop.build_clip(arch, seed=0).to(ctx.device)
+    size = clip.cfg.vision.image_size
+    video = torch.randn(a.batch, a.frames, 3, size, size, device=ctx.device)
+    zs = vop.create_model("zeroshot", clip, frames=a.frames).eval()
+    with torch.inference_mode(), ctx.autocast():
+        t = C.time_calls({"x": lambda: zs.encode_frames(video)}, a.steps, warmup=2, sync=ctx.sync)["x"]["wall"]
+    ctx.reset_peak()
+    model = vop.create_model("vop", clip, frames=a.frames).train()
+    tokens = C.caption_tokens(a.batch, min(a.words, model.max_text_tokens)).to(ctx.device)
+    step = train_step_fn(ctx, model, video, tokens)
+    times = time_steps(ctx, step, a.steps, a.warmup)
+    return {"arch": arch, "image_size": size, "frames_per_s": a.batch * a.frames / C.median(t), "step_s": C.median(times),
+            "step_s_all": times, "peak_bytes": ctx.peak(), "text_tokens": int(tokens.shape[1]),
+            "backbone": sum(p.numel() for p in clip.parameters())}
+
+
 def hf_entry(ctx: Ctx) -> dict:
     import bench_hf
     from transformers import CLIPModel
@@ -495,6 +519,22 @@ def render(data: dict) -> str:
         else:
             L.append(f"| `{m}` | {b['batch']} | {tries} | {b['step_s'] * 1e3:.1f} | {_fmt_mem(b.get('peak_bytes'))} | "
                      f"{b['videos_per_s']:.1f} | {_fmt_mfu(b.get('mfu'))} |")
+    bb = S.get("backbones", {})
+    if bb:
+        names = list(bb)
+        base = bb[names[0]] if not bad(bb[names[0]]) else None
+        L += ["", f"Backbones beyond CLIP against {names[0]} (zero-shot image tower; basic-VoP step, batch "
+              f"{meta.get('batch')}; each at its native size):", "",
+              "| backbone | parameters | image tower (frames/s) | x baseline | VoP step (ms) | x baseline | peak memory (GiB) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for k, r in bb.items():
+            if bad(r):
+                L.append(f"| `{k}` | {bad(r)} | | | | | |")
+                continue
+            xi = f"{r['frames_per_s'] / base['frames_per_s']:.2f}" if base else "-"
+            xs = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
+            L.append(f"| `{k}` | {r['backbone']:,} | {r['frames_per_s']:,.0f} | {xi} | {r['step_s'] * 1e3:.1f} | {xs} | "
+                     f"{_fmt_mem(r.get('peak_bytes'))} |")
     targets = data.get("targets")
     if targets:
         L += ["", "Targets: " + "; ".join(f"{k} = {v['value']:.2f} (target {v['target']}: {'met' if v['met'] else 'missed'})"
@@ -552,7 +592,9 @@ def main() -> None:
     p.add_argument("--amp", choices=("bf16", "none"), default=None, help="default bf16 on CUDA, none on CPU")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: from the device name)")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 420; tiny 60)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: port,encode,hf,max_batch")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: port,encode,hf,max_batch,backbones")
+    p.add_argument("--backbones", default=None, help="architectures of the backbones section, the first the "
+                   "baseline (default: ViT-B-16,EVA02-B-16,PE-Core-B-16; tiny: tiny,eva02-tiny,pe-core-tiny)")
     p.add_argument("--render", default=None, metavar="JSON", help="only render a gpu_bench.json into --doc and exit")
     p.add_argument("--doc", default=str(C.DOC), help="with --render: Markdown file to update (default: %(default)s)")
     args = p.parse_args()
@@ -621,6 +663,16 @@ def main() -> None:
             r = run.data["sections"].get("train", {}).get(m, {})
             fpv = r["flops"] / args.batch if isinstance(r, dict) and r.get("flops") else None
             run.guard("max_batch", m, lambda m=m, fpv=fpv: max_batch_entry(ctx, run, m, fpv), need_s=per_method_s * 2)
+
+    if "backbones" not in skip:
+        names = args.backbones or ("tiny,eva02-tiny,pe-core-tiny" if tiny else "ViT-B-16,EVA02-B-16,PE-Core-B-16")
+        ctx.clip = None  # the run's backbone is not needed any more: free its memory for the bigger ones
+        gc.collect()
+        for arch in names.split(","):
+            run.guard("backbones", arch, lambda arch=arch: backbone_entry(ctx, arch), need_s=per_method_s * 1.5)
+            gc.collect()
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     run.data["targets"] = targets(run.data)
     run.data["meta"]["total_s"] = round(budget.total - budget.left(), 1)

@@ -66,11 +66,12 @@ def _meta_clip(cfg) -> CLIP:
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """{(config, suffix): (open_clip model, file)} at the tiny size, for the two B configs."""
+    """{(config, suffix): (open_clip model, file)} at the tiny size, for every shipped config (each built by its
+    own timm model function, at the tiny sizes)."""
     R.require_reference()
     d = tmp_path_factory.mktemp("open_clip")
     out = {}
-    for name in ("PE-Core-B-16", "EVA02-B-16"):
+    for name in SHIPPED:
         model = R.open_clip_model(name, tiny=True)
         for suffix in (".pt", ".safetensors"):
             out[name, suffix] = model, R.save_open_clip(model, d / f"{name}{suffix}")
@@ -78,7 +79,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-@pytest.mark.parametrize("name", ["PE-Core-B-16", "EVA02-B-16"])
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 @pytest.mark.parametrize("named", [False, True])
 def test_embeddings_equal_open_clip(reference, name, suffix, named):
     ref, path = reference[name, suffix]

@@ -16,7 +16,8 @@ import _common as C  # noqa: E402
 import gpu_bench  # noqa: E402
 import port_baseline as P  # noqa: E402
 
-SCRIPTS = ["bench_params.py", "bench_train_step.py", "bench_encode.py", "bench_hf.py", "bench_port.py", "gpu_bench.py"]
+SCRIPTS = ["bench_params.py", "bench_train_step.py", "bench_encode.py", "bench_hf.py", "bench_port.py", "gpu_bench.py",
+           "bench_backbones.py"]
 
 
 def _run(args, timeout=120):
@@ -63,6 +64,21 @@ def test_gpu_sh_cpu_tiny(tmp_path):
     assert set(data["targets"]) >= {"vop_time_vs_full", "vop_f_time_vs_vop", "port-mha_over_ours", "vop_mfu"}
     md = (out / "gpu_bench.md").read_text()
     assert "Training step, batch 2" in md and "| `vop` |" in md
+    bb = S["backbones"]  # the families against CLIP, each at its native size
+    assert list(bb) == ["tiny", "eva02-tiny", "pe-core-tiny"] and all(r["step_s"] > 0 for r in bb.values())
+    assert bb["pe-core-tiny"]["text_tokens"] == 24 and "| `pe-core-tiny` |" in md
+
+
+def test_backbones_tiny(tmp_path):
+    """bench_backbones.py on the tiny records of each family: every ratio against the first (the baseline)."""
+    out = tmp_path / "b.json"
+    _run([sys.executable, str(BENCH / "bench_backbones.py"), "--archs", "tiny,eva02-tiny,pe-core-tiny", "--frames", "2",
+          "--rounds", "1", "--repeats", "1", "--steps", "1", "--no-doc", "--json", str(out)], timeout=300)
+    data = json.loads(out.read_text())
+    rows = {r["arch"]: r for r in data["results"]}
+    assert list(rows) == ["tiny", "eva02-tiny", "pe-core-tiny"] and rows["tiny"]["step_ratio"] == 1.0
+    assert rows["pe-core-tiny"]["text_tokens"] == 24 and rows["eva02-tiny"]["text_tokens"] == 32
+    assert rows["pe-core-tiny"]["vop_trainable"] == 2 * 8 * 64 * 2 and all(r["frames_per_s"] > 0 for r in rows.values())
 
 
 def test_guard_turns_failures_into_entries(tmp_path):

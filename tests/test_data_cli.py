@@ -74,6 +74,30 @@ def test_cache_and_info(cli, world, tmp_path):
     assert r.exit_code == 0 and "16 frames, 8.000 fps, 2.00 s, 64x64, h264" in r.output
 
 
+def test_cache_for_a_backbone_resizes_as_it_was_trained(cli, world, tmp_path):
+    """--backbone: frames resized as the architecture's record says (PE-Core: squashed, bilinear), in a folder of
+    their own; a dataset of that backbone's preprocessing reads them back, CLIP's does not see them."""
+    from vop.backbone.config import get_arch
+    from vop.data import resize_frames
+    from vop.data.decode import load_frames
+
+    r = cli("data", "cache", "-d", "collection", "-r", world, "-s", "val", "--out", tmp_path / "c", "--frames", "4",
+            "--size", "32", "--backbone", "pe-core-tiny")
+    assert r.exit_code == 0, r.output
+    files = sorted((tmp_path / "c" / "f4_s32_squash-bilinear").glob("*.npz"))
+    assert len(files) == 4 and not (tmp_path / "c" / "f4_s32").exists()
+    pre = get_arch("pe-core-tiny").vision.preprocess
+    ds = get_dataset("collection", world, "val", frames=4, size=32, cache_dir=tmp_path / "c", preprocess=pre)
+    item = ds.video_dataset()[0]
+    frames, _ = load_frames(ds.video_paths[0], 4, train=False)
+    import torch
+
+    want = resize_frames(torch.from_numpy(frames).permute(0, 3, 1, 2), 32, pre)
+    assert torch.equal(item["video"], want)  # read from the cache: squashed, not centre-cropped
+    r = cli("data", "cache", "-d", "collection", "-r", world, "-s", "val", "--out", tmp_path / "c", "--backbone", "nope")
+    assert r.exit_code != 0
+
+
 def test_dataset_help_comes_from_the_format_table(cli):
     from vop.data import FORMATS
 
