@@ -397,3 +397,33 @@ def test_frozen_logit_scale_is_not_clamped_a_trained_one_is():
     clip.logit_scale.requires_grad_(True)
     clip.clamp_logit_scale()
     assert clip.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_an_open_clip_siglip2_file_is_refused_naming_what_it_needs():
+    """open_clip's own ViT-B-16-SigLIP2 tensors (meta device) go through the same conversion and are refused."""
+    open_clip, _ = R.require_reference()
+    from open_clip.model import CustomTextCLIP
+    from vop.backbone.config import resolve_config
+
+    c = R.open_clip_config("ViT-B-16-SigLIP2")
+    with torch.device("meta"):
+        ref = CustomTextCLIP(embed_dim=c["embed_dim"], vision_cfg=c["vision_cfg"], text_cfg=c["text_cfg"],
+                             init_logit_bias=c["init_logit_bias"])
+    sd, record = formats.canonical(ref.state_dict(), {})
+    with pytest.raises(CheckpointError, match="SigLIP"):
+        resolve_config(sd, record)
+    sd.pop("text_projection.weight")
+    with pytest.raises(CheckpointError, match="without a class token"):
+        resolve_config(sd, record)
+
+
+def test_the_console_script_refuses_unsupported_families_cleanly():
+    import os
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "vop")
+    proc = subprocess.run([exe, "params", "--backbone", "PE-Core-bigG-14-448"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert "PE-Core-bigG-14-448" in proc.stderr and "class token" in proc.stderr
