@@ -641,9 +641,11 @@ status 2, and nothing built, allocated or written for it.
   run and a NaN is still refused when it would be ranked, but a flipped bit that leaves a finite value
   goes unseen, and the backbone file is hashed only if its size or modification time changed.
   *Not guaranteed:* authenticity. The checksums sit in the folder they protect: they catch damage,
-  not a deliberate replacement. A folder from someone else can hold any embeddings (wrong results),
-  any video paths (`vop serve` sends the file a row names, to whoever may query it) and a FAISS file
-  (parsed by FAISS's own reader). Open only indexes you built or trust.
+  not a deliberate replacement. A folder from someone else can hold any embeddings (wrong results)
+  and a FAISS file (parsed by FAISS's own reader). `vop serve` sends a row's video only if the file has a
+  video extension and the size and modification time (to the nanosecond) the row records, so a folder
+  naming `/etc/passwd` or a key file gets a 404; a folder that names a video of yours together with its
+  exact size and modification time would make it send that video. Open only indexes you built or trust.
 - **Run configs and command-line options.** *Guaranteed:* YAML is read with a safe loader (no Python
   tags); unknown and duplicated keys are refused; every number is checked for type (a bool is not an
   integer), finiteness (no NaN, no infinity, no 401-digit integer) and range (`vop/limits.py`),
