@@ -331,7 +331,7 @@ def cli_cases():
          f"vop eval --checkpoint ms-hostile --dataset collection --root world {TINY}", 2, None,
          "ms-hostile/ViT-B-32.pt: a TorchScript archive"),
         ("Weights files", "a pickled state dict whose unpickling calls `os.system`", zs.format("evil.pt"), 2, None,
-         "evil.pt: cannot be read as a CLIP checkpoint (Weights only load failed"),
+         "evil.pt: cannot be read as a CLIP checkpoint (the pickle is not plain weights: trying to load unsupported GLOBAL posix.system"),
         # issue 23: numbers checked before anything is allocated
         ("Bounds", "a ModelScope folder whose `configuration.json` says `vp_token_num` 10^12",
          f"vop eval --checkpoint ms-huge --dataset collection --root world {TINY}", 2, None,
