@@ -267,3 +267,28 @@ def test_cli_text_output_and_serve_errors(setup, capsys):
     assert main(["search", str(setup["ix_a"])]) == 2  # neither a query nor --queries
     assert main(["serve", str(setup["dir"] / "nope")]) == 2
     assert "not a vop index" in capsys.readouterr().err
+
+
+def test_only_indexed_video_files_are_served(setup, tmp_path):
+    """An index folder is data anyone may hand over: rows that name other files than the videos that were
+    indexed (a secret, a file that changed since) are not served, whatever the index's checksums say."""
+    from vop.errors import VopError
+    from vop.retrieval.format import read_index, write_index
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(setup["ix_a"], crafted)
+    meta, emb, entries = read_index(crafted)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("key")
+    st = secret.stat()
+    fake_video = tmp_path / "copy.mp4"
+    shutil.copy(entries[2]["path"], fake_video)
+    entries = [dict(e) for e in entries]
+    entries[0].update(path=str(secret), size=st.st_size, mtime_ns=st.st_mtime_ns)  # matching signature, not a video
+    entries[1].update(path=str(fake_video))  # a video, but not the file that was indexed (other mtime)
+    write_index(crafted, emb, entries, meta, old=meta)
+    svc = SearchService.load([f"X={crafted}"])
+    for row, why in (("0", "not a video file"), ("1", "changed since it was indexed")):
+        with pytest.raises(VopError, match=why):
+            svc.video_file("X", row)
+    assert svc.video_file("X", "2") == Path(entries[2]["path"])  # the indexed file itself is served

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-__all__ = ["VIDEO_EXTS", "Walk", "walk_videos", "summarize_skipped"]
+__all__ = ["VIDEO_EXTS", "Walk", "walk_videos", "summarize_skipped", "is_video_name"]
 
 #: Video file extensions, in order of preference when several files share a name stem.
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".3gp", ".ogv", ".wmv",
@@ -29,8 +29,12 @@ class Walk:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def _is_video(name: str) -> bool:
+def is_video_name(name: str) -> bool:
+    """Whether a file name has a video extension (:data:`VIDEO_EXTS`, any case)."""
     return os.path.splitext(name)[1].lower() in VIDEO_EXTS
+
+
+_is_video = is_video_name
 
 
 def walk_videos(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike] = (), hidden: bool = False) -> Walk:

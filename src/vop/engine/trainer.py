@@ -317,10 +317,10 @@ def train(cfg: RunConfig | None = None, *, resume: str | os.PathLike | None = No
     env = DistEnv.from_env()
     device = env.device(cfg.device)
     check_config(cfg, env.world_size, device)
-    if env.is_main:
-        log.info(rates)  # each value and where it comes from, once the config is known good
     env.setup(device)
     run = _Run(cfg, run_dir, env, device, progress)
+    if env.is_main:  # each value and where it comes from, once config, backbone and data are known good
+        log.info(rates)  # (so that a user error stays the first and only line printed)
     if saved_state is not None:
         run.restore(saved_state)
     run.model.train()

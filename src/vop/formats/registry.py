@@ -94,8 +94,16 @@ def expected() -> str:
 
 
 def reason(e: BaseException) -> str:
-    """The first line of an exception's message (its type if it has none)."""
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """The first line of an exception's message (its type if it has none). ``torch.load(weights_only=True)``
+    refusing a pickle: what the pickle asked for, without torch's advice to retry with ``weights_only=False``
+    (which runs the file's code: a weights file never needs it)."""
+    text = str(e).strip()
+    if text.startswith("Weights only load failed"):
+        lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip() and not ln.strip().startswith("Check the documentation")]
+        asked = lines[0].rstrip(".") if lines else "an object that is not a tensor"
+        return (f"the pickle is not plain weights: {asked[0].lower() + asked[1:]}; refused by a weights-only reader, "
+                "nothing of it was run")
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------

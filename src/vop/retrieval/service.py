@@ -200,10 +200,25 @@ class SearchService:
         return p
 
     def video_file(self, name: str, row: str) -> Path:
+        """The video file of a row, only if it is the file that was indexed: a video extension, and the size
+        and modification time (to the nanosecond) the index recorded for it. An index folder is data anyone
+        may hand over: without this, one whose rows name other files (``/etc/passwd``, a key file) would make
+        the service send them."""
+        from vop.data.files import is_video_name
+
         _, e = self._entry(name, row)
         p = Path(e["path"])
+        if not is_video_name(p.name):
+            raise NotFoundError(f"{e['id']}: the index names {p.name!r}, which is not a video file: not served")
+        try:
+            st = p.stat()
+        except OSError:
+            raise NotFoundError(f"{e['id']}: the video file is no longer at {p}") from None
         if not p.is_file():
             raise NotFoundError(f"{e['id']}: the video file is no longer at {p}")
+        if (st.st_size, st.st_mtime_ns) != (e.get("size"), e.get("mtime_ns")):
+            raise NotFoundError(f"{e['id']}: {p} changed since it was indexed (size or modification time): not served; "
+                                f"re-run its `vop index` command to index it again")
         return p
 
     def models(self) -> list[Any]:
