@@ -10,6 +10,8 @@ from vop.methods import count_parameters, create_model, list_methods
 PROMPTED = ["vop", "vop-p", "vop-c", "vop-f", "vop-fp", "vop-fc"]
 # methods that are not CLIP at initialisation (prompts, or non-zero adapters)
 NOT_CLIP_AT_INIT = PROMPTED + ["dgl", "dgl-l", "cma"]
+# ... in the image tower only (TempMe merges tokens; its text tower is LoRA's, B = 0: CLIP)
+VIDEO_NOT_CLIP_AT_INIT = ["tempme"]
 
 # (method, options) -> (paper count, uncounted frame position embedding) on ViT-B/32, 12 frames
 B32_COUNTS = {
@@ -31,6 +33,9 @@ B32_COUNTS = {
     "dgl-l": (827_392, 0),  # 393,728 of them inert (W_post: tests/test_methods_dgl.py)
     "mv-adapter": (3_325_696, 0),  # + 171,008 CLIP biases with train_clip_bias (as shipped)
     "cma": (519_168, 0),  # the 24 shared up-projections counted once
+    # LoRA and TempMe (../shared/spec/lora-tempme.md)
+    "lora": (491_520, 0),  # fused q/k/v, one A shared by q, k, v, r = 8, every block of both towers
+    "tempme": (507_648, 0),  # the same LoRA + clip position embeddings (12 + 6 + 3) x 768
 }
 
 
@@ -101,6 +106,8 @@ def test_frozen_methods_start_as_clip_or_differ(method, tiny_clip, video_batch, 
         v, t = model.encode_video(video_batch), model.encode_text(token_batch)
     if method in NOT_CLIP_AT_INIT:
         assert not torch.allclose(v, ref_v, atol=1e-3) and not torch.allclose(t, ref_t, atol=1e-3)
+    elif method in VIDEO_NOT_CLIP_AT_INIT:
+        assert not torch.allclose(v, ref_v, atol=1e-3) and torch.allclose(t, ref_t, atol=1e-5)
     else:
         assert torch.allclose(v, ref_v, atol=1e-5) and torch.allclose(t, ref_t, atol=1e-5)
 

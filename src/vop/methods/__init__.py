@@ -17,6 +17,8 @@ from vop.methods import vop  # noqa: F401  (the six VoP variants)
 from vop.methods import dgl  # noqa: F401  (DGL, AAAI'24: dgl, dgl-l)
 from vop.methods import mv_adapter  # noqa: F401  (MV-Adapter, CVPR'24)
 from vop.methods import cma  # noqa: F401  (Cross-Modal Adapter, arXiv'22 / PR'25)
+from vop.methods import lora  # noqa: F401  (LoRA on the fused q/k/v, as TempMe / DiscoVLA place it)
+from vop.methods import tempme  # noqa: F401  (TempMe, ICLR'25)
 from vop.methods.base import VideoTextModel
 from vop.methods.registry import (MethodFacts, Rates, broken_plugins, get_method, list_methods, method_facts, parse_options,
                                   plugin_errors, plugin_of, register)
