@@ -12,16 +12,20 @@ for the paragraph datasets DiDeMo and ActivityNet), batch 32, AdamW with weight 
 decay, 5 epochs. The paper searched each method's learning rate in [1e-6, 1e-2] and did not publish
 the values: ours are starting points from public recipes, NOT tuned on these datasets (which
 cannot be downloaded here); each method declares them, with the reason, where it is registered
-(``rates=`` in src/vop/methods/*.py). Model selection uses a validation split, never the test set: DiDeMo and
-LSMDC have one; MSR-VTT and ActivityNet do not, so 5% of the training videos are held out.
+(``rates=`` in src/vop/methods/*.py), and the options a dataset's captions need (its
+``config_options``); a method that trains nothing (zero-shot) gets 0 epochs. Model selection uses a
+validation split, never the test set: DiDeMo and LSMDC have one; MSR-VTT and ActivityNet do not, so
+5% of the training videos are held out.
 """
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from pathlib import Path
 
 import yaml
 
-from vop.methods import list_methods, method_facts
+from vop.methods import count_parameters, get_method, list_methods, method_facts
 
 DATASETS = {
     # name: (dataset, train split, val split, test split, frames, words)
@@ -32,21 +36,26 @@ DATASETS = {
     "lsmdc": ("lsmdc", "train", "val", "test", 12, 32),
 }
 
-# options a method needs to take a dataset's captions: MV-Adapter's text adapter has one learned
-# position per caption token (text_len, 32 as shipped); the paragraph datasets use 64 words
-LONG_CAPTION_OPTIONS = {"mv-adapter": lambda words: {"text_len": words} if words > 32 else {}}
+
+@lru_cache(maxsize=None)
+def trains_nothing(method: str, frames: int, options: str = "{}") -> bool:
+    """A method that trains no tensor (zero-shot): its runs only evaluate (0 epochs). Built on the meta device
+    (``options``: JSON)."""
+    return count_parameters(method, "ViT-B-32", frames=frames, **json.loads(options))["trainable"] == 0
 
 
 def config(name: str, method: str) -> dict:
     dataset, train, val, test, frames, words = DATASETS[name]
     rates = method_facts(method).rates  # declared where the method is registered
     lr, blr = rates.lr, rates.backbone_lr
-    options = LONG_CAPTION_OPTIONS.get(method, lambda words: {})(words)
+    # what a dataset's captions or frames need of the method (MV-Adapter: a text position per caption token)
+    options = get_method(method).config_options(words, frames)
+    epochs = 0 if trains_nothing(method, frames, json.dumps(options, sort_keys=True)) else 5  # zero-shot: evaluate only
     return {
         "model": {"method": method, "backbone": "ViT-B-32.pt", "frames": frames, "image_size": 224, "options": options},
         "data": {"dataset": dataset, "root": "", "train_split": train, "val_split": val, "test_split": test,
                  "val_fraction": 0.0 if val else 0.05, "max_words": words, "num_workers": 8, "augment": False},
-        "optim": {"epochs": 0 if method == "zeroshot" else 5, "batch_size": 32, "lr": lr, "backbone_lr": blr,
+        "optim": {"epochs": epochs, "batch_size": 32, "lr": lr, "backbone_lr": blr,
                   "weight_decay": 0.2, "warmup_fraction": 0.1, "grad_clip": 1.0, "accumulate": 1, "precision": "auto"},
         "eval": {"batch_size": 32, "postprocess": "none"},
         "seed": 0,

@@ -1,6 +1,8 @@
 """Adding a method is one file (docs/methods.md, "Adding a method"): examples/clip_adapter.py is built,
 trained by the real engine, saved and loaded, and reaches the `vop` command line as a plugin, without
-any change to vop. Run in subprocesses so that the registry of this test session stays vop's own."""
+any change to vop; a method shipped with vop is one file in src/vop/methods/ plus its import line, and the
+registry-driven tests take it with no other edit. Run in subprocesses so that the registry of this test
+session stays vop's own."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "clip_adapter.py"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "clip_adapter.py"
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -87,3 +90,74 @@ def test_example_method_reaches_the_command_line_as_a_plugin(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import vop; vop.create_model('broken', 'tiny')"], capture_output=True,
                           text=True, env=_env(tmp_path), cwd=tmp_path, timeout=300)
     assert proc.returncode != 0 and "failed to import" in proc.stderr and "no_such_module_here" in proc.stderr
+
+
+# A method shipped with vop, written as a contributor would (docs/methods.md, "Adding a method"): it imports
+# from vop.methods (the package it is part of), declares its options, option checks, the CLIP tensor it
+# trains, its facts and what the shared tests expect, and its options for the shipped configs.
+TOY = textwrap.dedent('''
+    """Toy: a learned per-dimension scale on the text embedding, and CLIP's text projection trained."""
+    from dataclasses import dataclass
+
+    import torch
+    from torch import nn
+
+    from vop import limits
+    from vop.methods import Expected, Rates, VideoTextModel, register
+
+
+    @dataclass
+    class ToyOptions:
+        init: float = 1.0  # the scale's initial value: 1 is CLIP exactly
+
+
+    @register("toy", label="Toy", rates=Rates(1e-3, 1e-4, "a test"), backbone="part",
+              expected=Expected(b32=512 * 512 + 512, option_sets=(({"init": 2.0}, 512 * 512 + 512),)))
+    class Toy(VideoTextModel):
+        Options = ToyOptions
+
+        @classmethod
+        def check_options(cls, opts, cfg, frames):
+            limits.check_float(opts.init, "model.options.init of toy", 0)
+
+        @classmethod
+        def config_options(cls, words, frames):
+            return {"init": 1.0} if words > 32 else {}
+
+        def trains_clip(self):
+            return [self.clip.projection("text")]
+
+        def build(self):
+            self.scale = nn.Parameter(torch.full((self.clip.cfg.embed_dim,), float(self.opts.init)))
+
+        def encode_text(self, tokens):
+            return super().encode_text(tokens) * self.scale
+''')
+
+REGISTRY_DRIVEN = ["tests/test_methods.py", "tests/test_methods_descriptors.py", "tests/test_methods_ownership.py"]
+
+
+def test_a_shipped_method_is_one_file_and_its_import_line(tmp_path):
+    """A copy of the package with methods/toy.py and one import line added to methods/__init__.py: the
+    registry-driven test files, unchanged, test the new method (its cases selected with -k toy) and pass."""
+    pkg = tmp_path / "pkg" / "vop"
+    shutil.copytree(ROOT / "src" / "vop", pkg, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    (pkg / "methods" / "toy.py").write_text(TOY)
+    init = pkg / "methods" / "__init__.py"
+    init.write_text(init.read_text() + "from vop.methods import toy  # noqa: E402,F401\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "pkg"))
+    probe = subprocess.run([sys.executable, "-c", "import vop; print(vop.__file__); print(vop.list_methods()[-1]); "
+                            "from vop.methods import get_method; print(get_method('toy').config_options(64, 64))"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.split() == [str(pkg / "__init__.py"), "toy", "{'init':", "1.0}"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *REGISTRY_DRIVEN,
+                           "-k", "toy or declares_its_facts or registry_complete"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    passed = [line.split()[0] for line in proc.stdout.splitlines() if " PASSED" in line]
+    # counts, option sets, start as CLIP, batch independence, frame order, gradients, meanP; declared backbone,
+    # weight decay; ownership of what it trains (each option set too)
+    toy = [t for t in passed if "[toy" in t]
+    assert len(toy) == 12 and len(passed) == 14, proc.stdout[-3000:]
+    assert all(any(t.startswith(f) for t in toy) for f in REGISTRY_DRIVEN), toy

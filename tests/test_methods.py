@@ -1,52 +1,73 @@
-"""Every method: exact parameter counts, equivalences that catch wrong wiring, gradients, checkpoints."""
+"""Every method: exact parameter counts, equivalences that catch wrong wiring, gradients, checkpoints.
+
+Registry-driven: the tests over every method iterate ``list_methods()`` and read what each method declares
+at registration (``@register(..., expected=Expected(...))``: its ViT-B/32 counts, whether it starts as CLIP,
+sees the frames' order, pools meanP, its option sets), so adding a method adds no edit here. The counts each
+method declares are the paper's (VoP's table), or, for the methods after VoP, those the spec
+(../shared/spec/later-methods.md) computes from the released code; the tests below re-derive several by hand.
+"""
 import pytest
 import torch
 
 import vop
 from vop.backbone import build_clip
 from vop.errors import CheckpointError, ConfigError
-from vop.methods import count_parameters, create_model, list_methods
+from vop.methods import count_parameters, create_model, get_method, list_methods, plugin_of
 
-PROMPTED = ["vop", "vop-p", "vop-c", "vop-f", "vop-fp", "vop-fc"]
-# methods that are not CLIP at initialisation (prompts, or non-zero adapters)
-NOT_CLIP_AT_INIT = PROMPTED + ["dgl", "dgl-l", "cma"]
-# ... in the image tower only (TempMe merges tokens; its text tower is LoRA's, B = 0: CLIP)
-VIDEO_NOT_CLIP_AT_INIT = ["tempme"]
-
-# (method, options) -> (paper count, uncounted frame position embedding) on ViT-B/32, 12 frames
-B32_COUNTS = {
-    "vop": (122_880, 0),
-    "vop-p": (528_384, 0),
-    "vop-c": (14_257_152, 0),
-    "vop-f": (122_880, 9_216),
-    "vop-fp": (393_216, 9_216),
-    "vop-fc": (14_269_440, 9_216),
-    "proj": (655_360, 0),
-    "adapter-attn": (1_982_976, 0),
-    "adapter-ffn": (1_982_976, 0),
-    "partial": (7_745_792, 0),  # last image block + both heads: the paper's 7.7M
-    "bias": (124_928, 0),  # BitFit as the paper counts it (Linear + LayerNorm biases): 0.1M
-    "zeroshot": (0, 0),
-    "full": (151_277_313, 0),
-    # the methods after VoP (../shared/spec/later-methods.md): counts the spec computes from the released code
-    "dgl": (9_575_168, 0),
-    "dgl-l": (827_392, 0),  # 393,728 of them inert (W_post: tests/test_methods_dgl.py)
-    "mv-adapter": (3_325_696, 0),  # + 171,008 CLIP biases with train_clip_bias (as shipped)
-    "cma": (519_168, 0),  # the 24 shared up-projections counted once
-    # LoRA and TempMe (../shared/spec/lora-tempme.md)
-    "lora": (491_520, 0),  # fused q/k/v, one A shared by q, k, v, r = 8, every block of both towers
-    "tempme": (507_648, 0),  # the same LoRA + clip position embeddings (12 + 6 + 3) x 768
-}
+#: vop's own methods (a plugin installed in the environment is not vop's to test)
+METHODS = [m for m in list_methods() if plugin_of(m) is None]
 
 
-@pytest.mark.parametrize("method", list(B32_COUNTS))
+def expected(method):
+    e = get_method(method).expected
+    assert e is not None, f"{method} declares no Expected facts: @register(..., expected=Expected(b32=...))"
+    return e
+
+
+def _option_cases():
+    """(method, options, trainable on ViT-B/32) for every option set a method declares."""
+    return [(m, opts, n) for m in METHODS if get_method(m).expected for opts, n in get_method(m).expected.option_sets]
+
+
+def _case_id(m, opts, *_):
+    return m + "".join(f"-{k}={v}" for k, v in opts.items())
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_vit_b32_counts(method):
     c = count_parameters(method, "ViT-B/32", frames=12)
-    counted, uncounted = B32_COUNTS[method]
+    counted, uncounted = expected(method).b32, expected(method).b32_uncounted
     assert c["counted"] == counted
     assert c["uncounted"] == uncounted
     assert c["trainable"] == counted + uncounted
     assert c["backbone"] == 151_277_313
+
+
+@pytest.mark.parametrize("method, options, trainable", _option_cases(), ids=[_case_id(*c) for c in _option_cases()])
+def test_vit_b32_counts_of_the_declared_option_sets(method, options, trainable):
+    assert count_parameters(method, "ViT-B/32", frames=12, **options)["trainable"] == trainable
+
+
+def test_the_declared_counts():
+    """The registry's declarations, against the paper and the spec (a wrong declaration fails here)."""
+    b32 = {m: (get_method(m).expected.b32, get_method(m).expected.b32_uncounted) for m in METHODS}
+    assert {m: b32[m] for m in ("vop", "vop-p", "vop-c", "vop-f", "vop-fp", "vop-fc")} == {
+        "vop": (122_880, 0), "vop-p": (528_384, 0), "vop-c": (14_257_152, 0),  # 12*8*512 + 12*8*768 = 122,880
+        "vop-f": (122_880, 9_216), "vop-fp": (393_216, 9_216), "vop-fc": (14_269_440, 9_216)}  # + 12 x 768 positions
+    assert b32["partial"] == (7_745_792, 0)  # last image block + both heads: the paper's 7.7M
+    assert b32["bias"] == (124_928, 0)  # BitFit as the paper counts it (Linear + LayerNorm biases): 0.1M
+    assert b32["proj"] == (512 * 512 + 768 * 512, 0) == (655_360, 0)
+    assert b32["zeroshot"] == (0, 0) and b32["full"] == (151_277_313, 0)
+    assert b32["adapter-attn"] == b32["adapter-ffn"] == (1_982_976, 0)
+    # the methods after VoP (../shared/spec/later-methods.md): counts the spec computes from the released code
+    assert b32["dgl"] == (9_575_168, 0) and b32["dgl-l"] == (827_392, 0)  # dgl-l: 393,728 inert (W_post)
+    assert b32["mv-adapter"] == (3_325_696, 0) and b32["cma"] == (519_168, 0)  # cma: 24 shared up-projections once
+    # + 171,008 CLIP biases (q/k/v included) with train_clip_bias, as shipped
+    assert get_method("mv-adapter").expected.option_sets == (({"train_clip_bias": True}, 3_325_696 + 171_008),)
+    # LoRA and TempMe (../shared/spec/lora-tempme.md): fused q/k/v, one A shared by q, k, v, r = 8, both towers;
+    # TempMe adds its clip position embeddings (12 + 6 + 3) x 768
+    assert b32["lora"] == (12 * 4 * 8 * 768 + 12 * 4 * 8 * 512, 0) == (491_520, 0)
+    assert b32["tempme"] == (491_520 + 21 * 768, 0) == (507_648, 0)
 
 
 def test_bias_selects_exactly_the_documented_biases():
@@ -73,7 +94,7 @@ def test_bias_selects_exactly_the_documented_biases():
 
 
 def test_registry_complete_and_ablation_counts():
-    assert set(list_methods()) == set(B32_COUNTS)
+    assert all(expected(m) for m in METHODS)  # every method of vop declares what its tests check
     assert count_parameters("vop", n_video=0)["trainable"] == 12 * 8 * 512  # text-only
     assert count_parameters("vop", n_text=0)["trainable"] == 12 * 8 * 768  # video-only
     assert count_parameters("vop", depth=6)["trainable"] == 6 * 8 * (512 + 768)
@@ -94,7 +115,7 @@ def test_unknown_method_and_option():
         create_model("vop", "tiny", n_text="8")
 
 
-@pytest.mark.parametrize("method", list(B32_COUNTS))
+@pytest.mark.parametrize("method", METHODS)
 def test_frozen_methods_start_as_clip_or_differ(method, tiny_clip, video_batch, token_batch):
     """Baselines start exactly at CLIP; prompted methods change both embeddings."""
     model = create_model(method, tiny_clip, frames=4).eval()
@@ -104,12 +125,16 @@ def test_frozen_methods_start_as_clip_or_differ(method, tiny_clip, video_batch, 
         ref_v = frames if model.pairwise else torch.nn.functional.normalize(frames, dim=-1).mean(1)
         ref_t = tiny_clip.encode_text(token_batch)
         v, t = model.encode_video(video_batch), model.encode_text(token_batch)
-    if method in NOT_CLIP_AT_INIT:
-        assert not torch.allclose(v, ref_v, atol=1e-3) and not torch.allclose(t, ref_t, atol=1e-3)
-    elif method in VIDEO_NOT_CLIP_AT_INIT:
-        assert not torch.allclose(v, ref_v, atol=1e-3) and torch.allclose(t, ref_t, atol=1e-5)
+    e = expected(method)
+    text_at_init = e.clip_at_init if e.text_clip_at_init is None else e.text_clip_at_init
+    if not e.clip_at_init:  # prompts, or adapters that are not zero at initialisation
+        assert not torch.allclose(v, ref_v, atol=1e-3)
     else:
-        assert torch.allclose(v, ref_v, atol=1e-5) and torch.allclose(t, ref_t, atol=1e-5)
+        assert torch.allclose(v, ref_v, atol=1e-5)
+    if not text_at_init:
+        assert not torch.allclose(t, ref_t, atol=1e-3)
+    else:
+        assert torch.allclose(t, ref_t, atol=1e-5)
 
 
 def test_zero_prompt_tokens_is_clip(tiny_clip, video_batch, token_batch):
@@ -162,7 +187,7 @@ def test_vop_f_joint_layers_match_manual(tiny_clip, video_batch):
         assert torch.allclose(m.encode_video(video_batch), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", PROMPTED + ["adapter-attn", "full"])
+@pytest.mark.parametrize("method", METHODS)
 def test_batch_independence(method, tiny_clip, video_batch, token_batch):
     model = create_model(method, tiny_clip, frames=4).eval()
     with torch.no_grad():
@@ -172,22 +197,28 @@ def test_batch_independence(method, tiny_clip, video_batch, token_batch):
             assert torch.allclose(model.encode_text(token_batch[i : i + 1]), t_all[i : i + 1], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", PROMPTED + ["zeroshot"])
-def test_frame_order(method, tiny_clip, video_batch):
+@pytest.mark.parametrize("method", METHODS)
+def test_frame_order(method, tiny_clip, video_batch, token_batch):
     model = create_model(method, tiny_clip, frames=4).eval()
     with torch.no_grad():
         v = model.encode_video(video_batch)
         rev = model.encode_video(video_batch.flip(1))
-    if method in ("vop", "zeroshot"):
-        assert torch.allclose(v, rev, atol=1e-5)  # frames encoded independently, then averaged
+        if model.pairwise:  # the per-frame embeddings are pooled per text: compare the scores
+            t = model.encode_text(token_batch)
+            v, rev = model.similarity(t, v), model.similarity(t, rev)
+    if not expected(method).frame_order:
+        assert torch.allclose(v, rev, atol=1e-5)  # frames encoded independently (or without positions), then pooled
     else:  # order-aware: far above float rounding (~1e-7) on these unit-scale meanP embeddings
         assert (v - rev).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("method", list(B32_COUNTS))
-def test_gradients_reach_exactly_the_trainable_tensors(method, tiny_clip, video_batch, token_batch):
+GRADIENT_CASES = [(m, {}) for m in METHODS] + [(m, o) for m, o, _ in _option_cases()]
+
+
+@pytest.mark.parametrize("method, options", GRADIENT_CASES, ids=[_case_id(*c) for c in GRADIENT_CASES])
+def test_gradients_reach_exactly_the_trainable_tensors(method, options, tiny_clip, video_batch, token_batch):
     clip = build_clip("tiny", seed=0)
-    model = create_model(method, clip, frames=4).train()
+    model = create_model(method, clip, frames=4, **options).train()
     with torch.no_grad():  # move zero-initialised pieces (adapter up-projections) off their init
         for name, p in model.named_trainable_parameters():
             if not name.startswith("clip."):
@@ -196,8 +227,8 @@ def test_gradients_reach_exactly_the_trainable_tensors(method, tiny_clip, video_
     logits = model.logit_scale * (model.similarity(t, v) if model.pairwise else t @ v.t())
     labels = torch.arange(3)
     loss = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
-    if method == "zeroshot":
-        assert not loss.requires_grad
+    if not model.trainable_parameters():  # zero-shot
+        assert not loss.requires_grad and expected(method).b32 == 0
         return
     loss.backward()
     trainable = dict(model.named_trainable_parameters())
@@ -335,7 +366,7 @@ def test_checkpoint_without_a_newer_option_loads_with_its_default(tmp_path, tiny
     assert torch.equal(back.video_prompts.frame_position, m.video_prompts.frame_position)
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "full", "vop", "vop-p", "vop-f", "vop-fc", "adapter-ffn"])
+@pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).expected and get_method(m).expected.mean_pooled])
 def test_encode_video_is_meanP(method, tiny_clip, video_batch):
     """Every method pools the field's way (CLIP4Clip meanP): normalise each frame, then average.
     Checked against an independent numpy computation from the per-frame embeddings."""

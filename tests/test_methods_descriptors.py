@@ -12,10 +12,13 @@ import vop
 from vop.backbone.checkpoint import build_clip
 from vop.backbone.config import CLIPConfig
 from vop.engine.optim import param_groups
-from vop.methods import create_model, list_methods, method_facts
+from vop.methods import count_parameters, create_model, get_method, list_methods, method_facts, plugin_of
 from vop.methods.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 
 V0 = Path(__file__).parent / "fixtures" / "v0-checkpoints"
+METHODS = [m for m in list_methods() if plugin_of(m) is None]  # vop's own (registry-driven: no list of names here)
+#: the token-like tensors of vop's prompt modules (a method declares others in its Expected.token_tensors)
+TOKEN_LIKE = ("tokens", "shared", "position", "deep", "frame_position", "embedding")
 CASES = json.loads((V0 / "cases.json").read_text())
 
 
@@ -53,19 +56,31 @@ def test_every_method_declares_its_facts():
         assert f.label and f.label not in labels
         labels.add(f.label)
         assert f.backbone in ("frozen", "part", "all") and f.rates.lr >= 0 and f.demo_rates.lr > 0
-    # what the checkpoint code, the trainer and the configs rely on
-    assert [m for m in list_methods() if method_facts(m).whole_model] == ["full"]
-    assert {m for m in list_methods() if method_facts(m).trains_backbone} == {"full", "bias", "proj", "partial"}
+    assert [m for m in METHODS if get_method(m).expected is None] == []  # what the shared tests read
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "full", "bias", "proj", "partial", "adapter-attn", "vop", "vop-p", "vop-c", "vop-f", "vop-fp", "vop-fc"])
+@pytest.mark.parametrize("method", METHODS)
+def test_declared_backbone_is_what_the_model_trains(method):
+    """What the checkpoint code, the trainer and the configs rely on: ``backbone="frozen"`` trains no CLIP
+    tensor (default options), ``"all"`` every one (its checkpoint is the whole model), ``"part"`` some."""
+    c = count_parameters(method, "tiny", frames=4)
+    with torch.device("meta"):
+        model = create_model(method, vop.CLIP(vop.get_arch("tiny")), frames=4)
+    trained = sum(p.numel() for p in model.clip.parameters() if p.requires_grad)
+    want = "frozen" if trained == 0 else "all" if trained == c["backbone"] else "part"
+    assert method_facts(method).backbone == want
+    assert method_facts(method).whole_model == (trained == c["backbone"])
+    assert method_facts(method).trains_backbone == (trained > 0)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_no_weight_decay_is_the_models_answer(method):
     """Prompts, embeddings added to tokens, biases, LayerNorms and the logit scale get no weight decay;
     every other trainable tensor does; new tensors use lr and CLIP's own backbone_lr."""
     model = create_model(method, "tiny", frames=4)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = model.no_weight_decay()
-    token_like = ("tokens", "shared", "position", "deep", "frame_position", "embedding")
+    token_like = TOKEN_LIKE + get_method(method).expected.token_tensors
     for n, p in model.named_trainable_parameters():
         expect = p.ndim < 2 or n.rsplit(".", 1)[-1] in token_like or "embedding" in n
         assert (n in no_decay) == expect, n

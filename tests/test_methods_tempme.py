@@ -38,10 +38,10 @@ def test_counts(arch):
     assert c["trainable"] == c["counted"] == 294_912 + 196_608 + 16_128 == 507_648
     with torch.device("meta"):
         m = create_model("tempme", CLIP(vop.get_arch(arch)), frames=12)
-    assert [tuple(p.shape) for p in m.clip_pos.rows] == [(12, 768), (6, 768), (3, 768)]
+    assert [tuple(p.shape) for p in m.clip_pos.embedding] == [(12, 768), (6, 768), (3, 768)]
     assert m.clip_layers == [8, 9, 10] and m.groups == [2, 2, 3]
     assert m.frame_bound_tensor() == "clip position embeddings (one row per frame, then per clip)"
-    assert m.no_weight_decay() == {"clip_pos.rows.0", "clip_pos.rows.1", "clip_pos.rows.2"}  # vop's rule (spec (f)5)
+    assert m.no_weight_decay() == {"clip_pos.embedding.0", "clip_pos.embedding.1", "clip_pos.embedding.2"}  # vop's rule (spec (f)5)
     assert count_parameters("tempme", arch, frames=12, clip_pos=False)["trainable"] == 491_520
     assert count_parameters("tempme", arch, frames=24, clip_groups=[2, 2, 3])["trainable"] == 491_520 + (24 + 12 + 6) * 768
     assert count_parameters("tempme", arch, frames=24)["trainable"] == 491_520 + (24 + 12 + 4) * 768  # groups 2, 3, 4
@@ -117,7 +117,7 @@ def test_defaults_follow_the_tower_and_the_frames():
     assert balanced_groups(12, 1) == [12] and balanced_groups(12, 0) == []
     demo = create_model("tempme", "tiny-synthetic", frames=8)  # the demo's CLIP (4 layers) and frames
     assert demo.clip_layers == [0, 1, 2] and demo.groups == [2, 2, 2]
-    assert [tuple(p.shape) for p in demo.clip_pos.rows] == [(8, 128), (4, 128), (2, 128)]
+    assert [tuple(p.shape) for p in demo.clip_pos.embedding] == [(8, 128), (4, 128), (2, 128)]
     tiny = create_model("tempme", "tiny", frames=4)  # 2 layers: one clip layer fusing all 4 frames
     assert tiny.clip_layers == [0] and tiny.groups == [4]
     assert create_model("tempme", "tiny", frames=12, clip_layers=[-1]).clip_layers == [1]
@@ -236,7 +236,7 @@ def test_identical_frames_through_a_clip_merge_layer_equal_the_single_frame():
     m = create_model("tempme", clip, frames=4, img_r=0, intra_ratio=0.0, clip_layers=[0], clip_groups=[2])
     _randomise(m, std=0.1)
     with torch.no_grad():
-        for p in m.clip_pos.rows:  # P = 0 (its initialisation): the frames carry no clip position
+        for p in m.clip_pos.embedding:  # P = 0 (its initialisation): the frames carry no clip position
             p.zero_()
     m.eval()
     assert m.schedule(10)[0].r_cross == 6
@@ -320,7 +320,7 @@ def test_gradients_reach_every_tensor_and_grad_checkpointing_matches(tiny_clip, 
         (t @ v.t()).trace().backward()
         grads.append({n: p.grad.clone() for n, p in m.named_trainable_parameters()})
     assert all(g.abs().max() > 0 for g in grads[0].values())
-    assert "clip_pos.rows.0" in grads[0]
+    assert "clip_pos.embedding.0" in grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=1e-6)
 
@@ -352,7 +352,7 @@ def test_two_process_gradients_equal_single_process(tmp_path):
         pytest.skip("torchrun cannot start 2 gloo processes on this machine")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(single), torch.load(multi)
-    assert set(a) == set(b) and "clip_pos.rows.0" in a
+    assert set(a) == set(b) and "clip_pos.embedding.0" in a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert a["__loss"].item() == pytest.approx(b["__loss"].item(), rel=1e-5)
@@ -363,7 +363,7 @@ def test_checkpoint_round_trip_bit_identical(tmp_path, video_batch, token_batch)
 
     m = _randomise(create_model("tempme", build_clip("tiny", seed=0), frames=4, clip_groups=[2], intra_ratio=0.2)).eval()
     path = vop.save_checkpoint(m, tmp_path / "tempme.safetensors")
-    assert set(load_file(str(path))) == set(m.trainable_state_dict()) and "clip_pos.rows.0" in load_file(str(path))
+    assert set(load_file(str(path))) == set(m.trainable_state_dict()) and "clip_pos.embedding.0" in load_file(str(path))
     m2 = vop.load_checkpoint(path, build_clip("tiny", seed=0)).eval()
     assert m2.options_dict() == m.options_dict() and m2.groups == [2]
     with torch.no_grad():
@@ -424,7 +424,7 @@ def test_training_run_its_checkpoint_and_index(world, run, tmp_path, capsys):
     out, results = run
     ckpt = out / "last.safetensors"
     model = vop.load_checkpoint(ckpt).eval()
-    assert model.clip_pos.rows[0].abs().max() > 0  # P trained
+    assert model.clip_pos.embedding[0].abs().max() > 0  # P trained
     ds = get_dataset("collection", world, "test", frames=4, size=32, train=False)
     ev = evaluate(model, ds, batch_size=16)
     assert ev.metrics["t2v"] == results["last"]["test"]["t2v"]

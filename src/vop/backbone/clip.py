@@ -153,8 +153,10 @@ class CLIP(nn.Module):
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:
-        """Keep exp(logit_scale) in [1, ``max_scale``] (CLIP's training does this after every step)."""
-        self.logit_scale.clamp_(0, math.log(max_scale))
+        """Keep exp(logit_scale) in [1, ``max_scale``] (CLIP's training does this after every step). A frozen
+        logit scale is left as it is: it is not trained, and a model shares it with the CLIP it was given."""
+        if self.logit_scale.requires_grad:
+            self.logit_scale.clamp_(0, math.log(max_scale))
 
     # plain CLIP ------------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,9 @@ def eval_cmd(
             raise ConfigError("--method needs --backbone")
         from vop.methods import resolve_backbone
 
-        model = vop.create_model(method, resolve_backbone(backbone, arch=backbone_arch), frames=frames or 12)
+        from vop.methods.base import private_backbone
+
+        model = vop.create_model(method, private_backbone(resolve_backbone(backbone, arch=backbone_arch)), frames=frames or 12)
     # before any video is decoded: can this model take that many frames? (model.frames is never changed)
     frames = model.check_frames(frames, str(checkpoint or method))
     model.to(dev)

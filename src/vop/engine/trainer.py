@@ -41,6 +41,7 @@ from vop.engine.optim import cosine_with_warmup, param_groups, resolve_rates
 from vop.engine.skips import SkipTracker
 from vop.errors import CheckpointError, ConfigError, DataError
 from vop.methods import create_model, get_method, resolve_backbone
+from vop.methods.base import private_backbone
 from vop.methods.checkpoint import load_trainable, save_checkpoint
 from vop.methods.registry import parse_options, plugin_errors
 
@@ -371,7 +372,9 @@ class _Run:
         size = cfg.model.image_size or clip.cfg.vision.image_size
         self.data = build_datasets(cfg, size)
         self.test = _dataset(cfg, cfg.data.test_split, size, False)
-        self.model = create_model(cfg.model.method, clip, frames=cfg.model.frames, **cfg.model.options).to(self.device)
+        # loaded for this run alone: the model trains it in place, no copy of what it trains (vop.methods.base)
+        self.model = create_model(cfg.model.method, private_backbone(clip), frames=cfg.model.frames,
+                                  **cfg.model.options).to(self.device)
         self.model.set_grad_checkpointing(cfg.optim.grad_checkpointing)
         self.trainable = self.model.trainable_parameters()
 

@@ -13,7 +13,7 @@ from torch import nn
 from vop import limits
 from vop.methods.base import VideoTextModel
 from vop.methods.blocks import Adapter
-from vop.methods.registry import Rates, register
+from vop.methods.registry import Expected, Rates, register
 
 _RATES = Rates(1e-3, 1e-6, "new bottleneck adapters (zero-initialised up-projection)")
 
@@ -43,11 +43,11 @@ class _Adapters(VideoTextModel):
         return lambda where, inp, out: adapter(inp) if where == site else None
 
 
-@register("adapter-attn", label="Adapter (attn)", rates=_RATES)
+@register("adapter-attn", label="Adapter (attn)", rates=_RATES, expected=Expected(b32=1_982_976))
 class AttnAdapters(_Adapters):
     site = "attn"
 
 
-@register("adapter-ffn", label="Adapter (FFN)", rates=_RATES)
+@register("adapter-ffn", label="Adapter (FFN)", rates=_RATES, expected=Expected(b32=1_982_976))
 class FFNAdapters(_Adapters):
     site = "mlp"

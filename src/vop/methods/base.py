@@ -1,21 +1,28 @@
 """The shared video-text model: frozen CLIP, mean-pooled frame embeddings, optional prompt modules.
 
-Every method is a subclass that adds trainable pieces in ``build`` (prompt modules, adapters) or
-unfreezes part of CLIP, registered with its facts (vop.methods.registry.MethodFacts: label, what it
-trains of CLIP, learning rates). Methods reach the backbone through its tower API (``clip.blocks``,
-``clip.tower_config``, ``clip.head_parameters``, a block's ``branch`` hook), never through its module
-tree. The pipeline itself is the paper's and is the same for all:
+Every method is a subclass that adds trainable pieces in ``build`` (prompt modules, adapters) and/or
+names the CLIP tensors it trains in ``trains_clip``, registered with its facts
+(vop.methods.registry.MethodFacts: label, what it trains of CLIP, learning rates). Methods reach the
+backbone through its tower API (``clip.blocks``, ``clip.tower_config``, ``clip.head_parameters``, a
+block's ``branch`` hook), never through its module tree. The pipeline itself is the paper's and is the
+same for all:
 
 - video (B, F, 3, H, W): every frame through the image tower, [CLS] -> ln_post -> proj, each frame
   embedding L2-normalised, then the mean over F (CLIP4Clip's meanP, as in the authors' code and DGL);
 - text (B, T) token ids: the text tower, read at [EOT], projected;
 - score: cosine similarity times CLIP's logit scale (:attr:`VideoTextModel.scoring`, vop.scoring: a method that
   scores otherwise, e.g. cma's query score over frames, returns its own scoring).
+
+A method never changes the CLIP it is given (its ``requires_grad`` flags, values, device, mode): the model
+holds a *view* of it (:func:`clip_view`), the same module tree whose frozen tensors are new Parameters on
+the caller's storage (no memory copied: several prompt sets share one backbone) and whose trained tensors
+(``trains_clip``) are the model's own copies.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +75,52 @@ def check_frames_value(frames: Any, name: str) -> int:
                             why=f"vop samples at most {limits.MAX_FRAMES} frames per video")
 
 
+#: set on a CLIP that vop built for one model alone (create_model / load_checkpoint resolved it from a name or
+#: a file): that model takes it over instead of viewing it (no copy of the tensors it trains)
+_PRIVATE = "_vop_built_for_one_model"
+
+
+def private_backbone(clip: CLIP) -> CLIP:
+    """Mark ``clip`` as built for the next model alone (nothing else holds it): the model takes it over."""
+    clip.__dict__[_PRIVATE] = True
+    return clip
+
+
+def is_private_backbone(clip: CLIP) -> bool:
+    """Whether ``clip`` is marked as built for the next model alone (:func:`private_backbone`)."""
+    return _PRIVATE in clip.__dict__
+
+
+def clip_view(clip: CLIP) -> CLIP:
+    """The same module tree as ``clip`` (new module objects) whose every Parameter is a new frozen Parameter
+    on the same storage (``requires_grad=False``; no memory copied); buffers and other attributes are shared,
+    the containers holding them (parameters, buffers, submodules, hooks) are the view's own. Changing the
+    view's flags, modes, devices, dtypes or Parameters leaves ``clip`` as it was (an in-place write to a frozen
+    tensor's values would reach it: nothing in vop writes to frozen tensors)."""
+    params: dict[int, nn.Parameter] = {}
+    modules: dict[int, nn.Module] = {}
+
+    def view(m: nn.Module) -> nn.Module:
+        if id(m) in modules:  # a module registered twice stays one module
+            return modules[id(m)]
+        new = modules[id(m)] = m.__class__.__new__(m.__class__)
+        state = {}
+        for k, v in m.__dict__.items():
+            if k == "_parameters":
+                v = v.__class__((n, None if p is None else params.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=False)))
+                                for n, p in v.items())
+            elif k == "_modules":
+                v = v.__class__((n, None if c is None else view(c)) for n, c in v.items())
+            elif isinstance(v, (dict, set, list)):
+                v = copy.copy(v)
+            state[k] = v
+        state.pop(_PRIVATE, None)
+        new.__dict__.update(state)
+        return new
+
+    return view(clip)
+
+
 class VideoTextModel(nn.Module):
     name: ClassVar[str] = "base"
     #: declared by ``@register(...)``; what checkpoints, optimiser, demo and configs read
@@ -93,15 +146,49 @@ class VideoTextModel(nn.Module):
         # types and ranges of every option, against this backbone, before build() allocates anything
         check_option_types(self.name, opts)
         type(self).check_options(opts, clip.cfg, frames)
-        self.clip = clip
-        self.clip.requires_grad_(False)
+        # the caller's CLIP is never changed: the model holds a frozen view of it (shared storage) ...
+        private = bool(clip.__dict__.pop(_PRIVATE, False))
+        self.clip = clip.requires_grad_(False) if private else clip_view(clip)
+        own: set[int] = set()  # ids of the CLIP Parameters the model owns (trains)
         self._frames = frames
         self.opts = opts
         self.text_prompts: TextPrompts | None = None
         self.video_prompts: nn.Module | None = None  # forward(x, run, B, F) -> (B*F, d) [CLS] outputs
         self.grad_checkpointing = False
         self.backbone_fingerprint: str | None = None
+        # ... and its own copy of each tensor it trains, made before build() (whose modules may refer to them)
+        self._take_clip_tensors(self.trains_clip(), "trains_clip()", own, private)
         self.build()
+        # a build() that unfroze CLIP tensors itself (requires_grad_): those become the model's own too
+        self._take_clip_tensors([p for p in self.clip.parameters() if p.requires_grad and id(p) not in own], "build()",
+                                own, private)
+
+    def _take_clip_tensors(self, params: Iterable[nn.Parameter], source: str, own: set[int], private: bool) -> None:
+        """Make each of ``params`` (Parameters of ``self.clip``) a trained tensor the model owns (its id added to
+        ``own``): a copy of the caller's values, or, for a CLIP built for this model alone (``private``), the
+        tensor itself."""
+        params = list(params)
+        if not params:
+            return
+        where: dict[int, list[tuple[nn.Module, str]]] = {}
+        for m in self.clip.modules():
+            for k, p in m._parameters.items():
+                if p is not None:
+                    where.setdefault(id(p), []).append((m, k))
+        for p in params:
+            if id(p) in own:
+                continue
+            if not isinstance(p, nn.Parameter) or id(p) not in where:
+                raise TypeError(f"method {self.name!r}: {source} gave {type(p).__name__} {tuple(getattr(p, 'shape', ()))}, "
+                                "which is not a Parameter of self.clip (give self.clip's own, e.g. "
+                                "self.clip.projection('text') or a block of self.clip.blocks(tower))")
+            if private:
+                mine = p.requires_grad_(True)
+            else:
+                mine = nn.Parameter(p.detach().clone(), requires_grad=True)
+                for m, k in where[id(p)]:
+                    m._parameters[k] = mine
+            own.add(id(mine))
 
     # -- what a method defines ---------------------------------------------------------------------
     @classmethod
@@ -112,8 +199,24 @@ class VideoTextModel(nn.Module):
         ints, finite floats, lists ...). Token counts must leave room in the text context, depths and widths
         stay within vop.limits, layer indices within the towers."""
 
+    def trains_clip(self) -> Iterable[nn.Parameter]:
+        """The CLIP tensors this method trains, as Parameters of ``self.clip`` (reached through its tower API:
+        ``self.clip.projection(tower)``, ``self.clip.blocks(tower)``, ``self.clip.head_parameters(tower)``, or
+        ``self.clip.named_parameters()`` by name); ``self.opts`` is set. Called once, before :meth:`build`.
+        Each becomes the model's own copy with ``requires_grad=True`` (stored in its checkpoints); the rest of
+        CLIP stays frozen and shared with the caller, whose CLIP is never changed. Default: none."""
+        return ()
+
     def build(self) -> None:
-        """Create trainable modules and/or unfreeze backbone tensors."""
+        """Create the method's trainable modules (prompts, adapters ...); CLIP is frozen, except the tensors
+        :meth:`trains_clip` named (already the model's own)."""
+
+    @classmethod
+    def config_options(cls, words: int, frames: int) -> dict[str, Any]:
+        """Options the shipped configs (configs/make_configs.py) give this method on a dataset of captions of
+        ``words`` tokens and ``frames`` frames per video (MV-Adapter: a text position per caption token).
+        Default: none (the method's defaults)."""
+        return {}
 
     def branch(self, tower: Tower, i: int) -> Branch | None:
         """A term added next to block ``i``'s sublayers (vop.backbone.layers.Branch); adapters return one."""

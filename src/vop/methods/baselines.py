@@ -5,21 +5,23 @@ from dataclasses import dataclass
 
 from vop import limits
 from vop.methods.base import VideoTextModel
-from vop.methods.registry import Rates, register
+from vop.methods.registry import Expected, Rates, register
 
 
-@register("zeroshot", label="Zero-shot", rates=Rates(1e-3, 0.0, "nothing is trained; the run only evaluates"))
+@register("zeroshot", label="Zero-shot", rates=Rates(1e-3, 0.0, "nothing is trained; the run only evaluates"),
+          expected=Expected(b32=0))
 class ZeroShot(VideoTextModel):
     """CLIP as it is, frames mean-pooled. Nothing is trained."""
 
 
 @register("full", label="Full", backbone="all", demo_rates=Rates(1e-4, 1e-5),
-          rates=Rates(1e-4, 1e-6, "CLIP weights at 1e-6 as X-Pool/CLIP4Clip-style full fine-tuning (CLIP4Clip: 1e-7 at batch 128)"))
+          rates=Rates(1e-4, 1e-6, "CLIP weights at 1e-6 as X-Pool/CLIP4Clip-style full fine-tuning (CLIP4Clip: 1e-7 at batch 128)"),
+          expected=Expected(b32=151_277_313))
 class Full(VideoTextModel):
     """Full fine-tuning (CLIP4Clip meanP): every CLIP weight, logit scale included."""
 
-    def build(self) -> None:
-        self.clip.requires_grad_(True)
+    def trains_clip(self):
+        return self.clip.parameters()
 
 
 @dataclass
@@ -28,7 +30,8 @@ class BiasOptions:
 
 
 @register("bias", label="Bias", backbone="part", demo_rates=Rates(1e-3, 1e-3),
-          rates=Rates(1e-3, 1e-4, "BitFit-style: biases tolerate ~100x the full-tuning rate"))
+          rates=Rates(1e-3, 1e-4, "BitFit-style: biases tolerate ~100x the full-tuning rate"),
+          expected=Expected(b32=124_928, option_sets=(({"attention_qkv": True}, 171_008),)))
 class Bias(VideoTextModel):
     """BitFit as the paper counts it (0.1M): the bias vector of every ``nn.Linear``/``nn.LayerNorm``
     module of both towers, i.e. attention output projections, both MLP layers and every LayerNorm
@@ -41,21 +44,18 @@ class Bias(VideoTextModel):
 
     Options = BiasOptions
 
-    def build(self) -> None:
+    def trains_clip(self):
         suffixes = (".bias", ".in_proj_bias") if self.opts.attention_qkv else (".bias",)
-        for name, p in self.clip.named_parameters():
-            if name.endswith(suffixes):
-                p.requires_grad_(True)
+        return [p for name, p in self.clip.named_parameters() if name.endswith(suffixes)]
 
 
 @register("proj", label="Proj", backbone="part", demo_rates=Rates(1e-3, 1e-3),
-          rates=Rates(1e-3, 1e-4, "two projection matrices: linear-probe-like rate"))
+          rates=Rates(1e-3, 1e-4, "two projection matrices: linear-probe-like rate"), expected=Expected(b32=655_360))
 class Proj(VideoTextModel):
     """Only the final projections of both encoders (visual.proj, text_projection)."""
 
-    def build(self) -> None:
-        for tower in ("visual", "text"):
-            self.clip.projection(tower).requires_grad_(True)
+    def trains_clip(self):
+        return [self.clip.projection(tower) for tower in ("visual", "text")]
 
 
 @dataclass
@@ -65,7 +65,8 @@ class PartialOptions:
 
 
 @register("partial", label="Partial", backbone="part", demo_rates=Rates(1e-3, 1e-4),
-          rates=Rates(1e-3, 1e-5, "top block + heads: between full tuning and probing"))
+          rates=Rates(1e-3, 1e-5, "top block + heads: between full tuning and probing"),
+          expected=Expected(b32=7_745_792, option_sets=(({"text_blocks": 1}, 10_898_176),)))
 class Partial(VideoTextModel):
     """The top of the encoders: the last ``vision_blocks`` image blocks, the last ``text_blocks`` text
     blocks, and the final LayerNorms and projections of both towers.
@@ -82,10 +83,9 @@ class Partial(VideoTextModel):
         for name in ("vision_blocks", "text_blocks"):
             limits.check_int(getattr(opts, name), f"model.options.{name} of partial", 0, limits.MAX_LAYERS)
 
-    def build(self) -> None:
+    def trains_clip(self):
         for tower, n in (("visual", self.opts.vision_blocks), ("text", self.opts.text_blocks)):
             blocks = self.clip.blocks(tower)
             for blk in list(blocks)[len(blocks) - n:] if n else []:
-                blk.requires_grad_(True)
-            for p in self.clip.head_parameters(tower):
-                p.requires_grad_(True)
+                yield from blk.parameters()
+            yield from self.clip.head_parameters(tower)

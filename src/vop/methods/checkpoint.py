@@ -21,7 +21,6 @@ A folder instead of a file is one of the authors' released ModelScope models (vo
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -119,10 +118,11 @@ def _check_tensor_shapes(path: Path, meta: dict[str, Any], arch: CLIPConfig, got
     and shape by shape, with the tensors the file holds (``got``, read from its header): a checkpoint whose
     metadata does not describe its tensors fails here, before anything is allocated."""
     from vop.methods import create_model
+    from vop.methods.base import private_backbone
 
     try:
         with torch.device("meta"):
-            model = create_model(meta["method"], CLIP(arch), frames=meta["frames"], **meta["options"])
+            model = create_model(meta["method"], private_backbone(CLIP(arch)), frames=meta["frames"], **meta["options"])
     except ConfigError as e:
         raise CheckpointError(f"{path}: the model its metadata records cannot be built: {e}") from None
     want = {n: tuple(p.shape) for n, p in model.named_trainable_parameters()}
@@ -176,6 +176,7 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
     ``whole_model``) nor for the authors' ModelScope folders (their backbone is in the folder).
     """
     from vop.methods import create_model, resolve_backbone
+    from vop.methods.base import private_backbone
 
     path = Path(path)
     # 1. the format, by content (vop.formats)
@@ -210,19 +211,14 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
     _check_arch(path, meta, arch, clip)
     if check_fingerprint and not facts.whole_model:
         _check_fingerprint(path, meta, clip)
-    if backbone is not None and (facts.trains_backbone or _holds_clip_tensors(path)):
-        clip = copy.deepcopy(clip)  # the file overwrites backbone tensors: leave the caller's CLIP as it was
-    # 5. the method (vop.methods), 6. its trained tensors (vop.formats) copied in
+    if not isinstance(backbone, CLIP):
+        private_backbone(clip)  # built here for this model alone: it trains it in place (no copy)
+    # 5. the method (vop.methods): a given CLIP is never changed, the model copies the CLIP tensors it trains;
+    # 6. its trained tensors (vop.formats) copied in
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
     _check_loadable(model, path, meta, arch)
     _copy_tensors(model, path, meta, vop_prompts.read_tensors(path))
     return model
-
-
-def _holds_clip_tensors(path: Path) -> bool:
-    """Whether the file holds CLIP tensors (a method whose options unfreeze some, e.g. MV-Adapter's
-    ``train_clip_bias``, although its facts say it keeps CLIP frozen by default)."""
-    return any(k.startswith("clip.") for k in vop_prompts.tensor_names(path))
 
 
 def load_trainable(model: VideoTextModel, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:

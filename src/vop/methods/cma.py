@@ -53,7 +53,7 @@ from vop.backbone.layers import QuickGELU
 from vop import limits
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel
-from vop.methods.registry import Rates, register
+from vop.methods.registry import Expected, Rates, register
 from vop.scoring import FrameScoring, Scoring
 
 SITES = ("attn", "mlp")
@@ -168,7 +168,9 @@ class QScore(FrameScoring):
 @register("cma", label="Cross-Modal Adapter",
           rates=Rates(1e-5, 0.0, "Cross-Modal Adapter's README command: lr 1e-5 for the adapters (BertAdam, "
                                  "warm-up 10% + cosine, 5 epochs, global batch 128, wd 0.2 on weights); CLIP frozen"),
-          demo_rates=Rates(3e-3, 0.0, "the other adapters' synthetic-world rate; not tuned for cma"))
+          demo_rates=Rates(3e-3, 0.0, "the other adapters' synthetic-world rate; not tuned for cma"),
+          # the 24 shared up-projections counted once; encode_video gives the frames (pairwise scores)
+          expected=Expected(b32=519_168, clip_at_init=False, mean_pooled=False, option_sets=(({"pool": "mean"}, 519_168),)))
 class CrossModalAdapter(VideoTextModel):
     """Cross-Modal Adapter: see the module docstring.
 

@@ -53,7 +53,7 @@ from vop.backbone.layers import Attention, QuickGELU, ResidualAttentionBlock
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel, check_depth, check_prompt_tokens, check_text_prompts, pool_frames
 from vop.methods.blocks import write_slot
-from vop.methods.registry import Rates, register
+from vop.methods.registry import Expected, Rates, register
 
 READOUTS = ("global0", "global_mean", "cls_mean", "global_cls_mean")
 
@@ -346,12 +346,16 @@ _WHY = ("knightyxp/DGL scripts/msrvtt.sh: lr 2e-3 for every new tensor (AdamW, w
 # demo rates: validation t2v R@1 of one seed on the synthetic world (64 captions), lr 1e-3 / 3e-3 / 1e-2:
 # dgl 17.2 / 25.0 / 25.0 (tie broken by R1+R5+R10: 171.9 vs 165.6); dgl-l 17.2 / 21.9 / 28.1 (3e-2: 23.4)
 register("dgl", label="DGL", rates=Rates(2e-3, 0.0, _WHY),
-         demo_rates=Rates(3e-3, 0.0, "validation t2v R@1 on the synthetic world: 25.0 (1e-3: 17.2, 1e-2: 25.0)"))(DGL)
+         demo_rates=Rates(3e-3, 0.0, "validation t2v R@1 on the synthetic world: 25.0 (1e-3: 17.2, 1e-2: 25.0)"),
+         # the video embedding is the first global prompt's (readout global0), not meanP
+         expected=Expected(b32=9_575_168, clip_at_init=False, frame_order=True, mean_pooled=False))(DGL)
 
 
 @register("dgl-l", label="DGL (linear)",
           rates=Rates(2e-3, 0.0, _WHY + "; the repo's linear-generator scripts: LSMDC and ActivityNet 1e-2, VATEX 5e-3"),
-          demo_rates=Rates(1e-2, 0.0, "validation t2v R@1 on the synthetic world: 28.1 (1e-3: 17.2, 3e-3: 21.9, 3e-2: 23.4)"))
+          demo_rates=Rates(1e-2, 0.0, "validation t2v R@1 on the synthetic world: 28.1 (1e-3: 17.2, 3e-3: 21.9, 3e-2: 23.4)"),
+          # local prompts shared by every frame, global prompts without positions: the order of the frames is not seen
+          expected=Expected(b32=827_392, clip_at_init=False, mean_pooled=False, token_tensors=("visual",)))
 class DGLLinear(DGL):
     """DGL with the linear prompt generator (see the module docstring)."""
 

@@ -54,7 +54,7 @@ from vop import limits
 from vop.backbone.layers import ResidualAttentionBlock
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel
-from vop.methods.registry import Rates, register
+from vop.methods.registry import Expected, Rates, register
 
 #: what ``targets`` may name; "all" is every linear map of a block with q, k, v separate
 SITES = ("qkv", "q", "k", "v", "out", "c_fc", "c_proj")
@@ -328,4 +328,7 @@ class LoRA(VideoTextModel):
 register("lora", label="LoRA",
          rates=Rates(6e-4, 0.0, "TempMe / DiscoVLA's rate for their LoRA tensors (clip_lr 6e-4, AdamW, wd 0.2, "
                                 "warm-up 10% + cosine, 5 epochs, global batch 128); CLIP frozen"),
-         demo_rates=Rates(3e-3, 0.0, "validation t2v R@1 on the synthetic world (docs/methods.md)"))(LoRA)
+         demo_rates=Rates(3e-3, 0.0, "validation t2v R@1 on the synthetic world (docs/methods.md)"),
+         # B = 0: CLIP at initialisation; the spec's other placements (section 1 (c)) as option sets
+         expected=Expected(b32=491_520, option_sets=(({"targets": "all"}, 2_211_840), ({"targets": "q,v"}, 491_520),
+                                                     ({"targets": "q,k,v,out", "towers": "visual", "alpha": 16.0}, 589_824))))(LoRA)

@@ -13,7 +13,6 @@ the backbone (the logit scale aside, it changes no embedding).
 """
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from vop.errors import CheckpointError
 from vop.formats.modelscope import (BACKBONE, CONFIG, FORMAT, TEXT_PROMPTS, TYPES, VISUAL_PROMPTS, Folder, clip_names,
                                     read_folder, read_weights)
 from vop.methods.base import VideoTextModel
-from vop.methods.registry import method_facts
 
 __all__ = ["FORMAT", "CONFIG", "BACKBONE", "Folder", "read_folder", "read_weights", "read_folder_meta", "load_folder",
            "load_folder_tensors"]
@@ -101,9 +99,11 @@ def _se_method(folder: Folder, copies: dict[str, list[tuple[str, torch.Tensor]]]
 
     ref = clip.state_dict()
     changed = {n for n, found in copies.items() if n != "logit_scale" and not _same(found[-1][1], ref[n], exact=True)}
+    from vop.methods.base import private_backbone
+
     for method, options in _SE_METHODS:
         with torch.device("meta"):
-            m = create_model(method, CLIP(clip.cfg), **options)
+            m = create_model(method, private_backbone(CLIP(clip.cfg)), **options)
         if changed <= {n[len("clip."):] for n, _ in m.named_trainable_parameters()}:
             return method, m.options_dict()
     raise AssertionError("full trains every tensor")  # pragma: no cover
@@ -156,10 +156,11 @@ def read_folder_meta(path: str | os.PathLike, backbone: Any = None) -> dict[str,
 def load_folder(path: str | os.PathLike, backbone: Any = None, check_fingerprint: bool = True) -> VideoTextModel:
     """The model of a folder, on ``backbone`` (default: the folder's ViT-B-32.pt)."""
     from vop.methods import create_model
+    from vop.methods.base import private_backbone
 
     folder, sd, copies, clip, meta = _open(path, backbone)
-    if isinstance(backbone, CLIP) and method_facts(meta["method"]).trains_backbone:
-        clip = copy.deepcopy(clip)  # the weights overwrite backbone tensors: leave the caller's CLIP as it was
+    if not isinstance(backbone, CLIP):
+        private_backbone(clip)  # loaded here for this model alone (a given CLIP is never changed: the model copies)
     model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
     _load_tensors(model, folder, sd, copies, check_fingerprint)
     return model

@@ -48,7 +48,7 @@ from vop.backbone.layers import QuickGELU, ResidualAttentionBlock
 from vop import limits
 from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel, pool_frames
-from vop.methods.registry import Rates, register
+from vop.methods.registry import Expected, Rates, register
 
 #: hidden width of the calibration MLP (``mid_dim=16`` in the released TaModuleV1)
 CALIBRATION_HIDDEN = 16
@@ -200,7 +200,10 @@ def resolve_layers(entries: list[int], layers: int, tower: str) -> list[int]:
                                   "spec then sweeps 1e-5..5e-4"),
           # synthetic world, validation t2v R@1 (selected epoch): 1e-4 25.0, 1e-3 37.5, 3e-3 37.5 (higher rsum),
           # 1e-2 34.4 (docs/methods.md, MV-Adapter)
-          demo_rates=Rates(3e-3, 1e-5, "chosen on the synthetic world's validation split"))
+          demo_rates=Rates(3e-3, 1e-5, "chosen on the synthetic world's validation split"),
+          # W_u is zero at initialisation: CLIP exactly, so the order of the frames is not seen yet
+          expected=Expected(b32=3_325_696, token_tensors=("positions", "video_token"),
+                            option_sets=(({"train_clip_bias": True}, 3_496_704),)))
 class MVAdapter(VideoTextModel):
     """Multimodal Video Adapter (CVPR 2024): see the module docstring."""
 
@@ -218,6 +221,12 @@ class MVAdapter(VideoTextModel):
                                   "tower has layers")
             for tower in ("visual", "text"):  # every entry a layer of both towers (negative: from the top)
                 resolve_layers(list(o.cmt_layers), (cfg.vision if tower == "visual" else cfg.text).layers, tower)
+
+    @classmethod
+    def config_options(cls, words: int, frames: int) -> dict:
+        """Captions longer than the default ``text_len`` (the paragraph datasets' 64 words) need a text
+        position per token."""
+        return {"text_len": words} if words > cls.Options().text_len else {}
 
     def build(self) -> None:
         o = self.opts
@@ -246,10 +255,12 @@ class MVAdapter(VideoTextModel):
             for i in range(ct.layers))
         # phi_l: one tensor per tied layer, read by both towers' adapters there
         self.cmt_factors = nn.ParameterList(nn.Parameter(torch.zeros(o.factor_dim)) for _ in entries)
-        if o.train_clip_bias:
-            for name, p in self.clip.named_parameters():
-                if name.endswith((".bias", ".in_proj_bias")):
-                    p.requires_grad_(True)
+
+    def trains_clip(self):
+        """``train_clip_bias``: every CLIP bias (q/k/v included), as the released config."""
+        if not self.opts.train_clip_bias:
+            return []
+        return [p for name, p in self.clip.named_parameters() if name.endswith((".bias", ".in_proj_bias"))]
 
     def factor(self, tower: str, i: int) -> torch.Tensor | None:
         """The shared factor phi of block ``i`` of ``tower``, None where the layer is not tied."""

@@ -90,6 +90,38 @@ class MethodFacts:
         return not any(p.requires_grad for p in model.parameters())
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What vop's shared method tests expect of a method (tests/test_methods.py, tests/test_methods_descriptors.py
+    and tests/test_methods_ownership.py iterate ``list_methods()`` and read it), declared at registration
+    (``@register(..., expected=Expected(...))``) so that adding a method adds no edit to a shared test file.
+    Every method shipped with vop declares it; a plugin may. Counts on ViT-B/32, 12 frames, default options.
+
+    - ``b32``: trainable parameters as the paper counts them; ``b32_uncounted``: trainable ones reported
+      separately (the model's ``uncounted``).
+    - ``clip_at_init``: its embeddings equal frozen CLIP's (frames mean-pooled) before any training;
+      ``text_clip_at_init``: the same of its text embeddings alone, where they differ from the video's
+      (None: as ``clip_at_init``; TempMe merges tokens in the image tower from the start, its text tower is
+      LoRA's with B = 0: CLIP).
+    - ``frame_order``: its video embedding at initialisation depends on the order of the frames.
+    - ``mean_pooled``: ``encode_video`` is meanP of ``encode_frames`` (each frame L2-normalised, averaged).
+    - ``token_tensors``: last name parts of its token-like tensors that ``no_weight_decay()`` must list,
+      beyond those of vop's prompt modules (``tokens``, ``shared``, ``position``, ``deep``,
+      ``frame_position``, ``embedding``).
+    - ``option_sets``: further options to exercise (counts, gradients, checkpoints, ownership of CLIP's
+      tensors): ``(options, trainable parameters on ViT-B/32)`` pairs.
+    """
+
+    b32: int
+    b32_uncounted: int = 0
+    clip_at_init: bool = True
+    text_clip_at_init: bool | None = None
+    frame_order: bool = False
+    mean_pooled: bool = True
+    token_tensors: tuple[str, ...] = ()
+    option_sets: tuple[tuple[dict[str, Any], int], ...] = ()
+
+
 _METHODS: dict[str, type["VideoTextModel"]] = {}
 #: third-party methods: packages that declare an entry point in the group ``vop.methods`` (the module
 #: that registers them) are imported the first time the registry is listed or asked for an unknown name
@@ -177,8 +209,10 @@ def plugin_errors(name: str, what: str = "build") -> Iterator[None]:
 
 
 def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = None,
-             backbone: Backbone = "frozen") -> Callable[[type["VideoTextModel"]], type["VideoTextModel"]]:
-    """Class decorator: ``@register("vop-p", label="VoP^P", rates=Rates(5e-3, 1e-6, "..."))``."""
+             backbone: Backbone = "frozen", expected: Expected | None = None
+             ) -> Callable[[type["VideoTextModel"]], type["VideoTextModel"]]:
+    """Class decorator: ``@register("vop-p", label="VoP^P", rates=Rates(5e-3, 1e-6, "..."))``.
+    ``expected``: what the shared tests check of it (:class:`Expected`; every method shipped with vop has it)."""
     facts = MethodFacts(label=label, rates=rates, backbone=backbone,
                         **({"demo_rates": demo_rates} if demo_rates is not None else {}))
 
@@ -194,8 +228,11 @@ def register(name: str, *, label: str, rates: Rates, demo_rates: Rates | None = 
             raise TypeError(f"@register({name!r}) decorates {cls!r}, which is not a subclass of vop.methods.VideoTextModel")
         if not (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)):
             raise TypeError(f"method {name!r}: {cls.__qualname__}.Options must be a dataclass, got {cls.Options!r}")
+        if expected is not None and not isinstance(expected, Expected):
+            raise TypeError(f"method {name!r}: expected= must be a vop.methods.Expected, got {expected!r}")
         cls.name = name
         cls.facts = dataclasses.replace(facts, model_class=cls)
+        cls.expected = expected  # per registration: a registered subclass does not inherit its parent's
         _METHODS[name] = cls
         return cls
 

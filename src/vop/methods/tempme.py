@@ -64,7 +64,7 @@ from torch.utils.checkpoint import checkpoint
 from vop import limits
 from vop.errors import ConfigError
 from vop.methods.lora import LoRA, LoRAOptions
-from vop.methods.registry import Rates, register
+from vop.methods.registry import Expected, Rates, register
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,14 +226,14 @@ class ClipPositions(nn.Module):
     the j-th sequence of a video as it enters the layer's cross merge."""
 
     def no_weight_decay(self) -> set[str]:
-        return {f"rows.{k}" for k in range(len(self.rows))}  # embeddings added to tokens: vop's rule
+        return {f"embedding.{k}" for k in range(len(self.embedding))}  # embeddings added to tokens: vop's rule
 
     def frame_bound(self) -> str | None:
-        return "clip position embeddings (one row per frame, then per clip)" if len(self.rows) else None
+        return "clip position embeddings (one row per frame, then per clip)" if len(self.embedding) else None
 
     def __init__(self, counts: list[int], width: int):
         super().__init__()
-        self.rows = nn.ParameterList(nn.Parameter(torch.zeros(n, width)) for n in counts)
+        self.embedding = nn.ParameterList(nn.Parameter(torch.zeros(n, width)) for n in counts)
 
 
 @dataclass
@@ -255,7 +255,12 @@ class TempMeOptions(LoRAOptions):
 @register("tempme", label="TempMe",
           rates=Rates(6e-4, 0.0, "TempMe's main.py: clip_lr 6e-4 for every TVPt tensor (LoRA, clip positions), AdamW, "
                                  "wd 0.2, warm-up 10% + cosine, 5 epochs, global batch 128 (4 GPUs x 32); CLIP frozen"),
-          demo_rates=Rates(3e-3, 0.0, "validation t2v R@1 on the synthetic world (docs/methods.md)"))
+          demo_rates=Rates(3e-3, 0.0, "validation t2v R@1 on the synthetic world (docs/methods.md)"),
+          # merging starts at once (the image tower is not CLIP's at init, the text tower is: LoRA's B = 0); adjacent
+          # frames are fused, so the order matters; one cross-merging clip layer below the top as an option set
+          expected=Expected(b32=507_648, clip_at_init=False, text_clip_at_init=True, frame_order=True,
+                            option_sets=(({"clip_layers": [-2], "clip_groups": [2], "img_r": 1}, 491_520 + 12 * 768),
+                                         ({"clip_pos": False, "prop_attn": False}, 491_520))))
 class TempMe(LoRA):
     """TempMe (see the module docstring): LoRA on both towers, token merging in the image tower."""
 
@@ -353,7 +358,7 @@ class TempMe(LoRA):
                              f"got {nf} frames")
         x = self.clip.visual.embed(video.flatten(0, 1))  # (B*F, 1 + M, d)
         sizes = None
-        rows = iter(self.clip_pos.rows) if self.clip_pos is not None else iter(())
+        rows = iter(self.clip_pos.embedding) if self.clip_pos is not None else iter(())
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, L in enumerate(self.schedule(x.shape[1], nf)):
             pos = next(rows) if L.group > 1 and self.clip_pos is not None and self.opts.cross_ratio > 0 else None

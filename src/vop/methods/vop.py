@@ -8,8 +8,8 @@
   layers) or ``split`` (VoP^F: layers < ks per frame with the source's tokens, then a learnable frame
   position embedding and joint video layers >= ks over [F CLS, n_video video-level prompts, F*M patches]).
 
-The six registered variants are the table at the bottom; options are declared once per group and
-composed. Counts on ViT-B/32, 12 frames, n = 8: VoP 122,880 (12*8*512 + 12*8*768); VoP^P 528,384;
+The six registered variants are written out at the bottom (``class VoPF`` ...), each a source and a
+flow; options are declared once per group and composed. Counts on ViT-B/32, 12 frames, n = 8: VoP 122,880 (12*8*512 + 12*8*768); VoP^P 528,384;
 VoP^C 14,257,152; VoP^F 122,880; VoP^{F+P} 393,216; VoP^{F+C} 14,269,440 (our reconstruction; the
 paper reports 14.1M). VoP^F's frame position embedding (9,216) is trainable but, as in the paper,
 reported separately (``uncounted``).
@@ -39,7 +39,7 @@ from vop.errors import ConfigError
 from vop.methods.base import VideoTextModel, check_depth, check_prompt_tokens, check_text_prompts
 from vop.methods.blocks import (ContextFrameTokens, ContextModule, FrameTokens, FrameVideoPrompts, FunctionVideoPrompts,
                                 PositionFrameTokens, SharedFrameTokens, SplitTextPrompts, TextPrompts)
-from vop.methods.registry import Rates, register
+from vop.methods.registry import Expected, Rates, register
 
 SEMANTICS = ("vop", "modelscope")
 
@@ -228,6 +228,8 @@ class PromptedVoP(VideoTextModel):
         self.video_prompts = self.flow(self, self.source)
 
 
+@register("vop", label="VoP", rates=Rates(5e-3, 1e-6, "prompt tuning recipes use 1e-3..1e-2 for prompts"),
+          expected=Expected(b32=122_880, clip_at_init=False, option_sets=(({"semantics": "modelscope"}, 122_880),)))
 class VoP(PromptedVoP):
     """Basic VoP, which can also run the authors' released layout (``semantics="modelscope"``)."""
 
@@ -273,25 +275,62 @@ class VoP(PromptedVoP):
         return x[torch.arange(x.shape[0], device=x.device), read] @ self.clip.text_projection
 
 
-register("vop", label="VoP", rates=Rates(5e-3, 1e-6, "prompt tuning recipes use 1e-3..1e-2 for prompts"))(VoP)
-
-_SOURCES = {"shared": Shared(), "position": Position(), "context": Context()}
-_FLOWS = {"frame": PerFrame(), "split": Split()}
 _AS_VOP = Rates(5e-3, 1e-6, "as vop")
-# name, class name, label, frame-token source, flow, learning rates on real data
-VARIANTS = (
-    ("vop-p", "VoPP", "VoP^P", "position", "frame", _AS_VOP),
-    ("vop-c", "VoPC", "VoP^C", "context", "frame",
-     Rates(1e-3, 1e-6, "14M-parameter context module (BiLSTM + linear): a lower rate than pure prompts")),
-    ("vop-f", "VoPF", "VoP^F", "shared", "split", _AS_VOP),
-    ("vop-fp", "VoPFP", "VoP^{F+P}", "position", "split", _AS_VOP),
-    ("vop-fc", "VoPFC", "VoP^{F+C}", "context", "split", Rates(1e-3, 1e-6, "as vop-c")),
-)
-CLASSES: dict[str, type[PromptedVoP]] = {"vop": VoP}
-for _name, _cls, _label, _source, _flow, _rates in VARIANTS:
-    source, flow = _SOURCES[_source], _FLOWS[_flow]
-    options = compose_options(f"{_cls}Options", PromptOptions, *flow.options, *source.options)
-    CLASSES[_name] = register(_name, label=_label, rates=_rates)(
-        type(_cls, (PromptedVoP,), {"source": source, "flow": flow, "Options": options, "uncounted": flow.uncounted,
-                                    "depth_options": flow.depth_options,
-                                    "__module__": __name__, "__doc__": f"{_label}: {_source} frame tokens, {_flow} flow."}))
+
+
+def variant_options(name: str, source: type, flow: type) -> type:
+    """A variant's options: the prompts, then its flow's groups, then its frame-token source's."""
+    return compose_options(name, PromptOptions, *flow.options, *source.options)
+
+
+# The five variants: a frame-token source x a flow. Counts on ViT-B/32 in the module docstring.
+@register("vop-p", label="VoP^P", rates=_AS_VOP,
+          expected=Expected(b32=528_384, clip_at_init=False, frame_order=True))
+class VoPP(PromptedVoP):
+    """VoP^P: position frame tokens, frame flow."""
+
+    source, flow = Position(), PerFrame()
+    Options = variant_options("VoPPOptions", Position, PerFrame)
+    uncounted, depth_options = PerFrame.uncounted, PerFrame.depth_options
+
+
+@register("vop-c", label="VoP^C", rates=Rates(1e-3, 1e-6, "14M-parameter context module (BiLSTM + linear): a lower rate "
+                                                        "than pure prompts"),
+          expected=Expected(b32=14_257_152, clip_at_init=False, frame_order=True))
+class VoPC(PromptedVoP):
+    """VoP^C: context frame tokens, frame flow."""
+
+    source, flow = Context(), PerFrame()
+    Options = variant_options("VoPCOptions", Context, PerFrame)
+    uncounted, depth_options = PerFrame.uncounted, PerFrame.depth_options
+
+
+@register("vop-f", label="VoP^F", rates=_AS_VOP,
+          expected=Expected(b32=122_880, b32_uncounted=9_216, clip_at_init=False, frame_order=True,
+                            option_sets=(({"ks": 1}, 122_880 + 9_216),)))
+class VoPF(PromptedVoP):
+    """VoP^F: shared frame tokens, split flow."""
+
+    source, flow = Shared(), Split()
+    Options = variant_options("VoPFOptions", Shared, Split)
+    uncounted, depth_options = Split.uncounted, Split.depth_options
+
+
+@register("vop-fp", label="VoP^{F+P}", rates=_AS_VOP,
+          expected=Expected(b32=393_216, b32_uncounted=9_216, clip_at_init=False, frame_order=True))
+class VoPFP(PromptedVoP):
+    """VoP^{F+P}: position frame tokens, split flow."""
+
+    source, flow = Position(), Split()
+    Options = variant_options("VoPFPOptions", Position, Split)
+    uncounted, depth_options = Split.uncounted, Split.depth_options
+
+
+@register("vop-fc", label="VoP^{F+C}", rates=Rates(1e-3, 1e-6, "as vop-c"),
+          expected=Expected(b32=14_269_440, b32_uncounted=9_216, clip_at_init=False, frame_order=True))
+class VoPFC(PromptedVoP):
+    """VoP^{F+C}: context frame tokens, split flow."""
+
+    source, flow = Context(), Split()
+    Options = variant_options("VoPFCOptions", Context, Split)
+    uncounted, depth_options = Split.uncounted, Split.depth_options

@@ -83,8 +83,7 @@ def sha256_of_checkpoint_records(files: Sequence[dict[str, Any]]) -> str:
 
 def checkpoint_info(checkpoint: str | os.PathLike, backbone: str | None = None) -> dict[str, Any]:
     """What an index records about its model: enough to rebuild it and to notice a changed file."""
-    from vop.methods.checkpoint import load_checkpoint, read_checkpoint_meta
-    from vop.methods.checkpoint import backbone_record, checkpoint_facts
+    from vop.methods.checkpoint import backbone_record, checkpoint_facts, read_checkpoint_meta
 
     path = Path(checkpoint)
     meta = read_checkpoint_meta(path, backbone if path.is_dir() else None)
@@ -180,7 +179,7 @@ def load_index_model(info: dict[str, Any], *, backbone: Any = None, checkpoint: 
     or backbone). The checkpoint must be the very file that was indexed (same SHA-256), and so must
     the backbone weights file where the index records it (:func:`verify_model_files`), both checked
     before either is read."""
-    from vop.methods.checkpoint import load_checkpoint, read_checkpoint_meta
+    from vop.methods.checkpoint import load_checkpoint
 
     ckpt = Path(checkpoint or info["checkpoint"])
     if not ckpt.exists():

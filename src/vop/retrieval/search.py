@@ -3,8 +3,8 @@
 :class:`Searcher` pairs a :class:`~vop.retrieval.index.VideoIndex` with its model (rebuilt from the
 checkpoint recorded in ``index.json``). :class:`BackbonePool` loads each CLIP backbone once and builds a
 lightweight model per index on top of it, so several prompt sets share one copy of CLIP's weights
-(methods that change CLIP's own tensors -- ``full``, ``bias``, ``proj``, ``partial`` -- cannot share
-and get their own copy).
+(a model owns only the CLIP tensors it trains -- ``bias``, ``proj``, ``partial`` -- and shares the rest;
+a ``full`` checkpoint is the whole model and loads on its own).
 
 Queries are encoded and scored by the model's scoring (:mod:`vop.scoring`), exactly as the evaluation
 does: a dual encoder's normalised text embeddings against one vector per video; cma's query score's raw
@@ -41,11 +41,12 @@ def encode_queries(model, texts: Sequence[str], max_words: int | None = 32, toke
 
 
 def shares_backbone(meta: dict[str, Any]) -> bool:
-    """Whether a checkpoint's method trains only tensors outside CLIP (prompts, adapters, zero-shot),
-    so that its model can sit on a shared backbone: its facts (``trains_backbone``) say so."""
+    """Whether a checkpoint's model can sit on a shared backbone: every method's can (it owns copies of the
+    CLIP tensors it trains, never changing the shared CLIP), except one whose checkpoint holds every weight
+    (its facts' ``whole_model``: ``full``)."""
     from vop.methods import method_facts
 
-    return not method_facts(meta["method"]).trains_backbone
+    return not method_facts(meta["method"]).whole_model
 
 
 def checkpoint_scoring(checkpoint: str | os.PathLike) -> Scoring | None:
