@@ -12,6 +12,7 @@
    times relative to ``full`` and to ``vop``.
 
     python benchmarks/bench_lora_tempme.py            # ViT-B/32, 2 videos x 12 frames, CPU (~10 min)
+    python benchmarks/bench_lora_tempme.py --render saved.json     # the docs' block (and docs/bench/) from a saved run
     python benchmarks/bench_lora_tempme.py --arch tiny --frames 4 --repeats 2 --rounds 1 --steps 1 --no-doc --json /tmp/l.json
 """
 from __future__ import annotations
@@ -159,9 +160,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved training-step rounds (default: %(default)s)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per round (default: %(default)s)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: encode, train")
+    p.add_argument("--render", default=None, metavar="JSON", help="only write the docs' block from a saved result")
     C.add_timing_args(p)
     C.add_common_args(p, "lora_tempme_cpu")
     args = p.parse_args()
+    if args.render:
+        data = json.loads(open(args.render).read())
+        if args.json and os.path.abspath(args.json) != os.path.abspath(args.render):
+            C.write_json(args.json, data)
+        C.finish(args, "lora_tempme", markdown(data))
+        return
     C.set_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     meta = C.machine_meta("cpu", args.threads or None)
