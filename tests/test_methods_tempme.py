@@ -100,15 +100,20 @@ def test_token_schedule(arch, want, tokens_in):
 
 
 def test_schedule_follows_the_code_arithmetic():
+    from vop.methods.tempme import merged_fraction
+
+    # the code's proportions are percents / 100; 1 - keep is rounded so that 0.7 and 0.9 give the same floats
+    assert (merged_fraction(0.7), merged_fraction(0.9), merged_fraction(1.0)) == (30 / 100, 10 / 100, 0.0)
+    assert 1 - 0.7 != 0.3 and merged_fraction(0.75) == 0.25
     # r_C = min(int(N g 0.3), (N - c) g // 2), r_I = min(int((N g - r_C) 0.1), ((N - c) g - r_C) // 2)
-    s = schedule(50, 12, 12, [8, 9, 10], [2, 2, 3], 2, 0.3, 0.1)
+    s = schedule(50, 12, 12, [8, 9, 10], [2, 2, 3], 2, 0.7, 0.9)
     assert [(L.r_cross, L.r) for L in s[8:]] == [(20, 4), (26, 6), (50, 11), (0, 10)]
     assert [L.cls for L in s] == [1] * 9 + [2, 4, 12]
     # a group of 1: no regrouping and no cross merge, but r_I still subtracts r_C (the code's arithmetic)
-    one = schedule(50, 12, 12, [8], [1], 0, 0.3, 0.1)[8]
+    one = schedule(50, 12, 12, [8], [1], 0, 0.7, 0.9)[8]
     assert (one.group, one.r_cross, one.r, one.attn_tokens, one.mlp_tokens) == (1, 15, 3, 50, 47)
     # ImgMe's r is clamped to the a-set (the code would fail there): 5 tokens, r = 2
-    assert schedule(5, 1, 3, [], [], 9, 0.3, 0.1)[0].mlp_tokens == 3
+    assert schedule(5, 1, 3, [], [], 9, 0.7, 0.9)[0].mlp_tokens == 3
 
 
 def test_defaults_follow_the_tower_and_the_frames():
@@ -233,7 +238,7 @@ def test_identical_frames_through_a_clip_merge_layer_equal_the_single_frame():
     (6 of 18 patch tokens merged across the two frames): the video embedding is the frame's, as ``lora``
     with the same updates gives it."""
     clip = build_clip("tiny", seed=0).eval()
-    m = create_model("tempme", clip, frames=4, img_r=0, intra_ratio=0.0, clip_layers=[0], clip_groups=[2])
+    m = create_model("tempme", clip, frames=4, img_r=0, keep_intra=1.0, clip_layers=[0], clip_groups=[2])
     _randomise(m, std=0.1)
     with torch.no_grad():
         for p in m.clip_pos.embedding:  # P = 0 (its initialisation): the frames carry no clip position
@@ -253,7 +258,7 @@ def test_identical_frames_through_a_clip_merge_layer_equal_the_single_frame():
 
 # -- (g)2: merging off is lora; B = 0 and merging off is CLIP --------------------------------------------------
 def test_merging_off_is_lora_and_zero_B_is_clip(tiny_clip, video_batch, token_batch):
-    off = dict(img_r=0, cross_ratio=0.0, intra_ratio=0.0, clip_groups=[1])
+    off = dict(img_r=0, keep_cross=1.0, keep_intra=1.0, clip_groups=[1])
     m = create_model("tempme", tiny_clip, frames=4, **off)
     assert m.clip_pos is None and all(L.r == L.r_cross == 0 for L in m.schedule())
     zs = create_model("zeroshot", tiny_clip, frames=4).eval()
@@ -361,7 +366,7 @@ def test_two_process_gradients_equal_single_process(tmp_path):
 def test_checkpoint_round_trip_bit_identical(tmp_path, video_batch, token_batch):
     from safetensors.torch import load_file
 
-    m = _randomise(create_model("tempme", build_clip("tiny", seed=0), frames=4, clip_groups=[2], intra_ratio=0.2)).eval()
+    m = _randomise(create_model("tempme", build_clip("tiny", seed=0), frames=4, clip_groups=[2], keep_intra=0.8)).eval()
     path = vop.save_checkpoint(m, tmp_path / "tempme.safetensors")
     assert set(load_file(str(path))) == set(m.trainable_state_dict()) and "clip_pos.embedding.0" in load_file(str(path))
     m2 = vop.load_checkpoint(path, build_clip("tiny", seed=0)).eval()
@@ -379,7 +384,7 @@ def test_checkpoint_round_trip_bit_identical(tmp_path, video_batch, token_batch)
     ({"clip_layers": [5]}, "clip_layers of tempme entry 5 is not a layer of the 2-layer image tower"),
     ({"clip_layers": [1, 0]}, "distinct layers from the input up"),
     ({"clip_groups": [0]}, "clip_groups of tempme entry must be an integer in 1..1024"),
-    ({"cross_ratio": 1.5}, "cross_ratio of tempme must be a finite number >= 0 and <= 1"),
+    ({"keep_cross": 1.5}, "keep_cross of tempme must be a finite number >= 0 and <= 1"),
     ({"targets": "qkv,v"}, "cannot be combined"),
 ])
 def test_options_are_checked(options, words):

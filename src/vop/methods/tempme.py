@@ -27,12 +27,12 @@ size is 1, as the code). Per block l, with N tokens per sequence entering:
   r = min(``img_r``, (N - c) // 2), then the MLP. 50 -> 34 tokens per frame over layers 0..7 on ViT-B/32.
 - ClipMe (l in ``clip_layers``, group g from ``clip_groups``): (1) regroup g adjacent sequences of a video
   into one, [CLS of all g, then their other tokens in order]; (2) cross-clip merge with the block's *input*
-  hidden states as metric (taken before the position rows are added), r_C = min(int(N g ``cross_ratio``),
+  hidden states as metric (taken before the position rows are added), r_C = min(int(N g (1 - ``keep_cross``)),
   (N - c) g // 2), after adding row j of the clip position embedding P_l (S_l x d, zero-initialised) to every
   token of the j-th sequence of each video (only when r_C > 0); (3) attention; (4) intra merge, key metric,
-  r_I = min(int((N g - r_C) ``intra_ratio``), ((N - c) g - r_C) // 2); (5) the MLP. With g = 1 the code
+  r_I = min(int((N g - r_C) (1 - ``keep_intra``)), ((N - c) g - r_C) // 2); (5) the MLP. With g = 1 the code
   regroups nothing and skips (2), but still subtracts r_C in r_I's formula: so here.
-- Other layers after the first clip layer: as ImgMe with r = min(int(N ``intra_ratio``), (N - c) // 2).
+- Other layers after the first clip layer: as ImgMe with r = min(int(N (1 - ``keep_intra``)), (N - c) // 2).
 - Read-out: the first c tokens of each final sequence are the frames' [CLS] in frame order.
 
 Token schedule on ViT-B/32, 12 frames (sequences per video x tokens at attention -> at the MLP): layer 0
@@ -41,8 +41,9 @@ layer 11 1x107 -> 97 (:func:`schedule`; 97 of 600 tokens leave the tower). Image
 12-frame video: 34.70 G against CLIP's (and merged LoRA's) 52.90 G (:func:`image_tower_macs`).
 
 Defaults are the code's on a 12-layer tower with 12 frames: ``img_r=2``, ``clip_layers`` [8, 9, 10],
-``clip_groups`` [2, 2, 3], ``cross_ratio=0.3``, ``intra_ratio=0.1`` (the code's ``merge_token_proportion``
-30-10: the *merged* fractions, so the spec's keep_cross = 0.7, keep_intra = 0.9), ``clip_pos=True``,
+``clip_groups`` [2, 2, 3], ``keep_cross=0.7``, ``keep_intra=0.9`` (the fractions kept; the code's
+``merge_token_proportion`` 30-10 gives the merged ones, 30 / 100 and 10 / 100: 1 - keep is rounded to 6
+decimals so that 0.7 gives the code's float 0.3 exactly, :func:`merged_fraction`), ``clip_pos=True``,
 ``prop_attn=True``. ``clip_layers=None`` means the three layers below the last one (L-4, L-3, L-2; on towers
 of fewer than 5 layers every layer but the last, at most 3), entries may count from the top (-1 the last);
 ``clip_groups=None`` means F factorised over the clip layers as evenly as possible, smallest first (12 over
@@ -147,9 +148,10 @@ class Layer(NamedTuple):
 
 
 def schedule(tokens: int, frames: int, layers: int, clip_layers: list[int], groups: list[int], img_r: int,
-             cross_ratio: float, intra_ratio: float) -> list[Layer]:
+             keep_cross: float, keep_intra: float) -> list[Layer]:
     """The per-layer token counts of the image tower (the code's ``get_video_feat`` arithmetic), for frames of
     ``tokens`` tokens ([CLS] + patches) and ``frames`` per video."""
+    cross_ratio, intra_ratio = merged_fraction(keep_cross), merged_fraction(keep_intra)
     out, T, c, S = [], tokens, 1, frames
     first = min(clip_layers) if clip_layers else layers
     for i in range(layers):
@@ -171,6 +173,13 @@ def schedule(tokens: int, frames: int, layers: int, clip_layers: list[int], grou
         out.append(layer)
         T = layer.mlp_tokens
     return out
+
+
+def merged_fraction(keep: float) -> float:
+    """The fraction of tokens merged, 1 - ``keep``, as the code's float: its proportions are integer percents
+    divided by 100 (30 / 100 == 0.3), and 1 - 0.7 is 0.30000000000000004, which can floor a count one lower
+    or higher; rounding to 6 decimals gives 0.3 (0.1 for 0.9) and keeps finer fractions."""
+    return round((1.0 - keep) * 1e6) / 1e6
 
 
 def balanced_groups(frames: int, n: int) -> list[int]:
@@ -241,8 +250,8 @@ class TempMeOptions(LoRAOptions):
     img_r: int = 2  # tokens merged per frame in each layer before the first clip layer (ImgMe)
     clip_layers: list[int] | None = None  # None: the three layers below the last (8, 9, 10 on ViT-B)
     clip_groups: list[int] | None = None  # sequences fused at each clip layer; None: F factorised evenly (2, 2, 3 at F=12)
-    cross_ratio: float = 0.3  # fraction of a fused clip's tokens merged across its frames (the code's 30)
-    intra_ratio: float = 0.1  # fraction merged after attention in clip layers and later layers (the code's 10)
+    keep_cross: float = 0.7  # fraction of a fused clip's tokens kept by the merge across its frames (the code's 30% merged)
+    keep_intra: float = 0.9  # fraction kept by the merge after attention in clip layers and later (the code's 10% merged)
     clip_pos: bool = True  # the clip position embeddings P_l (the code's frame_pos=1)
     prop_attn: bool = True  # proportional attention (logits + log size)
 
@@ -273,8 +282,8 @@ class TempMe(LoRA):
         name = lambda f: f"model.options.{f} of {cls.name}"  # noqa: E731
         layers = cfg.vision.layers
         limits.check_int(o.img_r, name("img_r"), 0, limits.MAX_WIDTH)
-        limits.check_float(o.cross_ratio, name("cross_ratio"), 0.0, 1.0)
-        limits.check_float(o.intra_ratio, name("intra_ratio"), 0.0, 1.0)
+        limits.check_float(o.keep_cross, name("keep_cross"), 0.0, 1.0)
+        limits.check_float(o.keep_intra, name("keep_intra"), 0.0, 1.0)
         clip_layers = resolve_clip_layers(o.clip_layers, layers, name("clip_layers"))
         if o.clip_groups is None:
             return
@@ -299,7 +308,7 @@ class TempMe(LoRA):
         self.group_product = 1
         counts = []
         for g in self.groups:  # a row per sequence entering each clip layer that fuses (and can cross-merge)
-            if o.clip_pos and g > 1 and o.cross_ratio > 0:
+            if o.clip_pos and g > 1 and merged_fraction(o.keep_cross) > 0:
                 counts.append(self.frames // self.group_product)
             self.group_product *= g
         self.clip_pos = ClipPositions(counts, v.width) if counts else None
@@ -318,7 +327,7 @@ class TempMe(LoRA):
         o = self.opts
         tokens = tokens or (v.image_size // v.patch_size) ** 2 + 1
         return schedule(tokens, frames or self.frames, v.layers, self.clip_layers, self.groups, o.img_r,
-                        o.cross_ratio, o.intra_ratio)
+                        o.keep_cross, o.keep_intra)
 
     # -- one layer ------------------------------------------------------------------------------------
     def _layer(self, i: int, L: Layer, pos: torch.Tensor | None, x: torch.Tensor, sizes: torch.Tensor | None
@@ -362,7 +371,7 @@ class TempMe(LoRA):
         rows = iter(self.clip_pos.embedding) if self.clip_pos is not None else iter(())
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, L in enumerate(self.schedule(x.shape[1], nf)):
-            pos = next(rows) if L.group > 1 and self.clip_pos is not None and self.opts.cross_ratio > 0 else None
+            pos = next(rows) if L.group > 1 and self.clip_pos is not None and merged_fraction(self.opts.keep_cross) > 0 else None
             if ckpt:
                 x, sizes = checkpoint(self._layer, i, L, pos, x, sizes, use_reentrant=False)
             else:
