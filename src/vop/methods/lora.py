@@ -37,8 +37,9 @@ hand (``merge()`` refuses in train mode, where dropout makes the update stochast
 ``merge_on_eval = False`` switches the automatic merge off. A merged copy made before A or B changed
 in place (a checkpoint loaded into an eval-mode model) is made again on the next forward.
 
-The only place that knows the backbone's parameter names is :func:`base_linear` (for the merge); the
-forward uses the tower API (``Attention.qkv``, ``project_out``) and the block's LayerNorms and MLP.
+The unmerged forward uses the tower API (``Attention.qkv``, ``project_out``) and the block's LayerNorms
+and MLP; only the merge knows the backbone's parameter names and the fused q/k/v layout (:func:`base_linear`
+and the merged branch of :meth:`BlockLoRA.qkv`): the two places a tower with split projections changes.
 """
 from __future__ import annotations
 
