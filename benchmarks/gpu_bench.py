@@ -19,7 +19,8 @@ Sections, in order of priority (each is guarded: an exception, out-of-memory inc
 3. ``port``: our ``vop`` against the port-style reimplementation (``port_baseline.py``: sequence-first
    layout, ``nn.MultiheadAttention`` or explicit softmax(QK^T)V, per-frame ``repeat`` + ``cat``),
    same weights and batch; outputs are checked to agree first (float32, TF32 off).
-4. ``encode``: image-tower frames/s (no grad) and ``encode_video`` of ``zeroshot``, ``vop``, ``vop-f``.
+4. ``encode``: image-tower frames/s (no grad) and ``encode_video`` of ``zeroshot``, ``vop``, ``vop-f``, ``lora``
+   (merged), ``tempme``.
 5. ``hf``: our towers against Hugging Face ``CLIPModel`` (SDPA), forward, same weights (if
    ``transformers`` is importable).
 6. ``max_batch``: for each training method, the batch doubled from 64 until it runs out of memory
@@ -65,7 +66,7 @@ PEAK_BF16_TFLOPS: list[tuple[str, float, str]] = [
     ("A100", 312.0, "A100 data sheet"),
     ("L40S", 362.0, "L40S data sheet"),
 ]
-TRAIN_METHODS = "full,vop,vop-f,vop-fc,dgl,dgl-l,mv-adapter,cma"
+TRAIN_METHODS = "full,vop,vop-f,vop-fc,dgl,dgl-l,mv-adapter,cma,lora,tempme"
 
 
 def peak_tflops(name: str) -> tuple[float | None, str]:
@@ -333,7 +334,8 @@ def encode_entry(ctx: Ctx) -> dict:
         out["image_tower"].append({"frames": n, "s": C.median(t), "frames_per_s": n / C.median(t)})
         del images
     video, _ = ctx.inputs(a.batch)
-    models = {m: vop.create_model(m, ctx.clip, frames=a.frames).eval() for m in ("zeroshot", "vop", "vop-f")}
+    # lora and tempme in eval mode: their updates merged into copies of the weights (lora: CLIP's own computation)
+    models = {m: vop.create_model(m, ctx.clip, frames=a.frames).eval() for m in ("zeroshot", "vop", "vop-f", "lora", "tempme")}
     with torch.inference_mode(), ctx.autocast():
         t = C.pick(C.time_calls({m: (lambda mm=mm: mm.encode_video(video)) for m, mm in models.items()}, a.steps,
                                 warmup=2, sync=ctx.sync), "wall")

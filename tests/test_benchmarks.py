@@ -17,7 +17,7 @@ import gpu_bench  # noqa: E402
 import port_baseline as P  # noqa: E402
 
 SCRIPTS = ["bench_params.py", "bench_train_step.py", "bench_encode.py", "bench_hf.py", "bench_port.py", "gpu_bench.py",
-           "bench_backbones.py"]
+           "bench_backbones.py", "bench_lora_tempme.py"]
 
 
 def _run(args, timeout=120):
@@ -48,7 +48,7 @@ def test_gpu_sh_cpu_tiny(tmp_path):
     errors = [(s, k, e["error"]) for s, d in S.items() for k, e in d.items() if isinstance(e, dict) and "error" in e]
     assert not errors, errors
     train = S["train"]
-    assert set(train) == {"full", "vop", "vop-f", "vop-fc", "dgl", "dgl-l", "mv-adapter", "cma"}
+    assert set(train) == {"full", "vop", "vop-f", "vop-fc", "dgl", "dgl-l", "mv-adapter", "cma", "lora", "tempme"}
     for r in train.values():
         assert r["step_s"] > 0 and r["flops"] > 0 and r["mfu"] is not None
         assert r["videos_per_s"] == pytest.approx(2 / r["step_s"])
@@ -58,7 +58,7 @@ def test_gpu_sh_cpu_tiny(tmp_path):
     for m in ("vop", "vop-f", "vop-fc"):
         assert 1.8 < train[m]["flops"] / train[m]["flops_forward"] < 2.3, m
     assert S["port"]["vop"]["agreement"]["port-mha"]["video_max_abs"] < 1e-4
-    assert {r["method"] for r in S["encode"]["throughput"]["encode_video"]} == {"zeroshot", "vop", "vop-f"}
+    assert {r["method"] for r in S["encode"]["throughput"]["encode_video"]} == {"zeroshot", "vop", "vop-f", "lora", "tempme"}
     mb = S["max_batch"]["vop"]
     assert [t["batch"] for t in mb["tries"]] == [4, 8] and mb["largest"]["batch"] == 8
     assert set(data["targets"]) >= {"vop_time_vs_full", "vop_f_time_vs_vop", "port-mha_over_ours", "vop_mfu"}
@@ -177,3 +177,20 @@ def test_train_step_tiny(tmp_path):
     assert rows["vop"]["peak_bytes"] < rows["full"]["peak_bytes"]  # no weight gradients, no Adam state for CLIP
     assert "vop_time_vs_full" in data["targets"]
     assert "<!-- BEGIN bench:train_step -->" in doc.read_text()
+
+
+def test_lora_tempme_tiny(tmp_path):
+    """bench_lora_tempme.py: the spec's image-tower multiply-adds (52.90 vs 34.70 G on ViT-B/32), encode and
+    training-step sections on the tiny backbone."""
+    out, doc = tmp_path / "l.json", tmp_path / "b.md"
+    _run([sys.executable, str(BENCH / "bench_lora_tempme.py"), "--arch", "tiny", "--frames", "4", "--repeats", "1",
+          "--rounds", "1", "--steps", "1", "--json", str(out), "--doc", str(doc)], timeout=300)
+    data = json.loads(out.read_text())
+    b32 = data["macs"][0]
+    assert b32["arch"] == "ViT-B/32" and round(b32["clip_macs"] / 1e9, 2) == 52.90 and round(b32["tempme_macs"] / 1e9, 2) == 34.70
+    assert b32["tokens_in"] == 600 and b32["tokens_out"] == 97 and abs(b32["counted_ratio"] - 0.656) < 5e-3
+    assert [r["method"] for r in data["encode"]] == ["zeroshot", "lora", "lora-unmerged", "tempme", "vop"]
+    train = {r["method"]: r for r in data["train"]}
+    assert set(train) == {"full", "vop", "lora", "tempme"} and train["full"]["time_vs_full"] == 1.0
+    assert train["lora"]["trainable"] == 4 * 8 * 64 * 4  # 2 + 2 blocks x 4rd, r = 8, width 64
+    assert "<!-- BEGIN bench:lora_tempme -->" in doc.read_text()

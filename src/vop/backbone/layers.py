@@ -188,14 +188,17 @@ class MLP(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=eps) if norm else None
         self.c_proj = nn.Linear(hidden, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, a: torch.Tensor) -> torch.Tensor:
+        """``c_fc``'s output -> ``c_proj``'s input: the activation (SwiGLU: SiLU(gate) * value, then ``norm``).
+        A method that changes the two linear maps (LoRA) runs ``c_proj(hidden(c_fc(x)))`` with its own maps."""
         if not self.swiglu:
-            return self.c_proj(self.gelu(self.c_fc(x)))
-        gate, value = self.c_fc(x).chunk(2, dim=-1)
+            return self.gelu(a)
+        gate, value = a.chunk(2, dim=-1)
         h = self.gelu(gate) * value
-        if self.norm is not None:
-            h = self.norm(h)
-        return self.c_proj(h)
+        return h if self.norm is None else self.norm(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.hidden(self.c_fc(x)))
 
 
 #: A branch on a block: ``branch(site, inp, out)`` with ``site`` "attn" or "mlp", ``inp`` the sublayer's

@@ -6,6 +6,7 @@ whole-model one Figure 1's baseline), never from method names."""
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def write_figure(path: Path, results: dict[str, Any]) -> None:
         return
     base = methods[full[0]]["summary"]["t2v"]["R1"]["mean"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    placed: list[tuple[float, float]] = []  # labelled points (x, gain)
     for name, r in methods.items():
         if name == full[0] or r["counts"]["trainable"] == 0:  # the reference itself, and zero-shot
             continue
@@ -104,7 +106,11 @@ def write_figure(path: Path, results: dict[str, Any]) -> None:
         err = r["summary"]["t2v"]["R1"]["std"]
         colour = "tab:red" if label(name).startswith("VoP") else "tab:blue"
         ax.errorbar([x], [gain], yerr=[err] if err else None, fmt="o", color=colour, capsize=3)
-        ax.annotate(label(name), (x, gain), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # a label near an earlier one moves a line up (its point is higher) or down (lower)
+        near = [pg for px, pg in placed if abs(math.log10(x / px)) < 0.08 and abs(gain - pg) < 0.8]
+        placed.append((x, gain))
+        dy = 4 + 9 * sum(1 if gain > pg else -1 for pg in near)
+        ax.annotate(label(name), (x, gain), textcoords="offset points", xytext=(5, dy), fontsize=8)
     ax.axhline(0, color="grey", lw=1, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the backbone, log scale)")

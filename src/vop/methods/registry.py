@@ -99,7 +99,10 @@ class Expected:
 
     - ``b32``: trainable parameters as the paper counts them; ``b32_uncounted``: trainable ones reported
       separately (the model's ``uncounted``).
-    - ``clip_at_init``: its embeddings equal frozen CLIP's (frames mean-pooled) before any training.
+    - ``clip_at_init``: its embeddings equal frozen CLIP's (frames mean-pooled) before any training;
+      ``text_clip_at_init``: the same of its text embeddings alone, where they differ from the video's
+      (None: as ``clip_at_init``; TempMe merges tokens in the image tower from the start, its text tower is
+      LoRA's with B = 0: CLIP).
     - ``frame_order``: its video embedding at initialisation depends on the order of the frames.
     - ``mean_pooled``: ``encode_video`` is meanP of ``encode_frames`` (each frame L2-normalised, averaged).
     - ``token_tensors``: last name parts of its token-like tensors that ``no_weight_decay()`` must list,
@@ -115,6 +118,7 @@ class Expected:
     b32: int
     b32_uncounted: int = 0
     clip_at_init: bool = True
+    text_clip_at_init: bool | None = None
     frame_order: bool = False
     mean_pooled: bool = True
     token_tensors: tuple[str, ...] = ()
