@@ -154,6 +154,27 @@ def test_faiss_ivfpq_reranks_candidates_exactly(tmp_path):
     assert recall[16] >= recall[4] >= recall[1] and recall[16] >= 0.9 and recall[0] < 1.0
 
 
+def test_indexes_written_before_stores_keep_their_search(videos, ckpts, tmp_path):
+    """An index.json without ``ann`` (written before stores) keeps exactly what it had: re-running vop index with
+    nothing changed writes nothing (same generation), its FAISS index and parameters stay, search is unchanged."""
+    pytest.importorskip("faiss", reason="pip install -e '.[index]' (faiss-cpu)")
+    q = _queries(4, 64)
+    for kind in ("exact", "ivf"):
+        out = tmp_path / kind
+        _build(videos, ckpts["vop-fc"], out, faiss=None if kind == "exact" else "ivf")
+        meta = json.loads((out / "index.json").read_text())
+        meta.pop("ann")
+        (out / "index.json").write_text(json.dumps(meta))
+        before = VideoIndex.open(out).search(q, 5)
+        r = _build(videos, ckpts["vop-fc"], out)
+        after = json.loads((out / "index.json").read_text())
+        assert r.encoded == 0 and after == meta  # untouched: same generation, same FAISS settings, no ann added
+        ix = VideoIndex.open(out)
+        assert ix.search_kind == kind and ix.store_kind == "faiss" and "store" not in after
+        s, rows = ix.search(q, 5)
+        assert np.array_equal(rows, before[1]) and np.array_equal(s, before[0])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Milvus Lite: index, search, update, delete, two prompt sets, moving between stores
 # ----------------------------------------------------------------------------------------------------
@@ -246,8 +267,15 @@ def test_milvus_lite_index_update_and_prompt_sets_equal_the_faiss_store(videos, 
         q = _queries(8, 64, seed=3)
         _same_ranking(back.search(q, 5), ix.search(q, 5, exact=True))
         _same_ranking(back.search(q, 5), ix.search(q, 5, nprobe=4))
+        # the collection changed behind the index's back (same count, one video swapped): verification says so
+        gone = ix.entries[3]
+        ix.store.delete([gone["id"]])
+        ix.store.upsert([{**gone, "id": "stranger.mp4"}], np.asarray(back.emb[3:4]))
     finally:
         ix.close()
+    with pytest.raises(DataError, match=rf"lacks 1 video\(s\) of the index \(e.g. '{gone['id']}'\)"):
+        VideoIndex.open(mil["vop-fc"])
+    VideoIndex.open(mil["vop-fc"], verify=False).close()  # the count and the marker agree: only the keys differ
 
 
 def _synthetic_milvus(path, spec, emb, ann, params=None):
