@@ -33,8 +33,8 @@ row is its line; checksummed) and the thumbnails. Search results are therefore t
 faiss store, and the model files and thumbnails are checked and served from local disk as before.
 
 **Writing** (``vop index``; rank 0 only under torchrun: the other ranks encode into ``parts/``): new and
-changed videos are upserted, removed ones deleted, the vector index rebuilt only when its kind or parameters
-change; then the collection's marker gets the new generation, then ``index.json`` does. A run interrupted in
+changed videos are upserted, removed ones deleted, the collection flushed, the vector index rebuilt only when
+its kind or parameters change; then the collection's marker gets the new generation, then ``index.json`` does. A run interrupted in
 between leaves the collection a generation ahead: opening the index says so, and running ``vop index`` again
 finishes the update (its encoded parts are kept until then). Updates are not atomic for a reader searching
 the same collection on a server meanwhile (a video may briefly show its new vector with its old metadata; a
@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from vop.errors import ConfigError, DataError
-from vop.retrieval.store import ResolvedAnn, SearchParams, StoreSpec, VectorStore
+from vop.retrieval.store import MILVUS_PORT, ResolvedAnn, SearchParams, StoreSpec, VectorStore
 
 __all__ = ["MilvusStore", "require_milvus", "video_pk", "milvus_index", "TOKEN_ENV", "MARKER", "MAX_TOPK", "FIELDS",
            "write_milvus"]
@@ -189,9 +189,7 @@ class MilvusStore(VectorStore):
         pm = require_milvus(spec)
         token = os.environ.get(TOKEN_ENV, "")
         if spec.lite is not None:
-            if spec.lite.exists() and not spec.lite.is_dir() and not create:
-                pass  # an older milvus-lite keeps a single file: let it say what it thinks of it
-            elif not spec.lite.exists():
+            if not spec.lite.exists():
                 if not create:
                     raise ConfigError(f"{spec.lite}: no such Milvus Lite file (the store of this index, {spec.uri}): "
                                       "restore it, or rebuild the index")
@@ -221,7 +219,7 @@ class MilvusStore(VectorStore):
         return ConfigError(
             f"cannot reach the Milvus server at {spec.address} (--store {spec.uri}, within {spec.timeout:g} s): {_detail(e)}. "
             f"Check that the server is running (e.g. `docker compose ps` where it was started, or "
-            f"curl http://{spec.host}:9091/healthz), that the host and port are right (Milvus listens on {19530} by "
+            f"curl http://{spec.host}:9091/healthz), that the host and port are right (Milvus listens on {MILVUS_PORT} by "
             f"default), and that this machine can reach it (firewall, VPN); a server with authentication needs the "
             f"token in {TOKEN_ENV}")
 
@@ -327,6 +325,11 @@ class MilvusStore(VectorStore):
 
     def load(self) -> None:
         self._call("load_collection", self.client.load_collection, self.name)
+
+    def flush(self) -> None:
+        """Seal what was written (durable on the server; Milvus Lite searches sealed rows much faster)."""
+        if hasattr(self.client, "flush"):
+            self._call("flush", self.client.flush, self.name)
 
     def set_marker(self, marker: dict[str, Any]) -> None:
         self._call("alter_collection_properties", self.client.alter_collection_properties, self.name,
@@ -453,9 +456,6 @@ class MilvusStore(VectorStore):
     def search_kind(self) -> str:
         return self.index["kind"]
 
-    def describe(self) -> dict[str, Any]:
-        return {"store": self.kind}
-
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
         out = self.vectors_by_id([self.entries[int(r)]["id"] for r in rows])
@@ -545,13 +545,12 @@ def write_milvus(store: MilvusStore, out: Path, target: Path, entries: list[dict
     is stored in the index's current collection (or, migrating, wherever ``fetch_old`` fetches it from);
     ``fresh``: the ids encoded by this run; ``old_ids``: the ids the index listed before."""
     from vop.retrieval.format import next_generation, write_index
-    from vop.retrieval.store import StoreSpec as _Spec
 
     spec = store.spec
     gen = next_generation(old)
     dim = int(meta["scoring"]["row_shape"][-1])
     index = milvus_index(resolved)
-    old_spec = _Spec.of(old)
+    old_spec = StoreSpec.of(old)
     marker = store.marker()
     old_uuid = (old or {}).get("store", {}).get("uuid")
     in_place = (old is not None and not rebuild and old_spec.same_place(spec) and marker is not None
@@ -589,6 +588,7 @@ def write_milvus(store: MilvusStore, out: Path, target: Path, entries: list[dict
     store.upsert([entries[i] for i in todo], arr)
     if gone:
         store.delete(gone)
+    store.flush()
     if in_place and marker.get("index") != index:
         store.set_index(index)
     store.load()

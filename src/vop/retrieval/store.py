@@ -254,10 +254,6 @@ class VectorStore:
         """What holds the rows (a file, a collection), for messages."""
         raise NotImplementedError
 
-    def describe(self) -> dict[str, Any]:
-        """What ``/api/indexes`` says of it."""
-        return {"store": self.kind}
-
     def close(self) -> None:
         """Let go of what it holds open (a connection; a Milvus Lite file's lock)."""
 
