@@ -243,9 +243,11 @@ def test_milvus_lite_index_update_and_prompt_sets_equal_the_faiss_store(videos, 
     store = ix.store
     assert isinstance(store, MilvusStore) and store.count() == 16 and store.pks(16) == {video_pk(e["id"]) for e in ix.entries}
     ix.close()
-    # nothing changed: nothing encoded, nothing written
+    # nothing changed: nothing encoded, nothing written (naming the file without a collection keeps the index's)
     assert _build(videos, ckpts["vop-fc"], mil["vop-fc"]).encoded == 0
+    assert _build(videos, ckpts["vop-f"], mil["vop-f"], store=f"milvus://{db}").store == f"milvus://{db}/vop_f"
     assert json.loads((mil["vop-fc"] / "index.json").read_text())["generation"] == 2
+    assert json.loads((mil["vop-f"] / "index.json").read_text())["generation"] == 2
     # moving an index between stores moves its vectors, encoding nothing: folder -> Milvus -> folder
     r = _build(videos, ckpts["vop-fc"], ref["vop-fc"], store=f"milvus://{db}/moved")
     assert (r.encoded, r.total) == (0, 16) and not list(ref["vop-fc"].glob("embeddings-*"))

@@ -57,7 +57,7 @@ def index_cmd(
     resolve_device(device)  # a clear error for a bad --device, before anything is loaded
     from vop.retrieval.store import StoreSpec
 
-    spec = StoreSpec.parse(store, out) if store is not None else None  # a clear error before anything is loaded
+    spec = StoreSpec.parse(store) if store is not None else None  # a clear error before anything is loaded
     params = {"nlist": nlist, "nprobe": nprobe, "m": pq_m, "rerank": rerank, "M": hnsw_m, "ef_search": ef_search}
     params = {k: v for k, v in params.items() if v is not None}
     r = build_index(videos, checkpoint, out, backbone=backbone, batch_size=batch_size, split=split, root=root, frames=frames,

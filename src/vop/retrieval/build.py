@@ -168,7 +168,7 @@ def build_index(
     try:
         flag, kind = _ann_arg(ann, faiss)
         _check_args(batch_size, thumb_frames, thumb_height, kind, flag)
-        spec_arg = StoreSpec.parse(store, out) if isinstance(store, str) else store
+        spec_arg = StoreSpec.parse(store) if isinstance(store, str) else store
         model, dev, info = _load_model(checkpoint, backbone, device, env)
         scoring = model.scoring
         if scoring.no_ann and kind in ("ivf", "ivfpq", "hnsw"):
@@ -195,7 +195,7 @@ def build_index(
         tgt = _open_target(Path(out), new_meta, env, rebuild)
         if tgt.building:
             work_dir = tgt.out
-        spec = spec_arg if spec_arg is not None else StoreSpec.of(tgt.old)
+        spec = _store_for(spec_arg, tgt.old, tgt.target)
         if scoring.no_ann and spec.is_milvus:  # a recorded Milvus store, rebuilt with such a model
             raise ConfigError(f"{out}: its rows are in {spec.uri}, which holds one vector per video, and {checkpoint} is "
                               f"a {info['method']} model that {scoring.no_ann}: pass --store faiss (with --rebuild)")
@@ -247,6 +247,22 @@ def build_index(
             writer.close()
         if own_group:
             dist.destroy_process_group()
+
+
+def _store_for(spec: StoreSpec | None, old: dict | None, target: Path) -> StoreSpec:
+    """The store a run writes into: the one asked for (a Milvus file or server without a collection name: the
+    index's collection if it is already there, else ``vop_`` + the folder's name), else the index's."""
+    if spec is None:
+        return StoreSpec.of(old)
+    if spec.is_milvus and spec.collection is None:
+        from dataclasses import replace
+
+        from vop.retrieval.store import default_collection
+
+        rec = StoreSpec.of(old)
+        same = rec.is_milvus and (rec.lite, rec.host, rec.port) == (spec.lite, spec.host, spec.port)
+        return replace(spec, collection=rec.collection if same else default_collection(target))
+    return spec
 
 
 def _ann_arg(ann: str | None, faiss: str | None) -> tuple[str, str | None]:

@@ -71,8 +71,9 @@ class StoreSpec:
     @classmethod
     def parse(cls, text: str, index: str | os.PathLike | None = None) -> "StoreSpec":
         """``faiss``, ``milvus:///PATH/FILE.db[/COLLECTION]`` (a relative ``milvus://FILE.db`` is taken from the
-        current folder) or ``milvus://HOST[:PORT][/COLLECTION]``; without a collection, ``index``'s
-        (:func:`default_collection`). A ConfigError naming the forms otherwise."""
+        current folder) or ``milvus://HOST[:PORT][/COLLECTION]``; without a collection: ``index``'s
+        (:func:`default_collection`), or None when no ``index`` is given (``build_index`` then keeps the index's
+        collection in that file or server, or takes the folder's). A ConfigError naming the forms otherwise."""
         if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"--store: give one of {STORE_FORMS}")
         text = text.strip()
