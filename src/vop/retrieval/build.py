@@ -42,9 +42,9 @@ import torch
 from vop.errors import CheckpointError, ConfigError, DataError, MissingDependencyError, VopError
 from vop.retrieval.encode import EncodeSettings, encode_share, nonfinite_error, read_parts
 from vop.retrieval.format import StoredScoring, building_path, read_index, read_meta, write_index
-from vop.retrieval.store import ANN_CHOICES, AnnChoice, ResolvedAnn, StoreSpec
 from vop.retrieval.provenance import checkpoint_info, load_index_model
 from vop.retrieval.sources import Source, file_signature, list_sources, same_file
+from vop.retrieval.store import ANN_CHOICES, AnnChoice, ResolvedAnn, StoreSpec
 
 __all__ = ["build_index", "BuildReport"]
 
@@ -228,7 +228,7 @@ def build_index(
         report.failed = {i: e["error"] for i, e in merged.failed.items()}
         run = {"world_size": env.world_size, "encoded_per_rank": counts, "device": str(dev), "batch_size": batch_size}
         written = _write(tgt, plan, merged, new_meta, run, videos=videos, split=split, rebuild=rebuild,
-                         removed=report.removed, ann=kind, flag=flag, faiss_params=faiss_params, no_ann=scoring.no_ann,
+                         removed=report.removed, ann=kind, faiss_params=faiss_params, no_ann=scoring.no_ann,
                          spec=spec, writer=writer)
         report.faiss, report.ann = written.get("faiss"), written.get("ann")
         report.seconds = time.perf_counter() - t0
@@ -552,7 +552,7 @@ def _fetcher(old: dict | None, spec: StoreSpec):
 
 
 def _write(tgt: _Target, plan: _Plan, merged: _Merged, new_meta: dict[str, Any], run: dict[str, Any], *,
-           videos: str | os.PathLike, split: str, rebuild: bool, removed: int, ann: str | None, flag: str = "--ann",
+           videos: str | os.PathLike, split: str, rebuild: bool, removed: int, ann: str | None,
            faiss_params: dict[str, Any] | None, no_ann: str | None = None, spec: StoreSpec = StoreSpec(),
            writer: Any = None) -> dict[str, Any]:
     """Phase 6 (rank 0): write the next generation if anything changed (into the folder, or the Milvus
@@ -561,7 +561,7 @@ def _write(tgt: _Target, plan: _Plan, merged: _Merged, new_meta: dict[str, Any],
     why the model's scoring has no approximate index (a kept or asked-for one is then dropped, with a
     warning)."""
     old = tgt.old
-    choice = _choice(old, None if ann is None else ann, faiss_params)
+    choice = _choice(old, ann, faiss_params)
     dim = int(new_meta["scoring"]["row_shape"][-1])
     n = len(merged.entries)
     if no_ann:
