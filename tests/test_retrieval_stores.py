@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,6 +104,9 @@ def test_store_spec_and_auto_choice(tmp_path):
     s = StoreSpec.parse("milvus://10.0.0.5:19531/prompts_a")
     assert (s.host, s.port, s.collection, s.lite, s.address) == ("10.0.0.5", 19531, "prompts_a", None, "10.0.0.5:19531")
     assert StoreSpec.parse("milvus://db.example.org/x").port == 19530
+    # the short form of a Lite file: milvus:FILE.db (relative to the current folder) and milvus:/ABS/FILE.db
+    assert StoreSpec.parse(f"milvus:{tmp_path}/a.db/fc") == StoreSpec.parse(f"milvus://{tmp_path}/a.db/fc")
+    assert StoreSpec.parse("milvus:rel.db").lite == Path(os.path.abspath("rel.db"))
     assert StoreSpec.of({"store": s.record()}) == s and StoreSpec.of({}) == StoreSpec()
     for bad, why in (("milvus", "URI"), ("milvus://h:99999/x", "not a Milvus address"), ("sqlite://x", "unknown store"),
                      ("milvus://u:p@h:1/x", "VOP_MILVUS_TOKEN"), ("milvus://h:1/9bad", "collection name")):
@@ -280,6 +284,136 @@ def test_milvus_lite_index_update_and_prompt_sets_equal_the_faiss_store(videos, 
     VideoIndex.open(mil["vop-fc"], verify=False).close()  # the count and the marker agree: only the keys differ
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url, timeout=30):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.headers.get("content-type", ""), r.read()
+
+
+def test_console_script_index_search_serve_reindex_on_a_milvus_lite_file(videos, ckpts, tmp_path):
+    """What a user types, through the vop console script: ``vop index --store milvus:FILE.db/COLLECTION`` for two
+    prompt sets over one backbone (two collections of one Lite file), ``vop search`` and ``vop serve`` (an HTTP
+    query through the served app) on them give the faiss store's ids and scores (exact search); re-running
+    ``vop index`` after adding, changing and removing videos is an upsert and a delete in the collection (and a
+    new generation in the folder), with the same results again."""
+    pytest.importorskip("uvicorn", reason="pip install -e '.[serve]'")
+    from vop.retrieval import Searcher
+    from vop.retrieval.milvus import MilvusStore, video_pk
+
+    db = tmp_path / "videos.db"
+    sets = {"fc": "vop-fc", "f": "vop-f"}
+    mil = {n: tmp_path / f"mil-{n}" for n in sets}
+    ref = {n: tmp_path / f"ref-{n}" for n in sets}
+    queries = ["a red circle moves left", "a blue square appears", "something green moves up"]
+    (tmp_path / "q.txt").write_text("\n".join(queries) + "\n")
+    common = ("--image-size", "32", "-j", "0", "-q")
+
+    def index(n, *extra):
+        r = _run("index", "--videos", videos, "--checkpoint", ckpts[sets[n]], "--out", mil[n], *common, *extra)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        return r.stdout
+
+    def same_as_faiss(n, hits, q, k):
+        want = Searcher.open(ref[n]).search([q], k=k)[0]
+        assert [h["id"] for h in hits] == [h["id"] for h in want], (hits, want)
+        assert np.allclose([h["score"] for h in hits], [h["score"] for h in want], atol=1e-5)
+        assert [h["rank"] for h in hits] == list(range(1, len(want) + 1))
+        assert [h["row"] for h in hits] == [h["row"] for h in want]  # the same video list, the same rows
+
+    def check_search(n, k):
+        r = _run("search", mil[n], "--queries", tmp_path / "q.txt", "-k", k, "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        lines = [json.loads(x) for x in r.stdout.splitlines()]
+        assert [x["query"] for x in lines] == queries and {x["search"] for x in lines} == {"exact"}
+        for x in lines:
+            same_as_faiss(n, x["results"], x["query"], k)
+
+    def collections():
+        counts = {}
+        for n in sets:
+            st = MilvusStore.connect(StoreSpec.parse(f"milvus://{db}/{n}"))
+            try:
+                st.load()
+                counts[n] = (st.count(), st.pks())
+            finally:
+                st.close()
+        return counts
+
+    for n in sets:
+        out = index(n, "--store", f"milvus:{db}/{n}")
+        assert "16 videos (16 encoded, 0 unchanged, 0 removed" in out and f"store milvus://{db}/{n}: exact search" in out, out
+        _build(videos, ckpts[sets[n]], ref[n])
+        assert json.loads((mil[n] / "index.json").read_text())["store"]["uri"] == f"milvus://{db}/{n}"
+    assert db.exists() and {n: c[0] for n, c in collections().items()} == {"fc": 16, "f": 16}
+    check_search("fc", 40)  # k > N: every video, ranked exactly
+    check_search("f", 5)
+    # vop serve: both prompt sets from one Lite file, one CLIP; an HTTP query equals the faiss store's search
+    port = _free_port()
+    serve = subprocess.Popen([VOP, "serve", f"fc={mil['fc']}", f"f={mil['f']}", "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 180
+        while True:
+            try:
+                status, _, body = _get(f"{base}/api/indexes", timeout=5)
+                break
+            except OSError:
+                assert serve.poll() is None and time.monotonic() < deadline, serve.communicate(timeout=30)[1][-3000:]
+                time.sleep(0.5)
+        desc = json.loads(body)
+        assert [(d["name"], d["store"], d["search"], d["videos"], d["shared_backbone"]) for d in desc["indexes"]] == [
+            ("fc", "milvus", "exact", 16, True), ("f", "milvus", "exact", 16, True)]
+        from urllib.parse import quote
+
+        for n in sets:
+            for q in queries[:2]:
+                status, ctype, body = _get(f"{base}/api/search?q={quote(q)}&k=5&index={n}")
+                ans = json.loads(body)
+                assert status == 200 and ans["search"] == "exact" and ans["index"] == n and ans["total"] == 16
+                same_as_faiss(n, ans["results"], q, 5)
+        status, ctype, body = _get(f"{base}/thumb/fc/{ans['results'][0]['row']}")
+        assert status == 200 and ctype.startswith("image/") and len(body) > 100  # thumbnails stay in the folder
+        status, ctype, body = _get(f"{base}/video/f/{ans['results'][0]['row']}")
+        assert status == 200 and body == (videos / ans["results"][0]["id"]).read_bytes()
+    finally:
+        serve.terminate()
+        out, err = serve.communicate(timeout=60)
+    assert "Traceback" not in err, err[-3000:]
+    assert "fc: 16 videos" in out and f"exact search in milvus://{db}/fc (collection fc)" in out, out
+    # re-running vop index: one video added, one changed, one removed: upserts and a delete in each collection
+    before = collections()
+    shutil.copy(videos / "test00000.mp4", videos / "zz_new.mp4")
+    shutil.copy(videos / "test00005.mp4", videos / "test00001.mp4")
+    (videos / "test00003.mp4").unlink()
+    for n in sets:
+        out = index(n)  # no --store: the index's store is kept
+        assert "16 videos (2 encoded, 14 unchanged, 1 removed" in out and f"store milvus://{db}/{n}" in out, out
+        _build(videos, ckpts[sets[n]], ref[n])
+        assert json.loads((mil[n] / "index.json").read_text())["generation"] == 2
+    after = collections()
+    for n in sets:
+        count, pks = after[n]
+        assert count == 16 and pks == before[n][1] - {video_pk("test00003.mp4")} | {video_pk("zz_new.mp4")}
+        check_search(n, 16)
+    ix = VideoIndex.open(mil["fc"])
+    try:
+        row = {e["id"]: i for i, e in enumerate(ix.entries)}
+        assert np.allclose(ix.emb[row["test00001.mp4"]], ix.emb[row["test00005.mp4"]], atol=1e-6)  # changed: re-encoded
+        assert np.allclose(ix.emb[row["zz_new.mp4"]], ix.emb[row["test00000.mp4"]], atol=1e-6)
+    finally:
+        ix.close()
+    # nothing changed: nothing encoded, nothing written
+    assert "(0 encoded, 16 unchanged, 0 removed" in index("fc")
+    assert json.loads((mil["fc"] / "index.json").read_text())["generation"] == 2
+
+
 def _synthetic_milvus(path, spec, emb, ann, params=None):
     """An index in a Milvus store from given embeddings (as write_index does for the folder)."""
     from vop.retrieval.milvus import open_for_write, write_milvus
@@ -375,7 +509,9 @@ def test_milvus_server_port_same_code_path_and_concurrent_processes(videos, ckpt
     t = time.monotonic()
     r = _run("search", tmp_path / "ix", "a red circle", "-k", "3")
     _refused(r, f"127.0.0.1:{port}", "running")
-    assert time.monotonic() - t < 60
+    r = _run("serve", tmp_path / "ix", "--port", _free_port())
+    _refused(r, f"127.0.0.1:{port}", "running")
+    assert time.monotonic() - t < 120
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,14 +536,18 @@ def test_store_errors_through_the_console_script(videos, ckpts, tmp_path):
         _refused(r, "pip install 'vop[milvus]'", missing.replace("_", "-"))
         assert not (tmp_path / "o2").exists()
     # a bad --store, and a pairwise model (per-frame rows) for the Milvus store
-    r = _run("index", "--videos", videos, *common, "--out", tmp_path / "o3", "--store", "milvus:/x.db")
-    _refused(r, "--store", "milvus:///PATH/FILE.db")
+    r = _run("index", "--videos", videos, *common, "--out", tmp_path / "o3", "--store", "milvus:x")
+    _refused(r, "--store", "milvus:///PATH/FILE.db", "milvus:FILE.db")
     r = _run("index", "--videos", videos, "--checkpoint", ckpts["cma"], "--image-size", "32", "-j", "0", "-q",
              "--out", tmp_path / "o4", "--store", f"milvus://{tmp_path}/x.db")
     _refused(r, "one vector per video", "--store faiss")
     # a Milvus Lite file open in another process: named, with what to do
     db = tmp_path / "s.db"
     assert _build(videos, ckpts["vop-fc"], tmp_path / "ix", store=f"milvus://{db}/c").total == 16
+    # an index in a Milvus store opened where pymilvus is missing: vop search and vop serve name the pip command
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow-pymilvus"), os.environ.get("PYTHONPATH", "")])}
+    _refused(_run("search", tmp_path / "ix", "a red circle", env=env), "pip install 'vop[milvus]'", "pymilvus")
+    _refused(_run("serve", tmp_path / "ix", "--port", _free_port(), env=env), "pip install 'vop[milvus]'", "pymilvus")
     holder = subprocess.Popen([sys.executable, "-c", f"from pymilvus import MilvusClient; MilvusClient({str(db)!r}); "
                                "print('open', flush=True); import time; time.sleep(120)"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -451,33 +591,46 @@ def test_pairwise_models_keep_the_folder_store(world, ckpts, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # torchrun, 2 nodes x 1 process on this machine (one rendezvous on localhost), into one Milvus Lite file
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("store", ["milvus", "faiss"])
-def test_torchrun_two_nodes_equal_one_process(videos, ckpts, tmp_path, store):
-    """Two nodes x one process (``--nnodes 2 --node_rank R``, a static rendezvous on 127.0.0.1): each encodes half,
-    rank 0 merges and writes into one Milvus Lite file (the only process that opens it) or the folder."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+@pytest.mark.parametrize("store,rdzv", [("milvus", "c10d"), ("faiss", "static")])
+def test_torchrun_two_nodes_equal_one_process(videos, ckpts, tmp_path, store, rdzv):
+    """Two nodes x one process (``--nnodes 2 --node_rank R``, two launchers, one rendezvous on 127.0.0.1: torchrun's
+    c10d rendezvous backend, as on a cluster, or the static one with ``--master_addr``), gloo on the CPU: each
+    encodes half, rank 0 merges and writes into one Milvus Lite file (the only process that opens it) or the
+    folder; the same rows and embeddings as one process."""
+    port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     db = tmp_path / "cluster.db"
     out = tmp_path / "multi"
+    rendezvous = (["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "vop-test"]
+                  if rdzv == "c10d" else ["--master_addr", "127.0.0.1", "--master_port", str(port)])
     cmd = lambda rank: [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),  # noqa: E731
-                        "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m",
+                        "--nproc_per_node", "1", *rendezvous, "-m",
                         "vop.cli.main", "index", "--videos", str(videos), "--checkpoint", str(ckpts["vop-fc"]),
                         "--out", str(out), "--store", f"milvus://{db}/multi" if store == "milvus" else "faiss",
                         "--image-size", "32", "--batch-size", "3",
                         "-j", "0", "-q"]
+    t = time.monotonic()
     nodes = [subprocess.Popen(cmd(r), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in (0, 1)]
     outs = [p.communicate(timeout=300) for p in nodes]
+    print(f"torchrun 2 nodes x 1 process ({rdzv} rendezvous, {store} store): {time.monotonic() - t:.1f} s")
     assert [p.returncode for p in nodes] == [0, 0], [o[1][-3000:] for o in outs]
-    assert "16 videos (16 encoded" in outs[0][0] and outs[1][0] == ""  # rank 0 merges, writes and reports
+    # global rank 0 merges, writes and reports (with c10d, the rendezvous decides which launcher holds it)
+    reports = sorted(outs, key=lambda o: o[0] == "")
+    assert "16 videos (16 encoded" in reports[0][0] and reports[1][0] == "", outs
+    if rdzv == "static":
+        assert reports[0] is outs[0]  # --node_rank 0 holds rank 0
     multi = VideoIndex.open(out)
     try:
         assert multi.meta["last_run"]["encoded_per_rank"] == [8, 8] and multi.meta["last_run"]["world_size"] == 2
         assert multi.store_kind == store
+        if store == "milvus":
+            assert multi.meta["store"]["lite"] == str(db) and multi.meta["store"]["collection"] == "multi"
         _build(videos, ckpts["vop-fc"], tmp_path / "single", batch_size=4)
         single = VideoIndex.open(tmp_path / "single")
         assert [e["id"] for e in multi.entries] == [e["id"] for e in single.entries]
+        assert multi.entries == single.entries  # the same rows: ids, paths, metadata, thumbnails
         assert np.allclose(multi.emb, single.emb, atol=1e-6)
+        q = _queries(6, 64)
+        _same_ranking(multi.search(q, 5), single.search(q, 5))
     finally:
         multi.close()

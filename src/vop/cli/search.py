@@ -24,7 +24,7 @@ def index_cmd(
     content_hash: bool = typer.Option(False, "--hash", help="Detect changed videos by SHA-256 of their bytes (default: size + mtime)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-encode every video (e.g. after changing the checkpoint)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the videos that could not be read last time."),
-    store: Optional[str] = typer.Option(None, "--store", help="Where the vectors go: faiss (the index folder; the default for a new index), milvus:///PATH/FILE.db[/COLLECTION] (a Milvus Lite file) or milvus://HOST[:PORT][/COLLECTION] (a Milvus server or cluster). Default: keep the index's. Another store moves the vectors there without encoding again."),
+    store: Optional[str] = typer.Option(None, "--store", help="Where the vectors go: faiss (the index folder; the default for a new index), milvus:///PATH/FILE.db[/COLLECTION] or milvus:FILE.db[/COLLECTION] (a Milvus Lite file) or milvus://HOST[:PORT][/COLLECTION] (a Milvus server or cluster). Default: keep the index's. Another store moves the vectors there without encoding again."),
     ann: Optional[str] = typer.Option(None, "--ann", help="Approximate index, in either store: auto (exact below 250,000 videos, then IVF-Flat, IVF-PQ from 4M; the default for a new index), exact (none), ivf, ivfpq or hnsw. Default: keep the index's. Not for models without one vector per video (cma's query score): their search is always exact."),
     faiss: Optional[str] = typer.Option(None, "--faiss", help="The older name of --ann."),
     nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default sqrt(N); 4 sqrt(N) for ivfpq)."),

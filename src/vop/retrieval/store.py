@@ -44,8 +44,9 @@ EXACT_BELOW = 250_000
 PQ_FROM = 4_000_000
 #: Milvus's default port
 MILVUS_PORT = 19530
-STORE_FORMS = ("faiss (the default: rows in the index folder), milvus:///PATH/FILE.db[/COLLECTION] (a Milvus Lite "
-               "file), milvus://HOST[:PORT][/COLLECTION] (a Milvus server or cluster; port 19530 by default)")
+STORE_FORMS = ("faiss (the default: rows in the index folder), milvus:///PATH/FILE.db[/COLLECTION] or "
+               "milvus:FILE.db[/COLLECTION] (a Milvus Lite file), milvus://HOST[:PORT][/COLLECTION] (a Milvus server "
+               "or cluster; port 19530 by default)")
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
@@ -71,7 +72,7 @@ class StoreSpec:
     @classmethod
     def parse(cls, text: str, index: str | os.PathLike | None = None) -> "StoreSpec":
         """``faiss``, ``milvus:///PATH/FILE.db[/COLLECTION]`` (a relative ``milvus://FILE.db`` is taken from the
-        current folder) or ``milvus://HOST[:PORT][/COLLECTION]``; without a collection: ``index``'s
+        current folder; ``milvus:FILE.db`` and ``milvus:/PATH/FILE.db`` are short for those) or ``milvus://HOST[:PORT][/COLLECTION]``; without a collection: ``index``'s
         (:func:`default_collection`), or None when no ``index`` is given (``build_index`` then keeps the index's
         collection in that file or server, or takes the folder's). A ConfigError naming the forms otherwise."""
         if not isinstance(text, str) or not text.strip():
@@ -79,6 +80,11 @@ class StoreSpec:
         text = text.strip()
         if text == "faiss":
             return cls()
+        short = text[len("milvus:"):] if text.startswith("milvus:") and not text.startswith("milvus://") else None
+        if short is not None and any(p.endswith(".db") and len(p) > 3 for p in short.split("/")):
+            # the short form of a Lite file: milvus:FILE.db[/COLLECTION] (relative to the current folder) or
+            # milvus:/ABS/FILE.db: the same as milvus://FILE.db and milvus:///ABS/FILE.db
+            text = "milvus://" + short
         if not text.startswith("milvus://"):
             hint = " (a Milvus store is a URI: milvus:///PATH/FILE.db or milvus://HOST:PORT)" if text.startswith("milvus") else ""
             raise ConfigError(f"--store {text!r}: unknown store{hint}; use one of {STORE_FORMS}")
