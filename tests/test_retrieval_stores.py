@@ -409,9 +409,6 @@ def test_console_script_index_search_serve_reindex_on_a_milvus_lite_file(videos,
         assert np.allclose(ix.emb[row["zz_new.mp4"]], ix.emb[row["test00000.mp4"]], atol=1e-6)
     finally:
         ix.close()
-    # nothing changed: nothing encoded, nothing written
-    assert "(0 encoded, 16 unchanged, 0 removed" in index("fc")
-    assert json.loads((mil["fc"] / "index.json").read_text())["generation"] == 2
 
 
 def _synthetic_milvus(path, spec, emb, ann, params=None):
