@@ -20,6 +20,12 @@ Sections (each can be skipped with --skip NAME):
   at concurrency C (alternating prompt sets), plus malformed requests; p50/p99 latency, errors.
 - ``memory``: resident memory of a process serving one vs two ViT-B/32 prompt sets (shared backbone),
   and two prompt sets each with its own backbone (what sharing saves).
+- ``stores``: the same embeddings (``--dim``, ``--data``) in the faiss store (the index folder, exact search)
+  and the Milvus store in a Milvus Lite file (``vop[milvus]``), through ``VideoIndex`` (what ``vop search``
+  runs): writing the collection (videos/s), opening the index (with and without the key check), one query at
+  a time with FLAT (exact: recall and largest score difference against the faiss store), IVF_FLAT (nlist
+  sqrt(N), nprobe 8/32/128; index build time) and HNSW (M 32, ef 64/128/256; up to ``--milvus-hnsw-max``).
+  ``--only stores --json docs/bench/bench_stores.json`` runs just this section.
 
 Everything runs on this machine only; the load test talks to 127.0.0.1 and stops by itself.
 """
@@ -394,6 +400,140 @@ def bench_memory(args, tmp: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------
+def _milvus_index(path: Path, uri: str, emb: np.ndarray) -> float:
+    """An index in a Milvus store over ``emb`` (FLAT: exact), as ``vop index --store`` writes it; seconds taken."""
+    from vop.retrieval.milvus import open_for_write, write_milvus
+    from vop.retrieval.store import AnnChoice, StoreSpec
+
+    entries = [{"id": f"v{i}.mp4", "path": f"/videos/v{i}.mp4", "size": 1_000_000, "mtime_ns": i, "duration": 10.0}
+               for i in range(len(emb))]
+    meta = {"model": {"checkpoint_sha256": "0" * 64}, "settings": {},
+            "scoring": {"kind": "cosine", "row_shape": [emb.shape[1]], "ann": True}}
+    t = time.perf_counter()
+    store = open_for_write(StoreSpec.parse(uri), path, None, False)
+    try:
+        write_milvus(store, path, path, entries, list(emb), {e["id"] for e in entries}, set(), meta, None,
+                     AnnChoice("exact").resolve(len(emb), emb.shape[1]), rebuild=False, fetch_old=lambda ids: None)
+    finally:
+        store.close()
+    return time.perf_counter() - t
+
+
+def _time_store(ix, queries, truth, picks, nq, k, ref_scores=None, **params):
+    """One query at a time through ``VideoIndex.search``: latency, recall@10 against exact, per query kind."""
+    res = {}
+    for kind, q in queries.items():
+        lat, rows, scores = [], [], []
+        for i in range(nq):
+            t = time.perf_counter()
+            s, rr = ix.search(q[i:i + 1], k, **params)
+            lat.append(time.perf_counter() - t)
+            rows.append(rr[0])
+            scores.append(s[0])
+        rows = np.stack(rows)
+        res[kind] = {"recall10": _recall(truth[kind], rows), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+        if ref_scores is not None:
+            res[kind]["max_score_diff"] = float(np.abs(np.stack(scores) - ref_scores[kind]).max())
+            res[kind]["same_rows"] = bool(np.array_equal(rows, truth[kind]))
+        if kind == "near":
+            res[kind]["match_found"] = float(np.mean([p in rr for p, rr in zip(picks, rows)]))
+    return res
+
+
+def bench_stores(args, tmp: Path) -> dict:
+    """The faiss store and a Milvus Lite file, same embeddings, through VideoIndex (the vop search path)."""
+    import milvus_lite
+    import pymilvus
+
+    from vop.retrieval import VideoIndex
+    from vop.retrieval.milvus import milvus_index
+    from vop.retrieval.store import AnnChoice
+    from vop.scoring import CosineScoring
+
+    cosine = CosineScoring()
+    d, k, nq = args.dim, 10, args.search_queries
+    out: dict = {"pymilvus": pymilvus.__version__, "milvus_lite": milvus_lite.__version__, "data": args.data,
+                 "torch_threads": torch.get_num_threads()}
+    for n in args.sizes:
+        log(f"--- stores: {n:,} x {d}, {args.data} ---")
+        emb = random_unit(n, d, seed=n) if args.data == "uniform" else clustered_unit(n, d, seed=n)
+        g = np.random.default_rng(1)
+        picks = g.integers(0, n, nq)
+        noise = g.standard_normal((nq, d), dtype=np.float32)
+        noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+        near = emb[picks] + 1.0 * noise
+        near /= np.linalg.norm(near, axis=1, keepdims=True)
+        queries = {"near": near.astype(np.float32), "uniform": random_unit(nq, d, seed=7)}
+        entries = [{"id": f"v{i}.mp4", "path": f"/videos/v{i}.mp4"} for i in range(n)]
+        r: dict = {"n": n, "dim": d, "queries": nq}
+        t = time.perf_counter()
+        write_index(tmp / f"faiss-{n}", emb, entries, {"model": {}, "settings": {}})
+        r["faiss_write_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ref = VideoIndex.open(tmp / f"faiss-{n}")
+        r["faiss_open_s"] = time.perf_counter() - t
+        truth, ref_scores, lat = {}, {}, []
+        for kind, q in queries.items():
+            rows, scores = [], []
+            for i in range(nq):
+                t = time.perf_counter()
+                s, rr = ref.search(q[i:i + 1], k)
+                lat.append(time.perf_counter() - t)
+                rows.append(rr[0])
+                scores.append(s[0])
+            truth[kind], ref_scores[kind] = np.stack(rows), np.stack(scores)
+        r["faiss_exact"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+        log(f"faiss store, exact: p50 {pct(lat, 50):.2f} ms  p99 {pct(lat, 99):.2f} ms")
+        del ref
+        path, uri = tmp / f"milvus-{n}", f"milvus://{tmp / 'stores.db'}/bench_{n}"
+        secs = _milvus_index(path, uri, emb)
+        r["milvus_write_s"], r["milvus_write_videos_per_s"] = secs, n / secs
+        log(f"milvus lite: written in {secs:.1f} s ({n / secs:,.0f} videos/s)")
+        for verify in (True, False):
+            t = time.perf_counter()
+            ix = VideoIndex.open(path, verify=verify)
+            r[f"milvus_open_s/verify={verify}"] = time.perf_counter() - t
+            if not verify:
+                break
+            ix.close()
+        log(f"  open: {r['milvus_open_s/verify=True']:.2f} s verified (keys compared), {r['milvus_open_s/verify=False']:.2f} s not")
+        try:
+            res = r["milvus_flat"] = _time_store(ix, queries, truth, picks, nq, k, ref_scores)
+            log(f"  FLAT: near R@10 {res['near']['recall10']:.3f} p50 {res['near']['p50_ms']:.2f} ms p99 {res['near']['p99_ms']:.2f} ms, "
+                f"max |score diff| {max(res[x]['max_score_diff'] for x in res):.2e}")
+            resolved = AnnChoice("ivf").resolve(n, d)
+            t = time.perf_counter()
+            ix.store.set_index(milvus_index(resolved))
+            ix.store.search(cosine, torch.from_numpy(queries["near"][:1]), k)  # the first search builds what is left
+            ix.store.index = {"kind": "ivf", "params": dict(resolved.params)}
+            r["milvus_ivf"] = {"build_s": time.perf_counter() - t, "nlist": resolved.params["nlist"], "by_nprobe": {}}
+            log(f"  IVF_FLAT nlist {resolved.params['nlist']}: built in {r['milvus_ivf']['build_s']:.1f} s")
+            for nprobe in (8, 32, 128):
+                res = r["milvus_ivf"]["by_nprobe"][nprobe] = _time_store(ix, queries, truth, picks, nq, k, nprobe=nprobe)
+                log(f"    nprobe {nprobe}: near R@10 {res['near']['recall10']:.3f} (match {res['near']['match_found']:.2f}) "
+                    f"p50 {res['near']['p50_ms']:.2f} ms | uniform R@10 {res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.2f} ms")
+            if n <= args.milvus_hnsw_max:
+                resolved = AnnChoice("hnsw").resolve(n, d)
+                t = time.perf_counter()
+                ix.store.set_index(milvus_index(resolved))
+                ix.store.search(cosine, torch.from_numpy(queries["near"][:1]), k)
+                ix.store.index = {"kind": "hnsw", "params": dict(resolved.params)}
+                r["milvus_hnsw"] = {"build_s": time.perf_counter() - t, "M": resolved.params["M"], "by_ef": {}}
+                log(f"  HNSW M {resolved.params['M']}: built in {r['milvus_hnsw']['build_s']:.1f} s")
+                for ef in (64, 128, 256):
+                    res = r["milvus_hnsw"]["by_ef"][ef] = _time_store(ix, queries, truth, picks, nq, k, ef_search=ef)
+                    log(f"    ef {ef}: near R@10 {res['near']['recall10']:.3f} p50 {res['near']['p50_ms']:.2f} ms | "
+                        f"uniform R@10 {res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.2f} ms")
+            else:
+                r["milvus_hnsw"] = {"skipped": f"above --milvus-hnsw-max {args.milvus_hnsw_max}"}
+        finally:
+            ix.close()
+        out[str(n) if args.data == "uniform" else f"{args.data}/{n}"] = r
+        del emb
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -409,7 +549,10 @@ def main(argv=None):
     ap.add_argument("--load-queries", type=int, default=1000)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--memory-videos", type=int, default=10_000)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["encode", "search", "build", "load", "memory"])
+    ap.add_argument("--milvus-hnsw-max", type=int, default=10_000, help="largest size with a Milvus HNSW build")
+    sections = ["encode", "search", "build", "load", "memory", "stores"]
+    ap.add_argument("--skip", nargs="*", default=[], choices=sections)
+    ap.add_argument("--only", nargs="*", default=None, choices=sections, help="run only these sections")
     ap.add_argument("--json", default=str(ROOT / "docs" / "bench" / "bench_search.json"), help="where to write the numbers")
     args = ap.parse_args(argv)
     res = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
@@ -423,8 +566,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         tmp = Path(tmp)
         for name, fn in (("encode", bench_encode), ("memory", bench_memory), ("load", bench_load), ("build", bench_build),
-                         ("search", bench_search)):
-            if name in args.skip:
+                         ("search", bench_search), ("stores", bench_stores)):
+            if name in args.skip or (args.only is not None and name not in args.only):
                 continue
             t = time.perf_counter()
             res[name] = fn(args, tmp)

@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # every package that vop does not need for its models and training (tqdm and pyyaml are needed)
-OPTIONAL = ["av", "ftfy", "instant_clip_tokenizer", "fastapi", "uvicorn", "starlette", "faiss", "matplotlib",
-            "tensorboard", "transformers", "typer", "rich", "click", "PIL"]
+OPTIONAL = ["av", "ftfy", "instant_clip_tokenizer", "fastapi", "uvicorn", "starlette", "faiss", "pymilvus", "milvus_lite",
+            "matplotlib", "tensorboard", "transformers", "typer", "rich", "click", "PIL"]
 
 
 def _child(code: str, blocked: list[str], timeout: int = 240) -> subprocess.CompletedProcess:

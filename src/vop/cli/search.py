@@ -24,9 +24,13 @@ def index_cmd(
     content_hash: bool = typer.Option(False, "--hash", help="Detect changed videos by SHA-256 of their bytes (default: size + mtime)."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Re-encode every video (e.g. after changing the checkpoint)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try again the videos that could not be read last time."),
-    faiss: Optional[str] = typer.Option(None, "--faiss", help="Also build an approximate index: ivf or hnsw (none removes it; default: keep). Not for models without one vector per video (cma's query score): their search is always exact."),
-    nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default sqrt(N))."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists scanned per query (default 32)."),
+    store: Optional[str] = typer.Option(None, "--store", help="Where the vectors go: faiss (the index folder; the default for a new index), milvus:///PATH/FILE.db[/COLLECTION] or milvus:FILE.db[/COLLECTION] (a Milvus Lite file) or milvus://HOST[:PORT][/COLLECTION] (a Milvus server or cluster). Default: keep the index's. Another store moves the vectors there without encoding again."),
+    ann: Optional[str] = typer.Option(None, "--ann", help="Approximate index, in either store: auto (exact below 250,000 videos, then IVF-Flat, IVF-PQ from 4M; the default for a new index), exact (none), ivf, ivfpq or hnsw. Default: keep the index's. Not for models without one vector per video (cma's query score): their search is always exact."),
+    faiss: Optional[str] = typer.Option(None, "--faiss", help="The older name of --ann."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default sqrt(N); 4 sqrt(N) for ivfpq)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists scanned per query (default 32, more above 512 lists; 64 for ivfpq)."),
+    pq_m: Optional[int] = typer.Option(None, "--pq-m", help="IVF-PQ: sub-quantizers, a divisor of the dimension (default D/8)."),
+    rerank: Optional[int] = typer.Option(None, "--rerank", help="IVF-PQ: candidates per result re-scored exactly (k x rerank; default 4, 0: none)."),
     hnsw_m: Optional[int] = typer.Option(None, "--hnsw-m", help="HNSW links per node (default 32)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth (default 128)."),
     thumb_frames: int = typer.Option(5, "--thumb-frames", help="Frames in each thumbnail strip."),
@@ -45,17 +49,21 @@ def index_cmd(
                          ("--image-size", image_size, 1, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
                          ("--workers", workers, 0, limits.MAX_WORKERS),
                          ("--nlist", nlist, 1, limits.MAX_ANN), ("--nprobe", nprobe, 1, limits.MAX_ANN),
+                         ("--pq-m", pq_m, 1, 4096), ("--rerank", rerank, 0, 1024),
                          ("--hnsw-m", hnsw_m, 2, 1024), ("--ef-search", ef_search, 1, limits.MAX_ANN),
                          ("--thumb-frames", thumb_frames, 1, limits.MAX_FRAMES, limits.WHY_FRAMES),
                          ("--thumb-height", thumb_height, 2, limits.MAX_IMAGE_SIZE, limits.WHY_IMAGE),
                          ("--max-words", max_words, 3, limits.MAX_CONTEXT))
     resolve_device(device)  # a clear error for a bad --device, before anything is loaded
-    params = {"nlist": nlist, "nprobe": nprobe, "M": hnsw_m, "ef_search": ef_search}
+    from vop.retrieval.store import StoreSpec
+
+    spec = StoreSpec.parse(store) if store is not None else None  # a clear error before anything is loaded
+    params = {"nlist": nlist, "nprobe": nprobe, "m": pq_m, "rerank": rerank, "M": hnsw_m, "ef_search": ef_search}
     params = {k: v for k, v in params.items() if v is not None}
     r = build_index(videos, checkpoint, out, backbone=backbone, batch_size=batch_size, split=split, root=root, frames=frames,
                     image_size=image_size, max_words=max_words, num_workers=workers, device=device, content_hash=content_hash,
-                    rebuild=rebuild, retry_failed=retry_failed, faiss=faiss, faiss_params=params or None,
-                    thumb_frames=thumb_frames, thumb_height=thumb_height, progress=not quiet)
+                    rebuild=rebuild, retry_failed=retry_failed, faiss=faiss, ann=ann, faiss_params=params or None,
+                    store=spec, thumb_frames=thumb_frames, thumb_height=thumb_height, progress=not quiet)
     if not r.merged:
         return
     speed = f", {r.videos_per_second:.1f} videos/s" if r.encoded else ""
@@ -63,6 +71,8 @@ def index_cmd(
                f"{len(r.failed)} unreadable, {len(r.missing)} missing) in {r.seconds:.1f} s{speed}")
     if r.faiss:
         typer.echo(f"  FAISS {r.faiss['kind']}: {json.dumps(r.faiss['params'])}")
+    if r.store != "faiss" and r.ann:
+        typer.echo(f"  store {r.store}: {r.ann['kind']} search{': ' + json.dumps(r.ann['params']) if r.ann.get('params') else ''}")
     if r.no_ann:
         typer.echo(f"  {r.rows}: the model {r.no_ann} (no FAISS index)")
     for vid, err in list(r.failed.items())[:10]:
@@ -78,7 +88,7 @@ def index_cmd(
 
 
 def search_cmd(
-    index: Path = typer.Argument(..., help="Index folder written by vop index."),
+    index: Path = typer.Argument(..., help="Index folder written by vop index (its vectors in the folder or in the Milvus store it records)."),
     query: Optional[str] = typer.Argument(None, help="What to look for, e.g. \"a dog jumps into a pool\"."),
     k: int = typer.Option(5, "-k", "--top", help="Results per query."),
     json_out: bool = typer.Option(False, "--json", help="JSON output (JSON lines with --queries)."),
@@ -86,6 +96,7 @@ def search_cmd(
     exact: bool = typer.Option(False, "--exact", help="Exact search even if the index has FAISS."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: lists scanned (recall vs speed)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: search breadth (recall vs speed)."),
+    rerank: Optional[int] = typer.Option(None, "--rerank", help="Candidates per result re-scored exactly (k x rerank; IVF-PQ's default 4; 0: none)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights, if not where the index recorded them."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The index's checkpoint, if it moved."),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: PyTorch's default)."),
@@ -97,7 +108,8 @@ def search_cmd(
 
     check_k(k, "-k")  # as every entry point checks k (more than the index holds: every video)
     limits.check_options(("-k", k, 1, limits.MAX_ANN), ("--nprobe", nprobe, 1, limits.MAX_ANN),
-                         ("--ef-search", ef_search, 1, limits.MAX_ANN), ("--threads", threads, 0, limits.MAX_WORKERS))
+                         ("--ef-search", ef_search, 1, limits.MAX_ANN), ("--rerank", rerank, 0, 1024),
+                         ("--threads", threads, 0, limits.MAX_WORKERS))
     if threads > 0:
         import torch
 
@@ -113,8 +125,8 @@ def search_cmd(
     s = Searcher.open(index, backbone=backbone, checkpoint=checkpoint, verify=not no_verify)
     results = []
     for i in range(0, len(texts), 256):
-        results.extend(s.search(texts[i:i + 256], k, exact=exact or None, nprobe=nprobe, ef_search=ef_search))
-    mode = "exact" if exact or not s.index.faiss_kind else s.index.faiss_kind
+        results.extend(s.search(texts[i:i + 256], k, exact=exact or None, nprobe=nprobe, ef_search=ef_search, rerank=rerank))
+    mode = s.index.search_mode(exact)
     for text, hits in zip(texts, results):
         if json_out:
             typer.echo(_json({"query": text, "index": str(index), "search": mode, "results": hits}, index,
@@ -161,9 +173,10 @@ def serve_cmd(
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     svc = SearchService.load(indexes, backbone=backbone, device=device, verify=not no_verify)
-    for d in svc.describe()["indexes"]:
+    for d, ld in zip(svc.describe()["indexes"], svc.indexes.values()):
         typer.echo(f"{d['name']}: {d['videos']} videos, {d['method']} ({d['checkpoint']}), "
-                   f"{'shared' if d['shared_backbone'] else 'own'} backbone, {d['search']} search")
+                   f"{'shared' if d['shared_backbone'] else 'own'} backbone, {d['search']} search"
+                   + (f" in {ld.index.store.where()}" if d["store"] != "faiss" else ""))
     typer.echo(f"http://{host if ':' not in host else '[' + host + ']'}:{port}/")
     serve(svc, host, port, allowed_hosts=allowed_host or ())
 

@@ -6,7 +6,9 @@
     SearchService.load(["my_index", "fc=other_index"])                     # several prompt sets, one CLIP
 
 The web app (``vop serve``) is in ``vop.retrieval.web`` (extra ``vop[serve]``); approximate search with
-FAISS in ``vop.retrieval.ann`` (extra ``vop[index]``). See docs/search.md.
+FAISS in ``vop.retrieval.ann`` (extra ``vop[index]``); where an index keeps its vectors (the index folder, or
+a Milvus collection: ``vop.retrieval.milvus``, extra ``vop[milvus]``) in ``vop.retrieval.store``. See
+docs/search.md.
 """
 from vop.retrieval.build import BuildReport, build_index
 from vop.retrieval.format import write_index
@@ -16,10 +18,11 @@ from vop.retrieval.topk import exact_search
 from vop.retrieval.search import BackbonePool, Searcher, encode_queries, shares_backbone
 from vop.retrieval.service import MAX_K, MAX_QUERY_CHARS, NotFoundError, RequestError, SearchService
 from vop.retrieval.sources import Source, list_sources
+from vop.retrieval.store import AnnChoice, SearchParams, StoreSpec
 
 __all__ = [
     "build_index", "BuildReport", "VideoIndex", "write_index", "checkpoint_info", "exact_search",
     "Searcher", "BackbonePool", "encode_queries", "shares_backbone",
     "SearchService", "RequestError", "NotFoundError", "MAX_QUERY_CHARS", "MAX_K",
-    "Source", "list_sources",
+    "Source", "list_sources", "StoreSpec", "AnnChoice", "SearchParams",
 ]

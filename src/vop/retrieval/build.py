@@ -12,8 +12,13 @@ next generation (:func:`_write`, with :func:`vop.retrieval.format.write_index`).
   crash or Ctrl-C encodes only what is left.
 - **Incremental**: re-running on a changed folder encodes new and changed videos (size + mtime, or
   SHA-256 with ``content_hash``) and drops the removed ones.
-- **Several processes** (``torchrun --nproc_per_node N -m vop.cli.main index ...``): each rank encodes
-  every N-th remaining video and writes its own parts; rank 0 merges.
+- **Several processes** (``torchrun --nproc_per_node N -m vop.cli.main index ...``, on one machine or
+  several: ``--nnodes``, with ``--out`` on a folder every node sees): each rank encodes every N-th
+  remaining video and writes its own parts; rank 0 merges and writes, into the folder or the Milvus
+  collection (the only rank that connects to the store: a Milvus Lite file is opened by one process).
+- **Stores** (:mod:`vop.retrieval.store`): the rows go to the index folder (``faiss``, the default) or a
+  Milvus collection (``--store milvus://...``: new and changed videos upserted, removed ones deleted);
+  the approximate index is chosen by ``--ann`` (``auto``: by the collection's size).
 
 Frames are sampled and resized exactly as the evaluation engine does (test sampling: the middle frame
 of each of F segments; short side resized to the model's input size, centre crop) and each batch
@@ -34,11 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from vop.errors import ConfigError, DataError
+from vop.errors import CheckpointError, ConfigError, DataError, MissingDependencyError, VopError
 from vop.retrieval.encode import EncodeSettings, encode_share, nonfinite_error, read_parts
 from vop.retrieval.format import StoredScoring, building_path, read_index, read_meta, write_index
 from vop.retrieval.provenance import checkpoint_info, load_index_model
 from vop.retrieval.sources import Source, file_signature, list_sources, same_file
+from vop.retrieval.store import ANN_CHOICES, AnnChoice, ResolvedAnn, StoreSpec
 
 __all__ = ["build_index", "BuildReport"]
 
@@ -58,7 +64,9 @@ class BuildReport:
     seconds: float = 0.0
     rank: int = 0
     merged: bool = True      # False on ranks other than 0 (they only encode)
-    faiss: dict | None = None
+    faiss: dict | None = None  # the FAISS index (kind, params) of an index in the folder
+    store: str = "faiss"     # where the rows are: faiss (the folder) or the milvus:// URI
+    ann: dict | None = None  # the approximate index chosen: choice, kind (exact, ivf, ivfpq, hnsw), why; params
     scoring: str = "cosine"  # the kind of scores (model.scoring.kind) the index holds rows of
     rows: str = "one vector per video"  # what a row is
     no_ann: str | None = None  # why the scoring has no approximate (FAISS) index (its search is exact); None: it has
@@ -116,6 +124,8 @@ def build_index(
     retry_failed: bool = False,
     faiss: str | None = None,
     faiss_params: dict[str, Any] | None = None,
+    store: str | StoreSpec | None = None,
+    ann: str | None = None,
     thumb_frames: int = 5,
     thumb_height: int = 96,
     flush_videos: int = 256,
@@ -125,12 +135,20 @@ def build_index(
     """Encode every video of ``videos`` (a folder, or a collection annotation file) with the model of
     ``checkpoint`` into the index folder ``out``; resumable and incremental (see the module docstring).
 
-    ``faiss``: None keeps the index's current FAISS setting (none for a new index), ``"none"`` removes
-    it, ``"ivf"``/``"hnsw"`` (re)build it with ``faiss_params`` (nlist, nprobe / M, ef_construction,
-    ef_search). The rows are the model's scoring's (``model.scoring``): where it has no approximate
-    index (cma's query score: per-frame embeddings), ``"ivf"``/``"hnsw"`` is a ConfigError (before any
-    video is decoded) and a kept setting is dropped. Under torchrun (WORLD_SIZE > 1) every rank calls
-    this; rank 0 merges and returns the full report.
+    ``store``: where the rows go (:class:`~vop.retrieval.store.StoreSpec` or its text: ``"faiss"``, the index
+    folder; ``"milvus:///PATH/x.db[/COLLECTION]"``, ``"milvus://HOST:PORT[/COLLECTION]"``); None keeps the
+    index's (the folder for a new index). Another store than the index's moves its rows there, without
+    encoding them again.
+
+    ``ann`` (or its older name ``faiss``): the approximate index, in either store: None keeps the index's
+    choice (``"auto"`` for a new index: exact search below 250,000 videos, IVF-Flat, then IVF-PQ from 4M,
+    parameters from the size; see :class:`~vop.retrieval.store.AnnChoice`), ``"exact"`` (or ``"none"``)
+    removes it, ``"ivf"``/``"ivfpq"``/``"hnsw"`` choose it, with ``faiss_params`` (nlist, nprobe / m,
+    nbits, rerank, opq / M, ef_construction, ef_search) winning over the derived ones. The rows are the
+    model's scoring's (``model.scoring``): where it has no approximate index (cma's query score: per-frame
+    embeddings), ``"ivf"``/``"ivfpq"``/``"hnsw"`` and a Milvus store are a ConfigError (before any video is
+    decoded) and a kept setting is dropped. Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0
+    merges, writes (it alone connects to a Milvus store) and returns the full report.
 
     The phases, in order: load the model (:func:`_load_model`), open the target folder
     (:func:`_open_target`), plan what is left to encode (:func:`_plan`), encode this rank's share into
@@ -146,14 +164,21 @@ def build_index(
     if env.enabled and not dist.is_initialized():
         dist.init_process_group("gloo")  # CPU collectives (barriers) also when ranks encode on GPUs
         own_group = True
+    writer = None  # rank 0's connection to a Milvus store
     try:
-        _check_args(batch_size, thumb_frames, thumb_height, faiss)
+        flag, kind = _ann_arg(ann, faiss)
+        _check_args(batch_size, thumb_frames, thumb_height, kind, flag)
+        spec_arg = StoreSpec.parse(store) if isinstance(store, str) else store
         model, dev, info = _load_model(checkpoint, backbone, device, env)
         scoring = model.scoring
-        if scoring.no_ann and faiss in ("ivf", "hnsw"):
-            raise ConfigError(f"--faiss {faiss}: {checkpoint} is a {info['method']} model that {scoring.no_ann}; "
-                              "leave out --faiss (or pass --faiss none)")
-        if faiss in ("ivf", "hnsw"):
+        if scoring.no_ann and kind in ("ivf", "ivfpq", "hnsw"):
+            raise ConfigError(f"{flag} {kind}: {checkpoint} is a {info['method']} model that {scoring.no_ann}; "
+                              f"leave out {flag} (or pass {flag} none)")
+        if scoring.no_ann and spec_arg is not None and spec_arg.is_milvus:
+            raise ConfigError(f"--store {spec_arg.uri}: {checkpoint} is a {info['method']} model that {scoring.no_ann}: "
+                              "a Milvus collection holds one vector per video; leave out --store (its rows stay in the "
+                              "index folder, --store faiss)")
+        if kind in ("ivf", "ivfpq", "hnsw") and not (spec_arg is not None and spec_arg.is_milvus):
             from vop.retrieval.ann import require_faiss
 
             require_faiss()  # fail before encoding anything
@@ -170,10 +195,15 @@ def build_index(
         tgt = _open_target(Path(out), new_meta, env, rebuild)
         if tgt.building:
             work_dir = tgt.out
+        spec = _store_for(spec_arg, tgt.old, tgt.target)
+        if scoring.no_ann and spec.is_milvus:  # a recorded Milvus store, rebuilt with such a model
+            raise ConfigError(f"{out}: its rows are in {spec.uri}, which holds one vector per video, and {checkpoint} is "
+                              f"a {info['method']} model that {scoring.no_ann}: pass --store faiss (with --rebuild)")
+        writer = _open_store(spec, tgt, env, rebuild)
         plan = _plan(tgt, videos, env, split=split, root=root, content_hash=content_hash, rebuild=rebuild,
                      retry_failed=retry_failed)
         report = BuildReport(tgt.target, rank=env.rank, missing=plan.missing, skipped=plan.skipped, scoring=scoring.kind,
-                             rows=scoring.rows_label, no_ann=scoring.no_ann)
+                             rows=scoring.rows_label, no_ann=scoring.no_ann, store=spec.uri)
         encoded = encode_share(plan.mine, plan.by_id, plan.parts_dir, plan.thumb_dir, model, dev, settings, env,
                                batch_size=batch_size, num_workers=num_workers, flush_videos=flush_videos,
                                flush_seconds=flush_seconds, progress=progress)
@@ -197,8 +227,10 @@ def build_index(
         report.removed = sum(1 for e in plan.base_entries if e["id"] not in plan.by_id)
         report.failed = {i: e["error"] for i, e in merged.failed.items()}
         run = {"world_size": env.world_size, "encoded_per_rank": counts, "device": str(dev), "batch_size": batch_size}
-        report.faiss = _write(tgt, plan, merged, new_meta, run, videos=videos, split=split, rebuild=rebuild,
-                              removed=report.removed, faiss=faiss, faiss_params=faiss_params, no_ann=scoring.no_ann)
+        written = _write(tgt, plan, merged, new_meta, run, videos=videos, split=split, rebuild=rebuild,
+                         removed=report.removed, ann=kind, faiss_params=faiss_params, no_ann=scoring.no_ann,
+                         spec=spec, writer=writer)
+        report.faiss, report.ann = written.get("faiss"), written.get("ann")
         report.seconds = time.perf_counter() - t0
         if env.enabled:
             dist.barrier()
@@ -211,15 +243,69 @@ def build_index(
                 shutil.rmtree(work_dir, ignore_errors=True)
         raise
     finally:
+        if writer is not None:
+            writer.close()
         if own_group:
             dist.destroy_process_group()
 
 
-def _check_args(batch_size: int, thumb_frames: int, thumb_height: int, faiss: str | None) -> None:
+def _store_for(spec: StoreSpec | None, old: dict | None, target: Path) -> StoreSpec:
+    """The store a run writes into: the one asked for (a Milvus file or server without a collection name: the
+    index's collection if it is already there, else ``vop_`` + the folder's name), else the index's."""
+    if spec is None:
+        return StoreSpec.of(old)
+    if spec.is_milvus and spec.collection is None:
+        from dataclasses import replace
+
+        from vop.retrieval.store import default_collection
+
+        rec = StoreSpec.of(old)
+        same = rec.is_milvus and (rec.lite, rec.host, rec.port) == (spec.lite, spec.host, spec.port)
+        return replace(spec, collection=rec.collection if same else default_collection(target))
+    return spec
+
+
+def _ann_arg(ann: str | None, faiss: str | None) -> tuple[str, str | None]:
+    """(the option's name, for messages; the approximate index asked for, None: keep the index's)."""
+    if ann is not None and faiss is not None and ann != faiss:
+        raise ConfigError(f"--ann {ann} and --faiss {faiss}: give one of them (--faiss is --ann's older name)")
+    return ("--faiss", faiss) if faiss is not None else ("--ann", ann)
+
+
+def _check_args(batch_size: int, thumb_frames: int, thumb_height: int, kind: str | None, flag: str = "--ann") -> None:
     if batch_size < 1 or thumb_frames < 1 or thumb_height < 2:
         raise ConfigError("batch size, thumbnail frames and height must be positive")
-    if faiss not in (None, "none", "ivf", "hnsw"):
-        raise ConfigError(f"--faiss must be none, ivf or hnsw, got {faiss!r}")
+    if kind is not None and kind not in ("none",) + ANN_CHOICES:
+        raise ConfigError(f"{flag} must be one of none, {', '.join(ANN_CHOICES)}, got {kind!r}")
+
+
+_ERRORS = {c.__name__: c for c in (ConfigError, DataError, CheckpointError, MissingDependencyError, VopError)}
+
+
+def _open_store(spec: StoreSpec, tgt: "_Target", env, rebuild: bool):
+    """Before anything is encoded: rank 0 connects to a Milvus store and checks its collection (free, or this
+    index's); the other ranks learn the outcome, so that every rank stops with the same error."""
+    import torch.distributed as dist
+
+    if not spec.is_milvus:
+        return None
+    writer, err = None, None
+    if env.is_main:
+        from vop.retrieval.milvus import open_for_write
+
+        try:
+            writer = open_for_write(spec, tgt.target, tgt.old, rebuild)
+        except Exception as e:  # noqa: BLE001 - whatever it is, the other ranks must not wait for rank 0 forever
+            err = e
+    if env.enabled:
+        box = [None if err is None else (type(err).__name__, str(err))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and err is None:
+            name, msg = box[0]
+            err = _ERRORS.get(name, RuntimeError)(msg)
+    if err is not None:
+        raise err
+    return writer
 
 
 def _load_model(checkpoint: str | os.PathLike, backbone: str | None, device: str, env) -> tuple[Any, torch.device, dict[str, Any]]:
@@ -292,7 +378,8 @@ class _Plan:
     content_hash: bool
     current: dict[str, dict]  # size + mtime of every source video now
     base_entries: list[dict] = field(default_factory=list)
-    base_emb: np.ndarray | None = None
+    base_emb: np.ndarray | None = None  # None with base entries: their rows are in a Milvus collection
+    has_base: bool = False
     base_failed: list[dict] = field(default_factory=list)
     done_ids: set[str] = field(default_factory=set)
     mine: list[Source] = field(default_factory=list)
@@ -335,6 +422,7 @@ def _plan(tgt: _Target, videos: str | os.PathLike, env, *, split: str, root: str
     if tgt.old is not None and not rebuild:
         _, base_emb, base_entries = read_index(out)
         plan.base_entries, plan.base_emb, plan.base_failed = base_entries, base_emb, tgt.old.get("failed") or []
+        plan.has_base = True
 
     done_ids = plan.done_ids
     for e in plan.base_entries:
@@ -359,12 +447,16 @@ def _plan(tgt: _Target, videos: str | os.PathLike, env, *, split: str, root: str
 
 @dataclass
 class _Merged:
-    """The next generation: ``emb`` row i = ``entries[i]``, in source order; unreadable videos; the parts merged."""
+    """The next generation: ``entries`` in source order, ``vectors[i]`` the row of ``entries[i]`` (None: it is
+    in the index's Milvus collection, not here), ``emb`` them stacked (None when some are not here); the ids
+    encoded by this run (``fresh``); unreadable videos; the parts merged."""
 
-    emb: np.ndarray
+    emb: np.ndarray | None
     entries: list[dict]
     failed: dict[str, dict]
     parts: list[tuple[np.ndarray, list[dict], list[dict]]]
+    vectors: list[np.ndarray | None] = field(default_factory=list)
+    fresh: set[str] = field(default_factory=set)
 
     @property
     def ids(self) -> set[str]:
@@ -381,10 +473,12 @@ def _merge(plan: _Plan, retry_failed: bool, row_shape: tuple[int, ...]) -> _Merg
         if entries and tuple(emb.shape[1:]) != tuple(row_shape):
             raise DataError(f"{plan.parts_dir}: holds videos encoded as {tuple(emb.shape[1:])} embeddings, this model "
                             f"gives {tuple(row_shape)} (a run with another model was interrupted here): pass --rebuild")
-    rows: dict[str, tuple[np.ndarray, dict]] = {}
+    rows: dict[str, tuple[np.ndarray | None, dict]] = {}
     failed: dict[str, dict] = {}
-    if plan.base_emb is not None:
-        for e, v in zip(plan.base_entries, plan.base_emb):
+    fresh: set[str] = set()
+    if plan.has_base:
+        base = plan.base_emb if plan.base_emb is not None else [None] * len(plan.base_entries)
+        for e, v in zip(plan.base_entries, base):
             if plan.unchanged(e):
                 rows[e["id"]] = (v, e)
         for e in plan.base_failed:
@@ -395,51 +489,128 @@ def _merge(plan: _Plan, retry_failed: bool, row_shape: tuple[int, ...]) -> _Merg
             if plan.unchanged(e):
                 if not np.isfinite(v).all():  # a part of an older vop: NaN/inf never enters the index
                     rows.pop(e["id"], None)
+                    fresh.discard(e["id"])
                     failed[e["id"]] = {**{k: e[k] for k in ("id", "path", "size", "mtime_ns", "sha256") if k in e},
                                        "error": nonfinite_error(e["path"])}
                     continue
                 rows[e["id"]] = (v, e)
+                fresh.add(e["id"])
                 failed.pop(e["id"], None)
         for e in fails:
             if plan.unchanged(e):
                 rows.pop(e["id"], None)
+                fresh.discard(e["id"])
                 failed[e["id"]] = e
     order = [s.id for s in plan.sources if s.id in rows]  # source order: a resumed build equals a fresh one
-    emb = np.stack([rows[i][0] for i in order]) if order else np.zeros((0, *row_shape), np.float32)
-    return _Merged(emb, [rows[i][1] for i in order], failed, parts)
+    vectors = [rows[i][0] for i in order]
+    local = all(v is not None for v in vectors)
+    emb = (np.stack(vectors) if order else np.zeros((0, *row_shape), np.float32)) if local else None
+    return _Merged(emb, [rows[i][1] for i in order], failed, parts, vectors, fresh & set(order))
+
+
+def _choice(old: dict | None, kind: str | None, params: dict[str, Any] | None) -> AnnChoice:
+    """The approximate index asked for: ``kind`` (with ``params``), else the index's recorded choice (with
+    ``params`` over its explicit ones), else ``auto``."""
+    recorded = AnnChoice.of(old)
+    if kind is not None:
+        return AnnChoice.parse(kind, params)
+    if recorded is not None:
+        return AnnChoice(recorded.choice, {**recorded.params, **{k: v for k, v in (params or {}).items() if v is not None}})
+    return AnnChoice.parse("auto", params)
+
+
+def _resolved_of(meta: dict) -> tuple[str, dict]:
+    """The approximate index (kind, parameters) an index.json records, whichever its store."""
+    rec = meta.get("store") if isinstance(meta.get("store"), dict) else {}
+    if rec.get("kind") == "milvus":
+        return rec["index"]["kind"], dict(rec["index"]["params"])
+    f = meta.get("faiss")
+    return (f["kind"], dict(f["params"])) if f else ("exact", {})
+
+
+def _fetcher(old: dict | None, spec: StoreSpec):
+    """The rows of videos that are in the index's current Milvus collection (to move them into ``spec``)."""
+    def fetch(ids: list[str]) -> np.ndarray:
+        from vop.retrieval.milvus import MilvusStore
+
+        src = StoreSpec.of(old)
+        if not ids:
+            return np.zeros((0, 0), np.float32)
+        if not src.is_milvus:
+            raise DataError(f"the rows of {len(ids)} videos are missing: pass --rebuild")
+        store = MilvusStore.connect(src)
+        try:
+            store.load()
+            return store.vectors_by_id(ids)
+        finally:
+            if src.lite is None or src.lite != spec.lite:
+                store.close()
+            else:
+                store.client.close()
+
+    return fetch
 
 
 def _write(tgt: _Target, plan: _Plan, merged: _Merged, new_meta: dict[str, Any], run: dict[str, Any], *,
-           videos: str | os.PathLike, split: str, rebuild: bool, removed: int, faiss: str | None,
-           faiss_params: dict[str, Any] | None, no_ann: str | None = None) -> dict | None:
-    """Phase 6 (rank 0): write the next generation if anything changed, clear the merged parts, rename
-    a new index into place. Returns the index's FAISS settings. ``no_ann``: why the model's scoring has
-    no FAISS index (a kept or asked-for one is then dropped, with a warning)."""
+           videos: str | os.PathLike, split: str, rebuild: bool, removed: int, ann: str | None,
+           faiss_params: dict[str, Any] | None, no_ann: str | None = None, spec: StoreSpec = StoreSpec(),
+           writer: Any = None) -> dict[str, Any]:
+    """Phase 6 (rank 0): write the next generation if anything changed (into the folder, or the Milvus
+    collection ``writer`` is connected to, and the folder), clear the merged parts, rename a new index into
+    place. Returns ``{"faiss": the index's FAISS settings, "ann": its approximate-index record}``. ``no_ann``:
+    why the model's scoring has no approximate index (a kept or asked-for one is then dropped, with a
+    warning)."""
     old = tgt.old
-    faiss_meta = old.get("faiss") if (old is not None and faiss is None) else None
-    if faiss in ("ivf", "hnsw"):
-        faiss_meta = {"kind": faiss, "params": dict(faiss_params or {})}
-    elif faiss_meta is not None and faiss_params:
-        faiss_meta = {"kind": faiss_meta["kind"], "params": {**faiss_meta["params"], **faiss_params}}
+    choice = _choice(old, ann, faiss_params)
+    dim = int(new_meta["scoring"]["row_shape"][-1])
+    n = len(merged.entries)
     if no_ann:
-        if faiss_meta is not None or faiss_params:
+        if choice.choice not in ("auto", "exact") or faiss_params:
             log.warning("no FAISS index for %s: the model %s", tgt.target, no_ann)
-        faiss_meta, faiss_params = None, None
-    changed = (old is None or rebuild or bool(merged.parts) or removed > 0 or faiss is not None
-               or len(merged.entries) != old.get("count") or bool(faiss_params)
-               or (old.get("faiss") is not None and faiss_meta is None)
+        choice, faiss_params = AnnChoice("auto"), None
+        resolved = ResolvedAnn("exact", {}, "the model's scores have no approximate index")
+    else:
+        resolved = choice.resolve(n, dim)
+    if not spec.is_milvus and not resolved.exact and choice.choice == "auto":
+        try:
+            from vop.retrieval.ann import require_faiss
+
+            require_faiss()
+        except ConfigError:
+            log.warning("%s: %s videos: an approximate index would be chosen (%s), but FAISS is not installed "
+                        "(pip install 'vop[index]'): exact search", tgt.target, f"{n:,}", resolved.kind)
+            resolved = ResolvedAnn("exact", {}, f"{resolved.why}; FAISS not installed")
+    faiss_meta = {"kind": resolved.kind, "params": dict(resolved.params)} if not (spec.is_milvus or resolved.exact) else None
+    ann_rec = choice.record(resolved)
+    old_spec = StoreSpec.of(old) if old is not None else None
+    changed = (old is None or rebuild or bool(merged.parts) or removed > 0 or ann is not None
+               or n != old.get("count") or bool(faiss_params)
+               or _resolved_of(old) != (resolved.kind, dict(resolved.params))
+               or not spec.same_place(old_spec)
                or old.get("checksums") is None or not old.get("model", {}).get("files"))  # an older vop's: add them
     if not changed:
-        return old.get("faiss")
-    meta = write_index(tgt.out, merged.emb, merged.entries, {
-        **new_meta, "source": {"videos": str(Path(videos).resolve()), "split": split},
-        "failed": list(merged.failed.values()), "missing": [{"id": k, "error": v} for k, v in plan.missing.items()],
-        "faiss": faiss_meta, "last_run": run}, old=old)
+        return {"faiss": old.get("faiss"), "ann": {**(old.get("ann") or ann_rec), "params": _resolved_of(old)[1]}}
+    meta = {**new_meta, "source": {"videos": str(Path(videos).resolve()), "split": split},
+            "failed": list(merged.failed.values()), "missing": [{"id": k, "error": v} for k, v in plan.missing.items()],
+            "faiss": faiss_meta, "ann": ann_rec, "last_run": run}
+    fetch = _fetcher(old, spec)
+    if spec.is_milvus:
+        from vop.retrieval.milvus import write_milvus
+
+        written = write_milvus(writer, tgt.out, tgt.target, merged.entries, merged.vectors, merged.fresh,
+                               {e["id"] for e in plan.base_entries}, meta, old, resolved, rebuild=rebuild, fetch_old=fetch)
+    else:
+        emb = merged.emb
+        if emb is None:  # moving out of a Milvus collection: its rows come back into the folder
+            missing = [e["id"] for e, v in zip(merged.entries, merged.vectors) if v is None]
+            got = dict(zip(missing, fetch(missing)))
+            emb = np.stack([v if v is not None else got[e["id"]] for e, v in zip(merged.entries, merged.vectors)])
+        written = write_index(tgt.out, emb, merged.entries, meta, old=old)
     for p in plan.parts_dir.glob("r*.npz"):
         p.unlink()
     if tgt.out != tgt.target:
         _move_into_place(tgt.out, tgt.target)
-    return meta.get("faiss")
+    return {"faiss": written.get("faiss"), "ann": {**ann_rec, "params": dict(resolved.params)}}
 
 
 

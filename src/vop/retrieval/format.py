@@ -17,6 +17,12 @@ Layout of an index folder::
     INDEX/faiss-<g>.index       optional approximate index (see vop.retrieval.ann)
     INDEX/parts/                encoded batches of a run in progress (picked up by the next run)
 
+An index whose rows live in a Milvus collection (``vop index --store milvus://...``, format
+``vop-index/2``: an older vop refuses it by name) has no ``embeddings-<g>.npy`` nor ``faiss-<g>.index``;
+its ``index.json`` records the store (``store``: URI, collection, the index's UUID, the collection's vector
+index and dimension), which is checked against the collection when the index opens
+(:mod:`vop.retrieval.milvus`).
+
 ``<g>`` is a generation number: :func:`write_index` writes new files, then replaces ``index.json``
 atomically, then removes the old generation, so a reader never sees embeddings and metadata of
 different runs. A new index is built in ``.INDEX.vop-building`` next to ``INDEX``
@@ -49,10 +55,12 @@ import numpy as np
 from vop.errors import ConfigError, DataError
 from vop.scoring import index_label
 
-__all__ = ["FORMAT", "StoredScoring", "read_meta", "check_meta", "check_model_record", "read_index", "write_index",
-           "rebuild_command", "sha256_file", "file_record", "building_path", "atomic_write"]
+__all__ = ["FORMAT", "FORMAT_REMOTE", "FORMATS", "StoredScoring", "read_meta", "check_meta", "check_model_record", "read_index", "write_index",
+           "rebuild_command", "sha256_file", "file_record", "building_path", "atomic_write", "next_generation"]
 
-FORMAT = "vop-index/1"
+FORMAT = "vop-index/1"          # rows in the folder (the faiss store)
+FORMAT_REMOTE = "vop-index/2"   # rows in an external store (Milvus); the folder keeps index.json, the video list, thumbnails
+FORMATS = (FORMAT, FORMAT_REMOTE)
 log = logging.getLogger("vop.retrieval")
 
 
@@ -90,6 +98,9 @@ def rebuild_command(path: str | os.PathLike, meta: Any = None, checkpoint: Any =
     if isinstance(src.get("split"), str) and src["split"] != "all":
         cmd += ["--split", shlex.quote(src["split"])]
     cmd += ["--checkpoint", shlex.quote(ckpt)]
+    store = meta.get("store") if isinstance(meta.get("store"), dict) else {}
+    if store.get("kind") == "milvus" and isinstance(store.get("uri"), str):
+        cmd += ["--store", shlex.quote(store["uri"])]
     ck_meta = model.get("checkpoint_meta") if isinstance(model.get("checkpoint_meta"), dict) else {}
     bb = model.get("backbone")
     if isinstance(bb, str) and bb != ck_meta.get("backbone") and not other:
@@ -225,8 +236,10 @@ def check_meta(f: Path, meta: Any) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise DataError(f"{f}: holds {type(meta).__name__}, not an index description; the index is damaged: "
                         f"rebuild it: {rebuild_command(f.parent)}")
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{f}: unknown index format {meta.get('format')!r} (expected {FORMAT})")
+    if meta.get("format") not in FORMATS:
+        raise DataError(f"{f}: unknown index format {meta.get('format')!r} (expected {' or '.join(FORMATS)}: "
+                        "written by a newer vop? upgrade vop)")
+    remote = meta["format"] == FORMAT_REMOTE
 
     def bad(field: str, want: str) -> DataError:
         v = field.split(".")
@@ -249,7 +262,11 @@ def check_meta(f: Path, meta: Any) -> dict[str, Any]:
         ("model", lambda v: isinstance(v, dict), "an object"),
         ("settings", lambda v: isinstance(v, dict), "an object"),
         ("files", lambda v: isinstance(v, dict), "an object"),
-        ("faiss", lambda v: v is None or isinstance(v, dict), "null or an object"),
+        ("faiss", lambda v: v is None or (isinstance(v, dict) and not remote), "null or an object"),
+        ("store", lambda v: (isinstance(v, dict) and v.get("kind") == "milvus") if remote else
+         (v is None or (isinstance(v, dict) and v.get("kind") == "faiss")), "the store record {kind, uri, collection, ...}"),
+        ("ann", lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("choice"), str)
+                                        and isinstance(v.get("params", {}), dict)), "an object {choice, params}"),
         ("failed", lambda v: v is None or (isinstance(v, list) and all(isinstance(e, dict) and isinstance(e.get("id"), str) for e in v)),
          "a list of {id, ...}"),
         ("missing", lambda v: v is None or isinstance(v, list), "a list"),
@@ -270,8 +287,27 @@ def check_meta(f: Path, meta: Any) -> dict[str, Any]:
             raise bad("scoring.ann", "true (one vector per video) or false")
     elif meta.get("pairwise") and not _is_int(meta.get("frames_per_video"), 1):
         raise bad("frames_per_video", "an integer >= 1 (a pairwise index)")
+    if remote:
+        st = meta["store"]
+        for key, ok, want in (
+            ("uri", lambda v: isinstance(v, str) and v.startswith("milvus://"), "a milvus:// URI"),
+            ("collection", lambda v: isinstance(v, str) and bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", v)),
+             "a collection name"),
+            ("uuid", lambda v: isinstance(v, str) and bool(re.fullmatch(r"[0-9a-f]{32}", v)), "32 hex digits"),
+            ("lite", lambda v: v is None or isinstance(v, str), "null or a path"),
+            ("host", lambda v: v is None or isinstance(v, str), "null or a host name"),
+            ("port", lambda v: v is None or _is_int(v, 1), "null or a port"),
+            ("index", lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str) and isinstance(v.get("params"), dict),
+             "an object {kind, params}"),
+        ):
+            if not ok(st.get(key)):
+                raise bad(f"store.{key}", want)
+        if (st["lite"] is None) == (st["host"] is None):
+            raise bad("store.lite", "a Milvus Lite file or a host (one of them)")
+        if not StoredScoring.of(meta).ann:
+            raise bad("store", f"the faiss store ({StoredScoring.of(meta).label} keeps its rows in the folder)")
     files = meta["files"]
-    for key in ("embeddings", "videos") + (("faiss",) if meta.get("faiss") else ()):
+    for key in (("videos",) if remote else ("embeddings", "videos")) + (("faiss",) if meta.get("faiss") else ()):
         if not name(files.get(key)):
             raise bad(f"files.{key}", "a file name in the index folder")
     fa = meta.get("faiss")
@@ -290,7 +326,7 @@ def check_meta(f: Path, meta: Any) -> dict[str, Any]:
         raise bad("settings.max_words", "an integer >= 1")
     sums = meta.get("checksums")
     if sums is not None:
-        for key in ("embeddings", "videos") + (("faiss",) if fa else ()):
+        for key in (("videos",) if remote else ("embeddings", "videos")) + (("faiss",) if fa else ()):
             if files[key] not in sums:
                 raise bad(f"checksums.{files[key]}", "the size and SHA-256 of that file")
     return meta
@@ -428,13 +464,14 @@ def _read_entries(file: Path, count: int, want: dict | None, hint: str) -> list[
         raise _damaged(file, f"lists {len(entries)} videos, index.json records {count}", hint)
     return entries
 
-def read_index(path: Path, *, verify: bool = True) -> tuple[dict[str, Any], np.ndarray, list[dict[str, Any]]]:
+def read_index(path: Path, *, verify: bool = True) -> tuple[dict[str, Any], np.ndarray | None, list[dict[str, Any]]]:
     """(index.json, rows (N, *row_shape) float32, video entries) of the index at ``path``, every check of
     the module docstring done: index.json field by field, the embeddings' header (dtype, shape: the
     count and row shape index.json records) and size before any data is read; with ``verify`` every file
     against the SHA-256 recorded when it was written (an index of an older vop, without checksums: its
     embeddings are checked for NaN/inf instead, with a warning); the FAISS file's presence (and checksum).
-    Any damage is a DataError naming the file and the command that rebuilds the index."""
+    Any damage is a DataError naming the file and the command that rebuilds the index. An index whose rows
+    are in an external store (format ``vop-index/2``): rows None (its store checks them when it opens)."""
     meta = read_meta(path)
     if meta is None:
         raise DataError(f"{path}: not a vop index (no index.json); build one with `vop index --videos DIR --checkpoint CKPT --out {path}`")
@@ -444,6 +481,8 @@ def read_index(path: Path, *, verify: bool = True) -> tuple[dict[str, Any], np.n
         log.warning("%s: built by an older vop: its files carry no checksums, so damage to them cannot be detected "
                     "(only NaN/inf is checked); running its `vop index` command again adds them", path)
     check = sums if verify else None
+    if meta["format"] == FORMAT_REMOTE:
+        return meta, None, _read_entries(path / files["videos"], meta["count"], _checksum(check, files["videos"]), hint)
     shape = (meta["count"], *StoredScoring.of(meta).row_shape)
     emb_file = path / files["embeddings"]
     # the embeddings are read (and hashed: hashlib and file reads release the GIL) in a second thread
@@ -474,7 +513,12 @@ def building_path(out: str | os.PathLike) -> Path:
     return out.parent / f".{out.name}{_BUILDING}"
 
 
-def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], meta: dict[str, Any],
+def next_generation(old: dict[str, Any] | None) -> int:
+    """The generation number a new write of an index whose index.json is ``old`` gets."""
+    return int(old.get("generation", 0)) + 1 if old else 1
+
+
+def write_index(out: str | os.PathLike, emb: np.ndarray | None, entries: list[dict], meta: dict[str, Any],
                 old: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write a new generation of ``out`` (embeddings, entries, optional FAISS index), switch ``index.json``
     to it, then remove the previous generation and thumbnails nothing refers to any more.
@@ -482,51 +526,66 @@ def write_index(out: str | os.PathLike, emb: np.ndarray, entries: list[dict], me
     ``meta`` needs ``model`` and ``settings`` (see :func:`vop.retrieval.build.build_index`) and should have
     ``scoring`` (a model's ``scoring.record(frames, dim)``: kind, row shape, ann); without it, (N, D) rows
     are recorded as a dual encoder's and (N, F, D) rows as cma's query score's, as vop did before.
-    ``faiss`` = None or ``{"kind": "ivf"|"hnsw", "params": {...}}`` (only for a scoring where FAISS
+    ``faiss`` = None or ``{"kind": "ivf"|"ivfpq"|"hnsw", "params": {...}}`` (only for a scoring where FAISS
     applies). Also used by the benchmarks to write synthetic indexes.
+
+    An index whose rows live in a Milvus collection (``meta["store"]``: its record, written there first by
+    :mod:`vop.retrieval.milvus`): ``emb`` is None and only the video list and index.json are written
+    (format ``vop-index/2``); ``meta`` must have ``scoring``.
     """
     from vop._version import __version__
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     old = old if old is not None else read_meta(out)
-    gen = int(old.get("generation", 0)) + 1 if old else 1
+    gen = next_generation(old)
     created = old.get("created") if old and isinstance(old.get("created"), str) else None
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    if emb.ndim < 2 or emb.shape[0] != len(entries):
-        raise ValueError(f"{emb.shape[0] if emb.ndim else 0} embeddings for {len(entries)} entries")
-    if meta.get("scoring") is not None:
+    remote = isinstance(meta.get("store"), dict) and meta["store"].get("kind") == "milvus"
+    if remote:
+        if emb is not None or meta.get("faiss") or meta.get("scoring") is None:
+            raise ValueError("an index in a Milvus store: no embeddings nor FAISS index in the folder, and a scoring record")
         stored = StoredScoring.of(meta)
-    else:  # the older API: the kind follows from the rows (and a legacy ``pairwise`` must agree with them)
-        per_frame = emb.ndim == 3
-        if meta.get("pairwise", per_frame) != per_frame:
-            raise ValueError(f"embeddings of shape {emb.shape} for an index with pairwise={meta.get('pairwise')}")
-        stored = StoredScoring.of({"pairwise": per_frame, "frames_per_video": emb.shape[1], "dim": emb.shape[-1]})
-    if tuple(emb.shape[1:]) != stored.row_shape or (stored.ann and emb.ndim != 2):
-        raise ValueError(f"embeddings of shape {emb.shape} for {stored.label} (rows {stored.row_shape}, ann {stored.ann})")
-    if not stored.ann and meta.get("faiss"):
-        raise ConfigError(f"no FAISS index over the rows of {stored.label}: its search is exact")
-    finite = np.isfinite(emb.reshape(len(emb), -1)).all(1) if len(emb) else np.ones(0, bool)
-    if not finite.all():  # NaN/inf never enters an index (build_index lists such videos as failed before this)
-        bad = [entries[i].get("id") for i in np.flatnonzero(~finite)[:5]]
-        raise DataError(f"{out}: {int((~finite).sum())} embeddings hold NaN or inf values (videos {', '.join(map(repr, bad))}); "
-                        "an index never stores them")
-    files = {"embeddings": f"embeddings-{gen}.npy", "videos": f"videos-{gen}.jsonl"}
-    _atomic_save_npy(out / files["embeddings"], emb)
+        files = {"videos": f"videos-{gen}.jsonl"}
+        dim, faiss_meta = stored.row_shape[-1], None
+    else:
+        meta = {k: v for k, v in meta.items() if k != "store"}
+        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if emb.ndim < 2 or emb.shape[0] != len(entries):
+            raise ValueError(f"{emb.shape[0] if emb.ndim else 0} embeddings for {len(entries)} entries")
+        if meta.get("scoring") is not None:
+            stored = StoredScoring.of(meta)
+        else:  # the older API: the kind follows from the rows (and a legacy ``pairwise`` must agree with them)
+            per_frame = emb.ndim == 3
+            if meta.get("pairwise", per_frame) != per_frame:
+                raise ValueError(f"embeddings of shape {emb.shape} for an index with pairwise={meta.get('pairwise')}")
+            stored = StoredScoring.of({"pairwise": per_frame, "frames_per_video": emb.shape[1], "dim": emb.shape[-1]})
+        if tuple(emb.shape[1:]) != stored.row_shape or (stored.ann and emb.ndim != 2):
+            raise ValueError(f"embeddings of shape {emb.shape} for {stored.label} (rows {stored.row_shape}, ann {stored.ann})")
+        if not stored.ann and meta.get("faiss"):
+            raise ConfigError(f"no FAISS index over the rows of {stored.label}: its search is exact")
+        finite = np.isfinite(emb.reshape(len(emb), -1)).all(1) if len(emb) else np.ones(0, bool)
+        if not finite.all():  # NaN/inf never enters an index (build_index lists such videos as failed before this)
+            bad = [entries[i].get("id") for i in np.flatnonzero(~finite)[:5]]
+            raise DataError(f"{out}: {int((~finite).sum())} embeddings hold NaN or inf values (videos {', '.join(map(repr, bad))}); "
+                            "an index never stores them")
+        files = {"embeddings": f"embeddings-{gen}.npy", "videos": f"videos-{gen}.jsonl"}
+        _atomic_save_npy(out / files["embeddings"], emb)
+        dim = int(emb.shape[-1])
     atomic_write(out / files["videos"], "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
-    faiss_meta = meta.get("faiss")
-    if faiss_meta:
-        from vop.retrieval.ann import build_faiss, save_faiss
+    if not remote:
+        faiss_meta = meta.get("faiss")
+        if faiss_meta:
+            from vop.retrieval.ann import build_faiss, save_faiss
 
-        index, params = build_faiss(emb, faiss_meta["kind"], faiss_meta.get("params"))
-        files["faiss"] = f"faiss-{gen}.index"
-        save_faiss(index, out / files["faiss"])
-        faiss_meta = {"kind": faiss_meta["kind"], "params": params, "file": files["faiss"]}
+            index, params = build_faiss(emb, faiss_meta["kind"], faiss_meta.get("params"))
+            files["faiss"] = f"faiss-{gen}.index"
+            save_faiss(index, out / files["faiss"])
+            faiss_meta = {"kind": faiss_meta["kind"], "params": params, "file": files["faiss"]}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     checksums = {name: file_record(out / name) for name in files.values()}  # verified by VideoIndex.open
-    full = {"format": FORMAT, "generation": gen, "vop_version": __version__, "created": created or now,
-            "updated": now, "dim": int(emb.shape[-1]), "count": len(entries), **meta, "faiss": faiss_meta, "files": files,
-            "checksums": checksums}
+    full = {"format": FORMAT_REMOTE if remote else FORMAT, "generation": gen, "vop_version": __version__,
+            "created": created or now, "updated": now, "dim": int(dim), "count": len(entries), **meta, "faiss": faiss_meta,
+            "files": files, "checksums": checksums}
     full.pop("frames_per_video", None)
     full.update(stored.fields())
     atomic_write(out / "index.json", json.dumps(full, indent=2, ensure_ascii=False).encode("utf-8"))

@@ -10,7 +10,10 @@ integrity checks: :mod:`vop.retrieval.format`) and ``search`` ranks its videos f
 - :mod:`vop.retrieval.provenance`: what an index records about its model, checked before loading it;
 - :mod:`vop.retrieval.build`: ``vop index`` (:func:`build_index`: plan, encode in parts, merge, write,
   atomic move; resumable, incremental, several processes under torchrun);
-- :mod:`vop.retrieval.topk`: exact blockwise top-k for any scoring, and FAISS where it applies.
+- :mod:`vop.retrieval.store`: where the rows live (the folder, with or without FAISS; or a Milvus collection,
+  :mod:`vop.retrieval.milvus`) and how each answers top-k;
+- :mod:`vop.retrieval.topk`: exact blockwise top-k for any scoring, FAISS where it applies, and exact
+  re-scoring of candidates.
 
 Their public names are importable from here too, as before the split.
 
@@ -22,7 +25,7 @@ query is scored exactly against every video, in bounded blocks, and no FAISS ind
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from vop.retrieval.format import (FORMAT, StoredScoring, building_path, check_me
                                   read_index, read_meta, rebuild_command, sha256_file, write_index)
 from vop.retrieval.provenance import (backbone_file, checkpoint_info, checkpoint_sha256, load_index_model, model_files,
                                       sha256_of_checkpoint_records, verify_model_files)
+from vop.retrieval.store import FaissStore, SearchParams, VectorStore
 from vop.retrieval.topk import check_k, exact_search, search_rows, top_k
 from vop.scoring import Scoring, builtin_scoring
 
@@ -48,17 +52,16 @@ __all__ = ["FORMAT", "VideoIndex", "build_index", "BuildReport", "checkpoint_inf
 
 @dataclass
 class VideoIndex:
-    """A loaded index: ``emb`` (N, *row_shape) float32 (a dual encoder: (N, D); cma's query score: (N, F, D),
-    the raw per-frame embeddings), ``entries`` (N dicts), ``meta`` (index.json); ``scoring``: how its
-    rows are scored (:class:`~vop.retrieval.format.StoredScoring`)."""
+    """A loaded index: ``meta`` (index.json), ``entries`` (N dicts: the video list; a result's row is its
+    position) and ``store``, where its rows live and top-k is answered (:mod:`vop.retrieval.store`: the index
+    folder's embeddings, with or without FAISS, or a Milvus collection). ``scoring``: how its rows are scored
+    (:class:`~vop.retrieval.format.StoredScoring`); ``emb``: the rows (N, *row_shape) float32 (a dual encoder:
+    (N, D); cma's query score: (N, F, D), the raw per-frame embeddings); from a Milvus store they are fetched."""
 
     path: Path
     meta: dict[str, Any]
-    emb: np.ndarray
     entries: list[dict[str, Any]]
-    _faiss: Any = field(default=None, repr=False)
-    _emb_t: torch.Tensor | None = field(default=None, repr=False)
-    _cache: torch.Tensor | None = field(default=None, repr=False)
+    store: VectorStore
     verified: bool = True  # the files' checksums (or, for an older index, finite values) were checked at open
 
     @classmethod
@@ -69,10 +72,24 @@ class VideoIndex:
         SHA-256 recorded when it was written (an index of an older vop, without checksums: its embeddings
         are checked for NaN/inf instead, with a warning). Any damage is a DataError naming the file and the
         command that rebuilds the index. ``verify=False`` skips the hashing (about 1.2 s per 2 GB of
-        embeddings); a non-finite score is still refused when searching."""
+        embeddings); a non-finite score is still refused when searching.
+
+        An index in a Milvus store: its collection is checked against index.json (schema, UUID, generation,
+        row count; with ``verify`` its keys against the video list) by
+        :meth:`vop.retrieval.milvus.MilvusStore.open`."""
         path = Path(path)
         meta, emb, entries = read_index(path, verify=verify)
-        return cls(path, meta, emb, entries, verified=verify)
+        if emb is None:
+            from vop.retrieval.milvus import MilvusStore
+
+            store: VectorStore = MilvusStore.open(path, meta, entries, verify=verify, hint=rebuild_command(path, meta))
+        else:
+            store = FaissStore(path, meta, emb)
+        return cls(path, meta, entries, store, verified=verify)
+
+    def close(self) -> None:
+        """Let go of the store's connection (a Milvus Lite file is then free for other processes)."""
+        self.store.close()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -110,35 +127,41 @@ class VideoIndex:
         return self.meta["model"]
 
     @property
+    def store_kind(self) -> str:
+        """``faiss`` (the rows in the folder) or ``milvus``."""
+        return self.store.kind
+
+    @property
+    def search_kind(self) -> str:
+        """What answers a query by default: ``exact``, ``ivf``, ``ivfpq`` or ``hnsw`` (in either store)."""
+        return self.store.search_kind
+
+    def search_mode(self, exact: bool | None = None) -> str:
+        """What answers a query with this ``exact`` setting (the ``search`` field of the JSON answers)."""
+        return "exact" if exact else self.search_kind
+
+    @property
     def faiss_kind(self) -> str | None:
         f = self.meta.get("faiss")
         return f["kind"] if f else None
 
+    def _faiss_store(self) -> FaissStore:
+        if not isinstance(self.store, FaissStore):
+            raise ConfigError(f"{self.path}: its rows are in {self.store.where()}, not in the folder")
+        return self.store
+
     def faiss_index(self, **search_params: Any):
         """The FAISS index (loaded once), with optional search parameters (nprobe, ef_search)."""
-        from vop.retrieval.ann import load_faiss, set_search_params
-
-        f = self.meta.get("faiss")
-        if not f:
-            raise ConfigError(f"{self.path}: has no FAISS index; build it with `vop index ... --faiss ivf|hnsw`")
-        if self._faiss is None:
-            file = self.path / self.meta["files"]["faiss"]
-            try:
-                self._faiss = load_faiss(file, f["kind"], f["params"])
-            except ConfigError:
-                raise
-            except Exception as e:  # faiss raises RuntimeError for a file it cannot parse
-                raise DataError(f"{file}: not a readable FAISS index ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
-                                f"the index is damaged: rebuild it: {rebuild_command(self.path, self.meta)}") from None
-        if any(v is not None for v in search_params.values()):
-            set_search_params(self._faiss, f["kind"], {**f["params"], **{k: v for k, v in search_params.items() if v is not None}})
-        return self._faiss
+        return self._faiss_store().faiss_index(**search_params)
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 5, *, exact: bool | None = None,
-               nprobe: int | None = None, ef_search: int | None = None, model: Any = None) -> tuple[np.ndarray, np.ndarray]:
+               nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None,
+               model: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for each query (Q, D) (the model's ``scoring.queries``: L2-normalised for a dual
         encoder): ``(scores (Q, k'), rows (Q, k'))``, best first, ``k' = min(k, N)``; ties ordered by row
-        (:func:`~vop.retrieval.topk.search_rows`). Exact unless the index has FAISS and ``exact`` is not True.
+        (:func:`~vop.retrieval.topk.search_rows`). Exact unless the index has an approximate index (FAISS, or
+        the Milvus collection's) and ``exact`` is not True. ``nprobe``, ``ef_search``, ``rerank``
+        (:class:`~vop.retrieval.store.SearchParams`): per-query settings of the approximate index.
 
         ``model``: the index's model (its scoring, refused unless of the index's kind); needed where the
         scores need it (cma's query score: the queries are its raw text embeddings, every video is scored
@@ -153,8 +176,8 @@ class VideoIndex:
             raise ConfigError(f"queries have shape {tuple(q.shape)}, the index {self.path} takes (Q, {self.dim})")
         if not bool(torch.isfinite(q).all()):
             raise ConfigError(f"queries hold NaN or inf values; {self.path} cannot rank videos against them")
-        ann = (lambda: self.faiss_index(nprobe=nprobe, ef_search=ef_search)) if self.faiss_kind is not None else None
-        scores, rows = search_rows(scoring, self.emb_tensor, q, k, cache=self.gallery_cache(scoring), ann=ann, exact=exact)
+        scores, rows = self.store.search(scoring, q, k, exact=exact,
+                                         params=SearchParams(nprobe=nprobe, ef_search=ef_search, rerank=rerank))
         self._check_scores(scores, rows)
         return scores, rows
 
@@ -165,35 +188,29 @@ class VideoIndex:
             q, j = map(int, np.argwhere(bad)[0])
             r = int(rows[q, j])
             vid = self.entries[r]["id"] if 0 <= r < len(self.entries) else "?"
-            where = self.path / self.meta["files"]["embeddings"]
+            where = self.store.where()
             why = ("its embeddings were not verified (verify=False / --no-verify): the file is probably damaged"
                    if not self.verified else "the model's weights or the file may be damaged")
             raise DataError(f"{where}: video {vid!r} (row {r}) scored {float(scores[q, j])} (not a number): {why}; "
                             f"rebuild the index: {rebuild_command(self.path, self.meta)}")
 
     @property
+    def emb(self) -> np.ndarray:
+        """The rows (N, *row_shape) float32 (a Milvus store: fetched from the collection, N x D floats)."""
+        if isinstance(self.store, FaissStore):
+            return self.store.emb
+        return self.store.vectors(np.arange(len(self.entries)))
+
+    @property
     def emb_tensor(self) -> torch.Tensor:
-        if self._emb_t is None:
-            self._emb_t = torch.from_numpy(self.emb)
-        return self._emb_t
+        return self._faiss_store().emb_tensor
 
     def gallery_cache(self, model: Any) -> torch.Tensor | None:
         """The scoring's ``cache`` of every stored row (``model``: a model or its scoring; cma: the F x F frame
         Gram matrices, N x F^2 float32: 0.58 GB at 1M videos, F = 12), computed once on first use and kept,
         so that a query costs N x F x D multiply-adds instead of N x F x (F + 1) x D. None when the scoring
         keeps no per-row work."""
-        if self._cache is None:
-            scoring = model if isinstance(model, Scoring) else model.scoring
-            v = self.emb_tensor
-            step, parts = 1 << 16, []
-            with torch.no_grad():
-                for s in range(0, v.shape[0], step):
-                    part = scoring.cache(v[s:s + step])
-                    if part is None:
-                        return None
-                    parts.append(part)
-            self._cache = torch.cat(parts) if parts else None
-        return self._cache
+        return self._faiss_store().row_cache(model if isinstance(model, Scoring) else model.scoring)
 
 
 def kind_mismatch(index: Path, stored: StoredScoring, checkpoint: Any, scoring: Scoring, method: str,

@@ -171,10 +171,10 @@ class Searcher:
         return cls(index, model, settings.get("max_words", 32), shared, str(ckpt))
 
     def rank(self, q: torch.Tensor, k: int, *, exact: bool | None = None, nprobe: int | None = None,
-             ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             ef_search: int | None = None, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, rows) for encoded queries (:meth:`encode`): the index's search, with the model's
         scoring. ``k``: an integer >= 1; more than the index holds gives every video."""
-        return self.index.search(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, model=self.model)
+        return self.index.search(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, rerank=rerank, model=self.model)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         q = encode_queries(self.model, texts, tokenizer=self._tok)
@@ -186,7 +186,7 @@ class Searcher:
         return q
 
     def search(self, texts: Sequence[str], k: int = 5, *, exact: bool | None = None, nprobe: int | None = None,
-               ef_search: int | None = None) -> list[list[dict[str, Any]]]:
+               ef_search: int | None = None, rerank: int | None = None) -> list[list[dict[str, Any]]]:
         """For each text, the top-``k`` videos: dicts with rank, row, id, score (cosine), path, duration.
         ``k``: an integer >= 1; more than the index holds gives every video (the same for every kind of
         index: exact, FAISS, and the query score's)."""
@@ -194,7 +194,7 @@ class Searcher:
         if not len(texts):
             return []
         q = self.encode(texts)
-        scores, rows = self.rank(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search)
+        scores, rows = self.rank(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
         return [hits(self.index, s, r) for s, r in zip(scores, rows)]
 
 

@@ -72,7 +72,7 @@ class Loaded:
         return {"name": self.name, "videos": len(self.index), "method": info["method"],
                 "checkpoint": Path(info["checkpoint"]).name, "backbone": info.get("backbone"),
                 "shared_backbone": self.searcher.shared, "dim": self.index.dim,
-                "search": self.index.faiss_kind or "exact", **self.index.scoring.describe()}
+                "search": self.index.search_kind, "store": self.index.store_kind, **self.index.scoring.describe()}
 
 
 class SearchService:
@@ -176,7 +176,7 @@ class SearchService:
                 item["captions"] = e["captions"]
             results.append(item)
         return {"query": q, "index": ld.name, "method": ld.index.model_info["method"], "k": k, "total": len(ld.index),
-                "search": "exact" if exact or not ld.index.faiss_kind else ld.index.faiss_kind,
+                "search": ld.index.search_mode(exact),
                 "took_ms": round(1000 * (time.perf_counter() - t0), 3), "results": results}
 
     def describe(self) -> dict[str, Any]:

@@ -1,12 +1,17 @@
 """Top-k over stored rows: the one place that, given an index's rows, a model's scoring and queries,
-answers which videos score best (a later vector-store interface plugs in here).
+answers which videos score best (each store of :mod:`vop.retrieval.store` calls it).
 
 - :func:`top_k`: exact, for any :class:`~vop.scoring.Scoring`: ``scoring.score`` on blocks of queries x
   rows (``scoring.blocks``: a dual encoder's all queries x 2^18 rows; a frame scoring's at most 256
   queries and as many videos as keep the queries x videos x frames intermediates within 64 MiB), only
   the running top k kept, with the scoring's per-row ``cache`` if the caller keeps one.
 - :func:`search_rows`: :func:`top_k`, or the approximate (FAISS) index where the scoring allows one and
-  the caller has it (``k`` >= the rows: every video, ranked exactly, as by the other kinds).
+  the caller has it (``k`` >= the rows: every video, ranked exactly, as by the other kinds), optionally
+  re-ranking its ``rerank`` x k candidates exactly.
+- :func:`rescore`: candidates then exact re-score: the candidate rows of each query (from an approximate
+  index, or any cheaper first stage) scored by the model's scoring, the top k kept. IVF-PQ's compressed
+  scores are made exact this way; a scoring without one vector per video can re-rank candidates found
+  by another representation of the same videos the same way.
 
 Results: ``(scores (Q, k'), rows (Q, k'))``, ``k' = min(k, N)``, best first, equal scores ordered by row;
 scores are the scoring's (unscaled: cosines for the built-in kinds), computed on the CPU.
@@ -21,7 +26,7 @@ import torch
 from vop.errors import ConfigError
 from vop.scoring import CosineScoring, Scoring
 
-__all__ = ["top_k", "search_rows", "exact_search", "check_k"]
+__all__ = ["top_k", "search_rows", "exact_search", "check_k", "rescore"]
 
 
 def check_k(k: Any, name: str = "k") -> int:
@@ -84,14 +89,42 @@ def exact_search(emb: torch.Tensor, q: torch.Tensor, k: int, chunk: int = 1 << 1
     return top_k(CosineScoring(), emb, q, k, blocks=(max(q.shape[0], 1), chunk))
 
 
+@torch.no_grad()
+def rescore(scoring: Scoring, q: torch.Tensor, candidates: np.ndarray, k: int, n: int,
+            rows_of: Callable[[np.ndarray], torch.Tensor], cache_of: Callable[[np.ndarray], torch.Tensor | None] | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates then exact re-score: ``candidates`` (Q, C) row numbers per query (``-1``: none; repeats
+    ignored) scored exactly by ``scoring`` against the queries ``q`` (Q, D); the best ``min(k, n)`` per query,
+    best first, ties by row, ``-1`` rows (score ``-inf``) where fewer candidates were given. ``rows_of(rows)``
+    gives those rows' stored representation (``cache_of``, the scoring's cache of them, if kept): from memory,
+    or fetched from a store."""
+    nq, kk = q.shape[0], min(k, n)
+    out_s = np.full((nq, kk), -np.inf, np.float32)
+    out_r = np.full((nq, kk), -1, np.int64)
+    for i in range(nq):
+        c = np.unique(candidates[i][candidates[i] >= 0]).astype(np.int64)
+        if not len(c):
+            continue
+        s = scoring.score(q[i:i + 1], rows_of(c), cache=None if cache_of is None else cache_of(c))[0].float().numpy()
+        order = np.lexsort((c, -s.astype(np.float64)))[:kk]
+        out_s[i, :len(order)], out_r[i, :len(order)] = s[order], c[order]
+    return out_s, out_r
+
+
 def search_rows(scoring: Scoring, rows: torch.Tensor, q: torch.Tensor, k: int, *, cache: torch.Tensor | None = None,
-                ann: Callable[[], Any] | None = None, exact: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                ann: Callable[[], Any] | None = None, exact: bool | None = None, rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` rows for the queries ``q`` (Q, D): through the approximate index ``ann()`` (a loaded FAISS
     index over ``rows``; given only where the scoring allows one) unless ``exact`` is True or ``k`` covers
-    every row, else exactly (:func:`top_k`)."""
-    if ann is not None and scoring.ann and exact is not True and k < rows.shape[0]:
+    every row, else exactly (:func:`top_k`). ``rerank`` >= 1: the approximate index gives ``rerank`` x k
+    candidates, re-scored exactly (:func:`rescore`): exact scores, and a recall that grows with ``rerank``."""
+    n = rows.shape[0]
+    if ann is not None and scoring.ann and exact is not True and k < n:
         from vop.retrieval.ann import faiss_search
 
+        if rerank and rerank > 0:
+            _, cand = faiss_search(ann(), q.numpy(), min(n, k * int(rerank)))
+            return rescore(scoring, q, cand.astype(np.int64), k, n, lambda c: rows[torch.from_numpy(c)],
+                           None if cache is None else (lambda c: cache[torch.from_numpy(c)]))
         scores, ids = faiss_search(ann(), q.numpy(), k)
         return scores, ids.astype(np.int64)
     return top_k(scoring, rows, q, k, cache=cache)
