@@ -392,30 +392,6 @@ def test_training_run_reproduces_its_test_metrics_and_index_ranks_as_unmerged(wo
 
 
 # -- every backbone family: RoPE (PE-Core, EVA02), EVA02's sub-LN, SwiGLU and missing key bias ------------------
-def _folded_backbone(model, clip):
-    """A copy of the backbone with every update written into its weights by hand (W += s B A at each site),
-    independent of the method's merge code: the reference a LoRA forward must equal."""
-    import copy
-
-    ref = copy.deepcopy(clip)
-    with torch.no_grad():
-        for tower in model.lora:
-            for upd, blk in zip(model.lora[tower], ref.blocks(tower)):
-                d = blk.attn.in_proj_weight.shape[1]
-                for site, lr in upd.updates.items():
-                    w = lr.scale * lr.B @ lr.A
-                    if site == "qkv":
-                        blk.attn.in_proj_weight += w
-                    elif site in ("q", "k", "v"):
-                        j = "qkv".index(site)
-                        blk.attn.in_proj_weight[j * d:(j + 1) * d] += w
-                    elif site == "out":
-                        blk.attn.out_proj.weight += w
-                    else:
-                        getattr(blk.mlp, site).weight += w
-    return ref
-
-
 @pytest.mark.parametrize("arch", ["pe-core-tiny", "eva02-tiny"])
 @pytest.mark.parametrize("targets", ["qkv", "all"])
 def test_lora_on_rope_towers_equals_the_folded_backbone(arch, targets):
@@ -423,7 +399,7 @@ def test_lora_on_rope_towers_equals_the_folded_backbone(arch, targets):
 
     clip = build_clip(arch, seed=0).eval()
     model = _randomise(create_model("lora", clip, frames=3, targets=targets)).train()
-    ref = create_model("zeroshot", _folded_backbone(model, clip), frames=3).eval()
+    ref = create_model("zeroshot", _clip_with_merged_weights(clip, model), frames=3).eval()
     s = clip.cfg.vision.image_size
     video = torch.randn(2, 3, 3, s, s, generator=torch.Generator().manual_seed(0))
     tokens = ref.tokenizer()(["a red circle moving left", "the square turns blue"])[:, : model.max_text_tokens]

@@ -19,15 +19,6 @@ from vop.retrieval.images import encode_png, thumbnail_strip
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vop.data import generate_world
-
-    d = tmp_path_factory.mktemp("world")
-    generate_world(d, size="smoke")
-    return d
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """An (untrained) vop-fc prompt checkpoint on the random tiny backbone: enough for index mechanics."""
     d = tmp_path_factory.mktemp("ckpt")

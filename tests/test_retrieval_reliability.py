@@ -30,15 +30,6 @@ from vop.retrieval.index import building_path
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vop.data import generate_world
-
-    d = tmp_path_factory.mktemp("world")
-    generate_world(d, size="smoke")
-    return d
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     return vop.save_checkpoint(vop.create_model("vop-f", "tiny", frames=4), tmp_path_factory.mktemp("ck") / "f.safetensors",

@@ -29,15 +29,6 @@ VOP = shutil.which("vop", path=os.path.dirname(sys.executable)) or "vop"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from vop.data import generate_world
-
-    d = tmp_path_factory.mktemp("world")
-    generate_world(d, size="smoke")
-    return d
-
-
-@pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """Two (untrained) prompt sets on the random tiny backbone (vop-fc, vop-f) and a cma one (pairwise scores)."""
     d = tmp_path_factory.mktemp("ckpt")
