@@ -406,8 +406,8 @@ _REFUSED = (
     (r"roberta|mt5|nllb|bert|moderntext|gte-", "a Hugging Face or modern text tower"),
     (r"^(clap|naflex)", "audio or variable-resolution (NaFlex) towers"),
     (r"^rn\d", "a ResNet image tower"),
-    (r"^pe-core-bigg", "PE-Core-bigG's class-less image tower with its own RoPE grid and attention-pool sizes "
-                       "(2.4B parameters, 448 px), not shipped yet; the class-less path itself runs SigLIP"),
+    (r"^pe-core-bigg", "PE-Core-bigG's image tower without a class token, with its own RoPE grid and attention-pool "
+                       "sizes (2.4B parameters, 448 px), not shipped yet (the class-less path itself runs SigLIP)"),
     (r"^eva02-e-14", "post-norm blocks (timm's EvaBlockPostNorm)"),
     (r"^eva01", "EVA01's image tower (no RoPE, no SwiGLU; EVA-CLIP's first generation)"),
     (r"^(convnext|swin|vit_|vitamin|eva|mobileclip|pe-core)", "a timm or other non-CLIP image tower"),

@@ -136,7 +136,7 @@ def _json_tokenizer(path: Path, mtime_ns: int, size: int):
     post-processor is its template unless the config says ``add_bos_token`` / ``add_eos_token`` (then the template
     is [BOS]? text [EOS]?, as transformers rebuilds it); the pad token is the config's ``pad_token``, else the
     file's padding, else ``<pad>``."""
-    tokenizers = require("tokenizers", "SigLIP's tokenizer (a tokenizer.json file)")
+    tokenizers = require("tokenizers", "SigLIP's tokenizer (a tokenizer.json file)", extra="siglip")
     try:
         tk = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # not JSON, not a tokenizer, unknown model type ...
@@ -177,7 +177,7 @@ def _json_tokenizer(path: Path, mtime_ns: int, size: int):
 
 @lru_cache(maxsize=4)
 def _sp_tokenizer(path: Path, mtime_ns: int, size: int):
-    spm = require("sentencepiece", "SigLIP's tokenizer from a SentencePiece .model file")
+    spm = require("sentencepiece", "SigLIP's tokenizer from a SentencePiece .model file", extra="")
     try:
         return spm.SentencePieceProcessor(model_file=str(path))
     except Exception as e:

@@ -114,6 +114,13 @@ def convert(sd: Tensors) -> Tensors:
     return out
 
 
+def _tokenizer_kind(t: dict, vocab: int) -> str:
+    """Which SentencePiece vocabulary the text tower reads (it sets the pad id of a ``.model`` file; a
+    tokenizer.json names its own): Gemma's (SigLIP2: 256,000 ids, pad 0) when the vocabulary has Gemma's size or the
+    config pads with 0, else T5's (SigLIP: pad = EOS = 1)."""
+    return "gemma" if vocab >= 256_000 or t.get("pad_token_id") == 0 else "t5"
+
+
 def arch_record(c: Any) -> ArchRecord:
     """A SiglipModel ``config.json`` as an architecture record; every value it gives checked (types, ranges:
     vop.limits), a CheckpointError naming the key otherwise."""
@@ -170,7 +177,7 @@ def arch_record(c: Any) -> ArchRecord:
                  "heads": num(t, "text_config.", "num_attention_heads", 12),
                  "mlp_ratio": num(t, "text_config.", "intermediate_size", 3072) / tw,
                  "act": act(t, "text_config."), "eps": eps(t, "text_config."), "causal": False, "pool": "last",
-                 "proj_bias": True, "tokenizer": "gemma" if vocab >= 256_000 else "t5"},
+                 "proj_bias": True, "tokenizer": _tokenizer_kind(t, vocab)},
     }, "config.json describes a SigLIP architecture vop cannot build")
 
 
