@@ -316,6 +316,20 @@ def test_siglip_without_its_tokenizer_file_says_which_file_and_how(clips, tmp_pa
         build_clip("tiny", tokenizer=tmp_path)
 
 
+def test_siglip_prompt_checkpoint_records_its_tokenizer_file(clips, tmp_path, siglip_tokenizer):
+    """A prompt checkpoint on SigLIP records the tokenizer file it was trained with; ``load_checkpoint`` reads it
+    back from there (``tokenizer=`` wins), so the captions are tokenized as in training."""
+    from vop.methods.checkpoint import load_checkpoint, save_checkpoint
+
+    model = create_model("vop", clips["siglip-tiny"], frames=F_, n_text=2, n_video=2)
+    save_checkpoint(model, tmp_path / "p.safetensors")
+    back = load_checkpoint(tmp_path / "p.safetensors", "siglip-tiny")
+    assert back.clip.tokenizer_file.resolve() == siglip_tokenizer.resolve()
+    assert torch.equal(back.tokenizer()(["a red circle"]), model.tokenizer()(["a red circle"]))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_checkpoint(tmp_path / "p.safetensors", "siglip-tiny", tokenizer=tmp_path / "gone.json")
+
+
 # ------------------------------------------------------------------------------------------------
 # the console script: counts, one real training step per family
 # ------------------------------------------------------------------------------------------------
