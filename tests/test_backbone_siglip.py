@@ -127,6 +127,26 @@ def test_siglip2_b16_is_recognised_from_its_tensors(reference, suffix):
         assert _diff(F.normalize(zs.encode_text(tokens), dim=-1), rt) < TOL
 
 
+def test_sizes_no_record_has_are_refused_naming_arch(tmp_path):
+    """A SigLIP file whose sizes fit no shipped record (here: siglip-tiny with 3 image layers) is refused, naming
+    arch= and what its tensors cannot show; arch= loads it. Every shipped record is told apart by its shapes."""
+    from vop.backbone.config import resolve_config
+
+    cfg = get_arch("siglip-tiny")
+    odd = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, layers=3))
+    sd = CLIP(odd).state_dict()
+    import safetensors.torch
+
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(CheckpointError, match="odd.safetensors: these siglip weights .*layers 3.* fit no shipped siglip "
+                                              "architecture .*attention-pool heads, the GELU of each tower.*arch="):
+        load_clip(tmp_path / "odd.safetensors")
+    assert load_clip(tmp_path / "odd.safetensors", arch=odd).cfg == odd
+    for name in SIGLIP:
+        with torch.device("meta"):
+            assert resolve_config(CLIP(get_arch(name)).state_dict(), None) == get_arch(name), name
+
+
 def test_the_gelu_variant_hides_inside_the_tolerance_and_is_asserted_per_config(reference):
     """The image tower's exact GELU (open_clip's B/16) read as tanh-GELU moves the tiny embeddings by a few 1e-5
     or less: why the activation of every record is asserted directly (test_what_no_tensor_shows, test_gelu_...)."""

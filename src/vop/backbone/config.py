@@ -701,8 +701,13 @@ def infer_family(sd: dict[str, Any], family: str, act: Act | None = None,
                               f"name one with arch= ({_NAME_IT.split(';')[0]})")
     shown = ", ".join(f"{k} {v}" for k, v in got.items())
     raise CheckpointError(f"these {family} weights ({shown}) fit no shipped {family} architecture ({', '.join(names)}): "
-                          "what the tensors do not show (RoPE layout, attention-pool heads, epsilons, preprocessing) "
-                          "cannot be guessed; give the architecture: load_clip(..., arch=CLIPConfig(...))")
+                          f"what the tensors do not show ({_UNSHOWN.get(family, _UNSHOWN[None])}) cannot be guessed; "
+                          "give the architecture: load_clip(..., arch=CLIPConfig(...))")
+
+
+#: what a family's tensors do not show (the refusal of sizes no shipped record has)
+_UNSHOWN = {"siglip": "attention-pool heads, the GELU of each tower, epsilons, the tokenizer's vocabulary, preprocessing",
+            None: "RoPE layout, attention-pool heads, epsilons, preprocessing"}
 
 
 # ---------------------------------------------------------------------------------------------
