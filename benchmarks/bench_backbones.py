@@ -1,20 +1,23 @@
 """The backbones people use now against OpenAI's CLIP ViT-B/16, measured in one run: encoding throughput and
-the training step of basic VoP on each family's B model (EVA02-B-16, PE-Core-B-16) relative to ViT-B/16.
+the training step of basic VoP on each family's B model (EVA02-B-16, PE-Core-B-16, ViT-B-16-SigLIP2) relative to
+ViT-B/16.
 
 Per backbone (random weights of the architecture, each in its own subprocess so that memory is its own;
 ``--rounds`` interleaved rounds, ViT-B/16, EVA02, PE, ViT-B/16, ...; medians of every timed call):
 
 - image tower: ``encode_frames`` of zero-shot on B videos x F frames at the backbone's native size
   (frames/s);
-- text tower: ``encode_text`` of zero-shot on C captions of 32 tokens (PE-Core's context: 32);
+- text tower: ``encode_text`` of zero-shot on C captions of 32 tokens (PE-Core's context: 32; SigLIP2's text
+  tower always reads its 64 positions, the caption padded to them, as its tokenizer gives them);
 - VoP training step: B videos x F frames and B captions (of the model's caption budget: 32 tokens, PE-Core's
-  32 - 8 = 24), symmetric InfoNCE, backward, AdamW.
+  32 - 8 = 24, SigLIP2's 64 positions with the 8 prompts on top), symmetric InfoNCE (SigLIP's logit bias does
+  not enter it: the loss is shift-invariant, as in vop's trainer), backward, AdamW.
 
 Times: CPU seconds of the process (``--clock cpu``, the default: robust to other jobs on a shared machine),
 one torch thread by default.
 
-    python benchmarks/bench_backbones.py                  # ViT-B-16, EVA02-B-16, PE-Core-B-16 (~15 min on 1 thread)
-    python benchmarks/bench_backbones.py --archs tiny,eva02-tiny,pe-core-tiny --frames 2 --no-doc --json /tmp/b.json
+    python benchmarks/bench_backbones.py     # ViT-B-16, EVA02-B-16, PE-Core-B-16, ViT-B-16-SigLIP2 (~20 min, 1 thread)
+    python benchmarks/bench_backbones.py --archs tiny,eva02-tiny,pe-core-tiny,siglip-tiny --frames 2 --no-doc --json /tmp/b.json
 """
 from __future__ import annotations
 
@@ -28,7 +31,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-ARCHS = "ViT-B-16,EVA02-B-16,PE-Core-B-16"
+ARCHS = "ViT-B-16,EVA02-B-16,PE-Core-B-16,ViT-B-16-SigLIP2"
+
+
+def text_length(model) -> int:
+    """Caption tokens the text tower runs on: 32 (or the model's budget if smaller: PE-Core), and a text tower read
+    at its last position (SigLIP) always its whole context (its tokenizer pads every caption to it)."""
+    if model.clip.cfg.text.pool == "last":
+        return model.max_text_tokens
+    return min(32, model.max_text_tokens)
 
 
 def run_one(arch: str, args: argparse.Namespace) -> dict:
@@ -46,12 +57,13 @@ def run_one(arch: str, args: argparse.Namespace) -> dict:
     B, Fr = args.batch, args.frames
     video = torch.randn(B, Fr, 3, size, size)
     zs = vop.create_model("zeroshot", clip, frames=Fr).eval()
-    captions = C.caption_tokens(args.captions, min(32, zs.max_text_tokens))
+    vocab = clip.cfg.text.vocab_size  # ids inside the vocabulary (the tiny SigLIP record has 1,000; CLIP's unchanged)
+    captions = C.caption_tokens(args.captions, text_length(zs)) % vocab
     with torch.inference_mode():
         t = C.pick(C.time_calls({"image": lambda: zs.encode_frames(video),
                                  "text": lambda: zs.encode_text(captions)}, args.repeats), args.clock)
     model = vop.create_model("vop", clip, frames=Fr).train()
-    tokens = C.caption_tokens(B, min(32, model.max_text_tokens))
+    tokens = C.caption_tokens(B, text_length(model)) % vocab
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
     labels = torch.arange(B)
 
@@ -75,7 +87,8 @@ def markdown(results: list[dict], meta: dict) -> str:
     clock = "CPU time" if meta["clock"] == "cpu" else "wall time"
     lines = [f"Measured {C.describe(meta)}; random weights of each architecture at its native size, {meta['batch']} "
              f"videos x {meta['frames']} frames; text: {meta['captions']} captions of 32 tokens (PE-Core: its "
-             f"32-token context); VoP step: captions of the model's budget (PE-Core: 32 - 8 = 24), float32; medians "
+             f"32-token context; SigLIP2: its 64 positions, always filled); VoP step: captions of the model's budget "
+             f"(PE-Core: 32 - 8 = 24; SigLIP2: 64 + the 8 prompts), float32; medians "
              f"of {meta['rounds']} interleaved rounds; ratios of {clock} against {base} in the same run. "
              "`python benchmarks/bench_backbones.py`.", "",
              f"| backbone | parameters | VoP trainable | image tower (frames/s) | x {base} | text tower (captions/s) | "

@@ -359,7 +359,9 @@ def backbone_entry(ctx: Ctx, arch: str) -> dict:
         t = C.time_calls({"x": lambda: zs.encode_frames(video)}, a.steps, warmup=2, sync=ctx.sync)["x"]["wall"]
     ctx.reset_peak()
     model = vop.create_model("vop", clip, frames=a.frames).train()
-    tokens = C.caption_tokens(a.batch, min(a.words, model.max_text_tokens)).to(ctx.device)
+    # a text tower read at its last position (SigLIP) always runs on its whole context; ids inside the vocabulary
+    length = model.max_text_tokens if clip.cfg.text.pool == "last" else min(a.words, model.max_text_tokens)
+    tokens = (C.caption_tokens(a.batch, length) % clip.cfg.text.vocab_size).to(ctx.device)
     step = train_step_fn(ctx, model, video, tokens)
     times = time_steps(ctx, step, a.steps, a.warmup)
     return {"arch": arch, "image_size": size, "frames_per_s": a.batch * a.frames / C.median(t), "step_s": C.median(times),
@@ -596,7 +598,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 420; tiny 60)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: port,encode,hf,max_batch,backbones")
     p.add_argument("--backbones", default=None, help="architectures of the backbones section, the first the "
-                   "baseline (default: ViT-B-16,EVA02-B-16,PE-Core-B-16; tiny: tiny,eva02-tiny,pe-core-tiny)")
+                   "baseline (default: ViT-B-16,EVA02-B-16,PE-Core-B-16,ViT-B-16-SigLIP2; tiny: tiny,eva02-tiny,pe-core-tiny,"
+                   "siglip-tiny)")
     p.add_argument("--render", default=None, metavar="JSON", help="only render a gpu_bench.json into --doc and exit")
     p.add_argument("--doc", default=str(C.DOC), help="with --render: Markdown file to update (default: %(default)s)")
     args = p.parse_args()
@@ -667,7 +670,8 @@ def main() -> None:
             run.guard("max_batch", m, lambda m=m, fpv=fpv: max_batch_entry(ctx, run, m, fpv), need_s=per_method_s * 2)
 
     if "backbones" not in skip:
-        names = args.backbones or ("tiny,eva02-tiny,pe-core-tiny" if tiny else "ViT-B-16,EVA02-B-16,PE-Core-B-16")
+        names = args.backbones or ("tiny,eva02-tiny,pe-core-tiny,siglip-tiny" if tiny
+                                   else "ViT-B-16,EVA02-B-16,PE-Core-B-16,ViT-B-16-SigLIP2")
         ctx.clip = None  # the run's backbone is not needed any more: free its memory for the bigger ones
         gc.collect()
         for arch in names.split(","):

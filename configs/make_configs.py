@@ -3,9 +3,11 @@
     python configs/make_configs.py        # regenerate (a test checks the files are up to date)
 
 It writes configs/msrvtt-9k/<backbone>/*.yaml: the same protocol on the backbones people use now
-(PE-Core-B-16, EVA02-B-16; docs/methods.md, Backbones), every method that runs on the backbone (a method
-reading [CLS] by construction is left out of PE-Core's folder), at the backbone's native resolution, with its
-preprocessing and tokenizer (PE-Core: 32 text positions) taken from its architecture record.
+(PE-Core-B-16, EVA02-B-16, ViT-B-16-SigLIP2; docs/methods.md, Backbones), every method that runs on the
+backbone (a method reading [CLS] by construction is left out of PE-Core's and SigLIP2's folders, ``proj`` out of
+SigLIP2's: its image tower has no projection), at the backbone's native resolution, with its preprocessing and
+tokenizer (PE-Core: 32 text positions; SigLIP2: 64, its tokenizer.json read from the weights' folder) taken from
+its architecture record.
 
 It also writes configs/msrvtt-9k/ablations/*.yaml: the paper's ablations (uni-modal prompts,
 prompted depth, prompt length, VoP^F's K_s) as the same recipe as configs/msrvtt-9k/vop.yaml (or
@@ -51,12 +53,14 @@ def trains_nothing(method: str, frames: int, options: str = "{}") -> bool:
 
 #: folder -> (architecture, weights file name) of the backbones beyond CLIP with configs (on BACKBONE_DATASETS)
 BACKBONES = {"pe-core-b-16": ("PE-Core-B-16", "PE-Core-B-16.safetensors"),
-             "eva02-b-16": ("EVA02-B-16", "EVA02-B-16.safetensors")}
+             "eva02-b-16": ("EVA02-B-16", "EVA02-B-16.safetensors"),
+             "vit-b-16-siglip2": ("ViT-B-16-SigLIP2", "ViT-B-16-SigLIP2.safetensors")}
 BACKBONE_DATASETS = ("msrvtt-9k",)
 
 
 def backbone_methods(folder: str) -> list[str]:
-    """The methods that run on the backbone of ``folder`` (those reading [CLS] refuse PE-Core's attention pool)."""
+    """The methods that run on the backbone of ``folder`` (those reading [CLS] refuse PE-Core's attention pool and
+    SigLIP's class-less tower; ``proj`` refuses SigLIP's image tower without a projection)."""
     from vop.backbone.config import get_arch
 
     cfg = get_arch(BACKBONES[folder][0])
@@ -81,9 +85,16 @@ def render_backbone(name: str, method: str, folder: str) -> str:
     a = get_arch(arch)
     p, t = a.vision.preprocess, a.text
     head = (f"# {method} on {name} with {arch} (see configs/make_configs.py): the paper's protocol on this backbone.\n"
-            f"# Backbone: open_clip's {arch} weights ({weights}: .pt, .bin or .safetensors as open_clip saves them).\n"
+            f"# Backbone: open_clip's {arch} weights ({weights}: .pt, .bin or .safetensors as open_clip saves them"
+            + ("; or a Hugging Face SiglipModel folder" if a.family == "siglip" else "") + ").\n"
             f"# From its record: {p.size} px, frames resized {p.resize}/{p.interpolation}, mean {list(p.mean)}, std "
-            f"{list(p.std)}; text context {t.context_length} (captions: {t.context_length} minus the text prompts).\n"
+            f"{list(p.std)}; text context {t.context_length} "
+            + (f"(captions padded to all {t.context_length} positions, the text prompts on top; read at the last).\n"
+               if t.pool == "last" else f"(captions: {t.context_length} minus the text prompts).\n")
+            + (f"# Tokenizer: {dict(gemma='Gemma', t5='T5 c4-en').get(t.tokenizer, t.tokenizer)} SentencePiece vocabulary from a file (never downloaded): the tokenizer.json "
+               "beside the weights is found by itself; elsewhere add model.tokenizer=/path/to/tokenizer.json.\n"
+               if t.tokenizer != "clip" else "")
+            +
             f"# Learning rates: {method_facts(method).rates.why} (CLIP's starting points, not tuned for {arch}).\n"
             f"# Usage: vop train --config configs/{name}/{folder}/{method}.yaml data.root=/path/to/{DATASETS[name][0]} "
             f"model.backbone=/path/to/{weights}\n")

@@ -46,3 +46,12 @@ def token_batch():
     from vop.backbone import CLIPTokenizer
 
     return CLIPTokenizer(16)(["a red circle moving left", "the square turns blue, then the circle moves up", "x"])
+
+
+@pytest.fixture(scope="session")
+def siglip_tokenizer(tmp_path_factory):
+    """A tiny SigLIP2-style tokenizer.json (Unigram, text then <eos>, pad 0; tests/tokenizer_files.py), for the
+    siglip-tiny record (vocabulary 1000)."""
+    import tokenizer_files
+
+    return tokenizer_files.tiny_tokenizer(tmp_path_factory.mktemp("siglip_tokenizer"))

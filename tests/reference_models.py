@@ -108,22 +108,24 @@ def open_clip_config(name: str) -> dict:
 TINY_VISION = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 TINY_TEXT = dict(width=64, heads=2, layers=2)
 TINY_EMBED = 48
+TINY_VOCAB = 1000  # SigLIP's tiny text vocabulary (its tiny tokenizer files stay below it)
 
 
 def _tiny_timm_name(fn_name: str, **extra) -> str:
     """Register (once) a timm model that is the shipped ``fn_name`` at the tiny sizes; its name."""
     _, timm = import_reference()
-    from timm.models import eva, register_model
+    from timm.models import eva, register_model, vision_transformer
 
     name = f"voptest_tiny_{fn_name}"
     if name not in timm.list_models(name):
-        shipped = getattr(eva, fn_name)
+        module = eva if hasattr(eva, fn_name) else vision_transformer  # PE-Core / EVA02; SigLIP
+        shipped = getattr(module, fn_name)
 
         def fn(pretrained: bool = False, **kwargs):
             return shipped(pretrained=False, **dict(TINY_VISION, **extra, **kwargs))
 
         fn.__name__ = fn.__qualname__ = name
-        fn.__module__ = eva.__name__
+        fn.__module__ = module.__name__
         register_model(fn)
     return name
 
@@ -133,7 +135,8 @@ def open_clip_model(name: str, tiny: bool = False, seed: int = 0):
     mode, every tensor then drawn at random (biases and LayerNorms too: a missing bias or a swapped LayerNorm
     shows). ``tiny``: at the tiny sizes (image 32 px, width 64, 2 layers; text width 64, 2 layers; embedding 48;
     the PE-Core tiny keeps its RoPE rescale at the identity: reference grid = the tiny grid, as every PE-Core
-    size is at its native resolution)."""
+    size is at its native resolution; SigLIP, which has no image projection, embeds in the image width, 64,
+    and its text vocabulary is cut to :data:`TINY_VOCAB` ids)."""
     open_clip, _ = import_reference()
     from open_clip.model import CustomTextCLIP
 
@@ -146,8 +149,11 @@ def open_clip_model(name: str, tiny: bool = False, seed: int = 0):
         vision.update(image_size=TINY_VISION["img_size"], timm_model_name=_tiny_timm_name(fn, **extra))
         text.update(TINY_TEXT)
         embed = TINY_EMBED
+        if vision.get("timm_proj") == "none":  # SigLIP
+            embed = TINY_VISION["embed_dim"]
+            text.update(vocab_size=TINY_VOCAB)
     torch.manual_seed(seed)
-    model = CustomTextCLIP(embed_dim=embed, vision_cfg=vision, text_cfg=text)
+    model = CustomTextCLIP(embed_dim=embed, vision_cfg=vision, text_cfg=text, init_logit_bias=cfg.get("init_logit_bias"))
     randomise(model, seed)
     return model.eval()
 
@@ -155,11 +161,13 @@ def open_clip_model(name: str, tiny: bool = False, seed: int = 0):
 @torch.no_grad()
 def randomise(model: torch.nn.Module, seed: int = 0) -> None:
     """Every parameter drawn again: weights N(0, 1/sqrt(fan-in)), LayerNorm gains 1 + N(0, 0.1), biases and
-    embeddings N(0, 0.02 .. 0.1), logit scale log(1 / 0.07) + 0.1."""
+    embeddings N(0, 0.02 .. 0.1), logit scale log(1 / 0.07) + 0.1, SigLIP's logit bias -10 + N(0, 0.05)."""
     g = torch.Generator().manual_seed(seed + 1)
     for n, p in model.named_parameters():
         if n == "logit_scale":
             p.fill_(2.7593)
+        elif n == "logit_bias":
+            p.fill_(-10.0 + 0.05 * torch.randn((), generator=g).item())
         elif p.ndim >= 2 and not n.endswith(("cls_token", "pos_embed", "latent", "positional_embedding")):
             fan_in = p[0].numel()
             p.copy_(torch.randn(p.shape, generator=g) * fan_in**-0.5)

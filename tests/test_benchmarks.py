@@ -65,19 +65,22 @@ def test_gpu_sh_cpu_tiny(tmp_path):
     md = (out / "gpu_bench.md").read_text()
     assert "Training step, batch 2" in md and "| `vop` |" in md
     bb = S["backbones"]  # the families against CLIP, each at its native size
-    assert list(bb) == ["tiny", "eva02-tiny", "pe-core-tiny"] and all(r["step_s"] > 0 for r in bb.values())
+    assert list(bb) == ["tiny", "eva02-tiny", "pe-core-tiny", "siglip-tiny"] and all(r["step_s"] > 0 for r in bb.values())
     assert bb["pe-core-tiny"]["text_tokens"] == 24 and "| `pe-core-tiny` |" in md
+    assert bb["siglip-tiny"]["text_tokens"] == 64  # SigLIP's text tower always runs on its whole context
 
 
 def test_backbones_tiny(tmp_path):
     """bench_backbones.py on the tiny records of each family: every ratio against the first (the baseline)."""
     out = tmp_path / "b.json"
-    _run([sys.executable, str(BENCH / "bench_backbones.py"), "--archs", "tiny,eva02-tiny,pe-core-tiny", "--frames", "2",
+    _run([sys.executable, str(BENCH / "bench_backbones.py"), "--archs", "tiny,eva02-tiny,pe-core-tiny,siglip-tiny",
+          "--frames", "2",
           "--rounds", "1", "--repeats", "1", "--steps", "1", "--no-doc", "--json", str(out)], timeout=300)
     data = json.loads(out.read_text())
     rows = {r["arch"]: r for r in data["results"]}
-    assert list(rows) == ["tiny", "eva02-tiny", "pe-core-tiny"] and rows["tiny"]["step_ratio"] == 1.0
+    assert list(rows) == ["tiny", "eva02-tiny", "pe-core-tiny", "siglip-tiny"] and rows["tiny"]["step_ratio"] == 1.0
     assert rows["pe-core-tiny"]["text_tokens"] == 24 and rows["eva02-tiny"]["text_tokens"] == 32
+    assert rows["siglip-tiny"]["text_tokens"] == 64 and rows["siglip-tiny"]["vop_trainable"] == 2 * 8 * 64 * 2
     assert rows["pe-core-tiny"]["vop_trainable"] == 2 * 8 * 64 * 2 and all(r["frames_per_s"] > 0 for r in rows.values())
 
 

@@ -106,11 +106,13 @@ def test_each_format_module_registers_one_format_and_is_imported():
     assert sorted(owner.values()) == mods  # one format per module, every module registered
     init = (SRC / "vop" / "formats" / "__init__.py").read_text()
     assert all(f"from vop.formats import {m.rsplit('.', 1)[1]}  # noqa" in init for m in mods)
-    assert [f.name for f in formats.list_formats()] == ["torchscript", "state-dict", "safetensors", "hf-clip", "open-clip-timm",
-                                                         "pe-clip", "openai-clip", "modelscope-vop", "vop-prompts/1"]
+    assert [f.name for f in formats.list_formats()] == ["torchscript", "state-dict", "safetensors", "hf-siglip", "hf-clip",
+                                                         "open-clip-timm", "pe-clip", "openai-clip", "modelscope-vop",
+                                                         "vop-prompts/1"]
     assert formats.expected() == (
-        "an OpenAI TorchScript .pt, an open_clip/PyTorch state dict (.pt/.pth/.bin), a .safetensors file, or a Hugging "
-        "Face CLIPModel folder (config.json + model.safetensors or pytorch_model.bin)")
+        "an OpenAI TorchScript .pt, an open_clip/PyTorch state dict (.pt/.pth/.bin), a .safetensors file, a Hugging "
+        "Face SiglipModel folder (config.json + model.safetensors), or a Hugging Face CLIPModel folder (config.json + "
+        "model.safetensors or pytorch_model.bin)")
 
 
 def test_load_checkpoint_goes_one_way(tmp_path):

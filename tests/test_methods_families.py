@@ -1,4 +1,4 @@
-"""Every method on every backbone family (OpenAI's CLIP, PE-Core, EVA02-CLIP; tiny records), registry-driven.
+"""Every method on every backbone family (OpenAI's CLIP, PE-Core, EVA02-CLIP, SigLIP; tiny records), registry-driven.
 
 - identity: under the options each method declares (``Expected.identity``: zero prompt tokens, zero-initialised
   adapters ...) its frame and text embeddings are the frozen backbone's bit for bit, on every family;
@@ -6,8 +6,12 @@
   rotation, the RoPE table indexed by patch (identity rows wherever tokens are inserted; VoP^F's joint layers:
   identity x (F + n) + the per-frame table tiled F times), the attention pool never seeing a prompt, VoP^F read
   out per frame on the frame's own tokens, VoP^C's frame summary, PE-Core's caption budget of 32 - n;
-- a method that reads [CLS] by construction refuses PE-Core's attention-pool read-out (a ConfigError naming
-  why), as ``vop params`` lists it;
+- a method that reads [CLS] by construction refuses PE-Core's attention-pool read-out and SigLIP's class-less
+  tower, ``proj`` refuses SigLIP's image tower without a projection (a ConfigError naming why), as ``vop params``
+  lists them;
+- SigLIP's prompt rules: video prompts at index 0 (no [CLS]), the pool over the frozen patches only, VoP^C's
+  summary the patch mean, VoP^F's joint layers without a class token; the text keeps its 64 positions (the slot on
+  top, read at the last position), ``max_text_tokens`` 64 whatever n_text;
 - one real training step per family through ``vop train`` (the engine's step, the backbone's preprocessing).
 """
 import dataclasses
@@ -27,13 +31,17 @@ from vop.errors import ConfigError
 from vop.methods import create_model, get_method, list_methods, plugin_of
 
 METHODS = [m for m in list_methods() if plugin_of(m) is None]
-FAMILIES = ["tiny", "pe-core-tiny", "eva02-tiny"]
+FAMILIES = ["tiny", "pe-core-tiny", "eva02-tiny", "siglip-tiny"]
 F_ = 3
+#: why each refusing method refuses, per family (what the ConfigError says)
+REFUSALS = {"reads_cls": "it reads the image tower at its \\[CLS\\]", "proj": "this image tower has none",
+            "rope": "rotates each patch by its position"}
 
 
 @pytest.fixture(scope="module")
-def clips():
-    return {a: build_clip(a, seed=0).eval() for a in FAMILIES}
+def clips(siglip_tokenizer):
+    return {a: build_clip(a, seed=0, tokenizer=siglip_tokenizer if a.startswith("siglip") else None).eval()
+            for a in FAMILIES}
 
 
 def _video(clip, n=2):
@@ -52,10 +60,12 @@ def test_identity_options_give_the_frozen_backbone_bit_for_bit(method, arch, cli
     cls = get_method(method)
     why = cls.unsupported_backbone(clip.cfg)
     if why is not None:
-        with pytest.raises(ConfigError, match="cannot run on this backbone: " + re.escape(why[:40])):
+        # TempMe's token merging on a RoPE tower; a read-out at [CLS] on an attention pool; SigLIP has no projection
+        kind = "rope" if method == "tempme" and clip.cfg.vision.rope else "reads_cls" if cls.reads_cls else method
+        with pytest.raises(ConfigError, match=f"cannot run on this backbone: .*{REFUSALS[kind]}"):
             create_model(method, clip, frames=F_)
-        # the two reasons: a read-out at [CLS] on PE-Core's attention pool; TempMe's merging on RoPE towers
-        assert (arch == "pe-core-tiny" and cls.reads_cls) or (method == "tempme" and clip.cfg.vision.rope)
+        assert (arch, kind) in {("pe-core-tiny", "reads_cls"), ("siglip-tiny", "reads_cls"), ("siglip-tiny", "proj"),
+                                ("pe-core-tiny", "rope"), ("eva02-tiny", "rope")}
         return
     options = cls.expected.identity_options(clip.cfg)
     assert options is not None, f"{method} declares no identity configuration (Expected.identity)"
@@ -73,7 +83,7 @@ def test_identity_options_give_the_frozen_backbone_bit_for_bit(method, arch, cli
         assert torch.allclose(zs.encode_frames(video), frames, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["pe-core-tiny", "eva02-tiny"])
+@pytest.mark.parametrize("arch", ["pe-core-tiny", "eva02-tiny", "siglip-tiny"])
 @pytest.mark.parametrize("method", ["vop", "vop-p", "vop-c", "vop-f", "vop-fp", "vop-fc", "adapter-attn", "cma", "lora"])
 def test_prompts_and_adapters_act_on_every_family(method, arch, clips):
     """With their default options (non-zero prompts; cma's random up-projections) both embeddings move."""
@@ -203,6 +213,128 @@ def test_proj_and_bias_train_the_projection_biases(clips):
 
 
 # ------------------------------------------------------------------------------------------------
+# SigLIP: class-less MAP image tower, bidirectional text read at its last position
+# ------------------------------------------------------------------------------------------------
+def test_siglip_video_prompts_sit_at_index_0_and_never_reach_the_pool(clips):
+    clip = clips["siglip-tiny"]
+    v = clip.cfg.vision
+    model = create_model("vop", clip, frames=F_, n_video=5).eval()
+    calls, pooled, hooks = _record_calls(model.clip)
+    seen = []
+    hooks.append(model.clip.blocks("visual")[0].register_forward_pre_hook(lambda m, a: seen.append(a[0])))
+    with torch.no_grad():
+        model.encode_frames(_video(clip))
+    for h in hooks:
+        h.remove()
+    assert [(t, r) for t, r in calls] == [(5 + v.num_patches, None)] * v.layers  # no [CLS], no RoPE
+    shared = model.video_prompts.source.shared[0]
+    assert torch.equal(seen[0][:, :5], shared.expand(2 * F_, -1, -1))  # the slot at index 0
+    assert pooled == [(2 * F_, v.num_patches, v.width)]  # the pool reads the frozen patches only
+
+
+def test_siglip_vop_f_joint_layers_and_per_frame_read_out(clips):
+    clip = clips["siglip-tiny"]
+    v = clip.cfg.vision
+    model = create_model("vop-f", clip, frames=F_, n_video=4, ks=1).eval()
+    calls, pooled, hooks = _record_calls(model.clip)
+    with torch.no_grad():
+        frames = model.encode_frames(_video(clip))
+    for h in hooks:
+        h.remove()
+    assert calls[0][0] == 4 + v.num_patches  # layer 0 per frame: [4 prompts, patches]
+    assert all(t == 4 + F_ * v.num_patches for t, _ in calls[1:])  # joint: [4 video prompts, F x M patches], no CLS
+    assert pooled == [(2 * F_, v.num_patches, v.width)] and frames.shape == (2, F_, clip.cfg.embed_dim)
+
+
+def test_siglip_vop_c_summarises_each_frame_by_its_patch_mean(clips):
+    model = create_model("vop-c", clips["siglip-tiny"], frames=F_)
+    src = model.video_prompts.source
+    assert (model.video_prompts.prefix, src.prefix, src.patches) == (0, 0, 16)
+    got = []
+    orig = src.context.forward
+    src.context.forward = lambda cls: got.append(cls) or orig(cls)
+    x = []
+    hook = model.clip.blocks("visual")[0].register_forward_pre_hook(lambda m, a: x.append(a[0]))
+    with torch.no_grad():
+        model.encode_frames(_video(model.clip))
+    hook.remove()
+    first = x[0][:, -16:].mean(1).view(2, F_, -1)  # layer 0's input: the summary is the mean of its 16 patches
+    n = src.shared.shape[1] + model.opts.n_context
+    assert x[0].shape[1] == n + 16 and torch.allclose(got[0], first)
+
+
+@pytest.mark.parametrize("n_text", [0, 8, 20])
+def test_siglip_text_keeps_its_64_positions_and_is_read_at_the_last(n_text, clips):
+    clip = clips["siglip-tiny"]
+    model = create_model("vop", clip, frames=F_, n_text=n_text, n_video=0).eval()
+    assert model.max_text_tokens == 64  # whatever n_text: the slot comes on top of the context
+    tokens = _tokens(model)
+    assert tokens.shape == (2, 64) and (tokens[:, -1] == 0).all()  # padded with the file's pad id (0) to 64
+    short = model.tokenizer(max_words=6)(["a red circle moving left and right again"])
+    assert short.shape == (1, 64) and (short[0, 6:] == 0).all() and short[0, 5].item() == 1  # capped, EOS kept
+    lengths = []
+    hooks = [blk.register_forward_pre_hook(lambda m, a, k: lengths.append((a[0].shape[1], k.get("causal"))),
+                                           with_kwargs=True) for blk in model.clip.blocks("text")]
+    read = []
+    hooks.append(model.clip.ln_final.register_forward_hook(lambda m, a, out: read.append(out.shape[1])))
+    with torch.no_grad():
+        emb = model.encode_text(tokens)
+    for h in hooks:
+        h.remove()
+    assert lengths == [(64 + n_text, False)] * 2 and read == [64]  # bidirectional; the slot gone before ln_final
+    if n_text == 0:
+        assert torch.equal(emb, clip.encode_text(tokens))
+    # the slot sits before the last position (index 1): the read-out is the caption's last token, not a prompt
+    text = model.text_prompts
+    if n_text:
+        seen = []
+        hook = model.clip.blocks("text")[1].register_forward_pre_hook(lambda m, a, k: seen.append(a[0]), with_kwargs=True)
+        with torch.no_grad():
+            model.encode_text(tokens)
+        hook.remove()
+        assert torch.equal(seen[0][:, 1:1 + n_text], text.tokens[1].expand(2, -1, -1))
+
+
+def test_siglip_scores_use_the_logit_bias_and_training_does_not(clips):
+    """Sigmoid match probabilities use exp(scale) * cos + bias; the contrastive loss (symmetric InfoNCE) is shift-
+    invariant: the bias does not enter training."""
+    import math
+
+    clip = clips["siglip-tiny"]
+    cos = torch.tensor([[0.3, -0.1], [0.05, 0.2]])
+    want = torch.sigmoid(math.exp(clip.logit_scale.item()) * cos + clip.logit_bias.item())
+    assert torch.allclose(clip.match_probability(cos), want)
+    with pytest.raises(ValueError, match="no logit bias"):
+        clips["tiny"].match_probability(cos)
+    logits = clip.logits(cos)
+    loss = lambda z: (torch.nn.functional.cross_entropy(z, torch.arange(2)) + torch.nn.functional.cross_entropy(z.t(), torch.arange(2))) / 2  # noqa: E731
+    assert torch.allclose(loss(logits), loss(logits - clip.logit_bias))
+
+
+def test_siglip_without_its_tokenizer_file_says_which_file_and_how(clips, tmp_path):
+    clip = build_clip("siglip-tiny", seed=0)
+    model = create_model("zeroshot", clip, frames=F_)
+    with pytest.raises(ConfigError, match="tokenizer.json.*load_clip\\(path, tokenizer=.*model.tokenizer.*--tokenizer"):
+        model.tokenizer()
+    with pytest.raises(ConfigError, match="CLIP's BPE"):
+        build_clip("tiny", tokenizer=tmp_path)
+
+
+def test_siglip_prompt_checkpoint_records_its_tokenizer_file(clips, tmp_path, siglip_tokenizer):
+    """A prompt checkpoint on SigLIP records the tokenizer file it was trained with; ``load_checkpoint`` reads it
+    back from there (``tokenizer=`` wins), so the captions are tokenized as in training."""
+    from vop.methods.checkpoint import load_checkpoint, save_checkpoint
+
+    model = create_model("vop", clips["siglip-tiny"], frames=F_, n_text=2, n_video=2)
+    save_checkpoint(model, tmp_path / "p.safetensors")
+    back = load_checkpoint(tmp_path / "p.safetensors", "siglip-tiny")
+    assert back.clip.tokenizer_file.resolve() == siglip_tokenizer.resolve()
+    assert torch.equal(back.tokenizer()(["a red circle"]), model.tokenizer()(["a red circle"]))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_checkpoint(tmp_path / "p.safetensors", "siglip-tiny", tokenizer=tmp_path / "gone.json")
+
+
+# ------------------------------------------------------------------------------------------------
 # the console script: counts, one real training step per family
 # ------------------------------------------------------------------------------------------------
 def _vop(*args, env=None, timeout=600):
@@ -211,7 +343,8 @@ def _vop(*args, env=None, timeout=600):
 
 
 @pytest.mark.parametrize("backbone, vop_count, total", [("PE-Core-B-16", 270_336, 447_660_545),
-                                                        ("EVA02-B-16", 122_880, 149_691_137)])
+                                                        ("EVA02-B-16", 122_880, 149_691_137),
+                                                        ("ViT-B-16-SigLIP2", 147_456, 375_187_970)])
 def test_vop_params_on_the_b_models(backbone, vop_count, total):
     proc = _vop("params", "--backbone", backbone, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -219,18 +352,23 @@ def test_vop_params_on_the_b_models(backbone, vop_count, total):
     assert rows["vop"]["paper_count"] == vop_count and rows["vop"]["backbone"] == total
     assert rows["vop-f"]["uncounted"] == 9_216
     refused = {m for m, r in rows.items() if r["unsupported"]}
-    assert refused == ({"dgl", "dgl-l", "mv-adapter", "tempme"} if backbone.startswith("PE") else {"tempme"})
-    # PE-Core-B-16's text tower is 1024 wide and 24 deep: 12 x 4rd (d 768) + 24 x 4rd (d 1024)
-    assert rows["lora"]["paper_count"] == (1_081_344 if backbone.startswith("PE") else 491_520) and not rows["lora"]["unsupported"]
+    reads_cls = {m for m in rows if get_method(m).reads_cls}
+    want = {"PE-Core-B-16": reads_cls, "EVA02-B-16": {"tempme"}, "ViT-B-16-SigLIP2": reads_cls | {"proj"}}[backbone]
+    assert refused == want and {"dgl", "mv-adapter", "tempme"} <= reads_cls
+    # LoRA everywhere, r(3d + d) per block: PE-Core-B-16's text tower is 1024 wide and 24 deep
+    assert rows["lora"]["paper_count"] == {"PE-Core-B-16": 1_081_344, "EVA02-B-16": 491_520,
+                                           "ViT-B-16-SigLIP2": 589_824}[backbone] and not rows["lora"]["unsupported"]
 
 
-@pytest.mark.parametrize("arch", ["pe-core-tiny", "eva02-tiny"])
-def test_one_training_step_per_family(arch, world, tmp_path):
-    """``vop train`` on the smoke world, stopped after its first optimiser step (the trainer's test hook)."""
+@pytest.mark.parametrize("arch", ["pe-core-tiny", "eva02-tiny", "siglip-tiny"])
+def test_one_training_step_per_family(arch, world, tmp_path, siglip_tokenizer):
+    """``vop train`` on the smoke world, stopped after its first optimiser step (the trainer's test hook); SigLIP
+    with its tokenizer file (model.tokenizer), and refused cleanly without it."""
     from vop.engine.trainer import TEST_STOP_ENV
 
     out = tmp_path / "run"
-    proc = _vop("train", "-q", f"data.root={world}", "data.dataset=collection", f"model.backbone={arch}",
+    tok = [f"model.tokenizer={siglip_tokenizer}"] if arch.startswith("siglip") else []
+    proc = _vop("train", "-q", f"data.root={world}", "data.dataset=collection", f"model.backbone={arch}", *tok,
                 "model.method=vop", "model.frames=3", "optim.batch_size=8", "data.num_workers=0", "eval.batch_size=8",
                 "optim.epochs=1", "checkpoint_every=1", f"out_dir={out}",
                 env={**os.environ, TEST_STOP_ENV: "1"})
@@ -238,9 +376,43 @@ def test_one_training_step_per_family(arch, world, tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["step"] == 1
+    if arch.startswith("siglip"):  # no tokenizer file: one line naming the file needed and how to give it
+        bad = _vop("train", "-q", f"data.root={world}", "data.dataset=collection", f"model.backbone={arch}",
+                   f"out_dir={tmp_path / 'bad'}")
+        assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr
+        assert "model.tokenizer" in bad.stderr and "tokenizer.json" in bad.stderr and "--tokenizer" in bad.stderr
+        return
     size_err = _vop("train", "-q", f"data.root={world}", "data.dataset=collection", f"model.backbone={arch}",
                     "model.image_size=64", f"out_dir={tmp_path / 'bad'}")
     assert size_err.returncode == 2 and "native 32 px only" in size_err.stderr and "Traceback" not in size_err.stderr
+
+
+def test_the_console_script_reads_siglips_tokenizer_file_or_names_it(world, tmp_path, siglip_tokenizer):
+    """``vop eval --method zeroshot`` on SigLIP weights alone in their folder: exit 2, one line naming the file needed
+    (tokenizer.json) and how to give it (--tokenizer), no traceback; with ``--tokenizer`` it evaluates; a missing
+    tokenizer file is named; a CLIP backbone refuses ``--tokenizer``."""
+    import json as _json
+
+    from vop.backbone import save_clip
+
+    weights = tmp_path / "alone" / "siglip.safetensors"
+    weights.parent.mkdir()
+    save_clip(build_clip("siglip-tiny", seed=0), weights)
+    common = ["eval", "-q", "--method", "zeroshot", "--dataset", "collection", "--root", str(world), "--frames", "2",
+              "--num-workers", "0", "--batch-size", "8"]
+    bad = _vop(*common, "--backbone", str(weights))
+    assert bad.returncode == 2 and "Traceback" not in bad.stdout + bad.stderr, bad.stderr
+    assert "tokenizer.json" in bad.stderr and "--tokenizer" in bad.stderr and bad.stderr.startswith("error:")
+    missing = _vop(*common, "--backbone", str(weights), "--tokenizer", str(tmp_path / "nothere.json"))
+    assert missing.returncode == 2 and "nothere.json: no such file" in missing.stderr
+    assert "Traceback" not in missing.stdout + missing.stderr
+    out = tmp_path / "m.json"
+    ok = _vop(*common, "--backbone", str(weights), "--tokenizer", str(siglip_tokenizer), "--json", str(out))
+    assert ok.returncode == 0, ok.stderr
+    assert 0 <= _json.loads(out.read_text())["t2v"]["R1"] <= 100
+    save_clip(build_clip("tiny", seed=0), tmp_path / "clip.safetensors")
+    clip_tok = _vop(*common, "--backbone", str(tmp_path / "clip.safetensors"), "--tokenizer", str(siglip_tokenizer))
+    assert clip_tok.returncode == 2 and "CLIP's BPE" in clip_tok.stderr and "Traceback" not in clip_tok.stderr
 
 
 def test_backbone_configs_load_and_are_current():

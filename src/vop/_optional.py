@@ -21,19 +21,22 @@ def require(module: str, purpose: str, package: str | None = None, install: str 
     """``import module`` (cheap once imported), or a one-line :class:`MissingDependencyError` saying
     that ``purpose`` needs ``package`` (default: the top-level module name) and to run
     ``pip install install`` (default: ``package``; name there what the same feature needs too, so
-    that one command is enough). ``extra``: the package belongs to that optional extra of vop
-    (``pip install 'vop[extra]'``), not to its dependencies."""
+    that one command is enough). ``extra``: the package is no dependency of vop but an optional one, installed
+    by ``pip install 'vop[extra]'`` (said instead of "part of vop's dependencies"); "" for an optional package
+    that no extra installs."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         package = package or module.split(".")[0]
         install = install or package
-        if extra:
+        if extra is None:
+            how = (f"pip install {install} (part of vop's dependencies: `pip install vop`, or `pip install -e .` "
+                   "in a checkout, installs them)")
+        elif extra:
             how = (f"pip install 'vop[{extra}]' (or pip install {install}; in a checkout: "
                    f"pip install -e '.[{extra}]')")
         else:
-            how = (f"pip install {install} (part of vop's dependencies: `pip install vop`, or `pip install -e .` "
-                   "in a checkout, installs them)")
+            how = f"pip install {install} (an optional dependency of vop, needed for this only)"
         top = module.split(".")[0]
         if isinstance(e, ModuleNotFoundError) and e.name in (top, module):
             raise MissingDependencyError(f"{purpose} needs the Python package '{package}', which is not "

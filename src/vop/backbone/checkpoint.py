@@ -63,8 +63,34 @@ def _check_clip_fits(cfg: CLIPConfig, what: str) -> None:
                "use a smaller architecture (vop.list_archs())")
 
 
-def build_clip(arch: str | CLIPConfig, seed: int | None = None) -> CLIP:
-    """A randomly initialised CLIP of a registered architecture (for tests, counts and pretraining)."""
+def attach_tokenizer(clip: CLIP, tokenizer: str | os.PathLike | None, weights: str | os.PathLike | None = None,
+                     error: type = CheckpointError) -> CLIP:
+    """Give ``clip`` the tokenizer file its text tower reads (SigLIP: ``tokenizer.json`` or a SentencePiece
+    ``.model``): ``tokenizer`` if given (it must exist), else one shipped in the weights' folder
+    (vop.backbone.tokenizer.find_tokenizer_file), else none (``clip.tokenizer()`` then says how to give one). The
+    file is read when the tokenizer is first made. A backbone with CLIP's BPE (shipped) refuses ``tokenizer=``."""
+    from vop.backbone.tokenizer import find_tokenizer_file
+
+    if tokenizer is not None:
+        if not isinstance(tokenizer, (str, os.PathLike)):
+            raise error(f"tokenizer= must be the path of a tokenizer file, got {type(tokenizer).__name__}")
+        if clip.cfg.text.tokenizer == "clip":
+            raise error(f"tokenizer={str(tokenizer)!r} gives a tokenizer file, but this backbone's text tower uses CLIP's "
+                        "BPE, which vop ships: leave it out (it is for backbones whose vocabulary vop does not ship: "
+                        "SigLIP / SigLIP2)")
+        p = Path(tokenizer)
+        if not (p.is_file() or (p.is_dir() and find_tokenizer_file(p / "x") is not None)):
+            raise error(f"tokenizer file {p}: no such file (give the tokenizer.json of the weights' folder, or a "
+                        "SentencePiece .model)")
+        clip.tokenizer_file = p
+    elif clip.cfg.text.tokenizer != "clip" and weights is not None:
+        clip.tokenizer_file = find_tokenizer_file(weights)
+    return clip
+
+
+def build_clip(arch: str | CLIPConfig, seed: int | None = None, tokenizer: str | os.PathLike | None = None) -> CLIP:
+    """A randomly initialised CLIP of a registered architecture (for tests, counts and pretraining); ``tokenizer``:
+    the tokenizer file of a text tower whose vocabulary vop does not ship (SigLIP; see :func:`load_clip`)."""
     cfg = get_arch(arch) if isinstance(arch, str) else arch
     if not isinstance(cfg, CLIPConfig):
         raise ConfigError(f"build_clip: an architecture name or a CLIPConfig, got {type(cfg).__name__}")
@@ -72,8 +98,10 @@ def build_clip(arch: str | CLIPConfig, seed: int | None = None) -> CLIP:
     if seed is not None:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return CLIP(cfg)
-    return CLIP(cfg)
+            clip = CLIP(cfg)
+    else:
+        clip = CLIP(cfg)
+    return attach_tokenizer(clip, tokenizer, error=ConfigError)
 
 
 def shipped_file(name: str) -> Path | None:
@@ -142,7 +170,7 @@ def clip_from_weights(weights: ClipWeights, cfg: CLIPConfig, named: bool = False
 
 
 def load_clip(path_or_name: str | os.PathLike, *, arch: str | CLIPConfig | None = None, act: str | None = None,
-              heads: tuple[int, int] | None = None) -> CLIP:
+              heads: tuple[int, int] | None = None, tokenizer: str | os.PathLike | None = None) -> CLIP:
     """Load CLIP weights from any supported format (vop.formats), or a shipped name.
 
     ``arch`` names the architecture (``"ViT-H-14"``, see ``list_archs()``, or a CLIPConfig); the
@@ -151,7 +179,9 @@ def load_clip(path_or_name: str | os.PathLike, *, arch: str | CLIPConfig | None 
     ``infer_config``): a CheckpointError says when the head counts cannot be known. ``act`` overrides
     the activation (released OpenAI weights use QuickGELU; most LAION open_clip weights use GELU and
     cannot be told apart from the tensors). ``heads=(vision_heads, text_heads)`` sets the head counts
-    of a file without an architecture record.
+    of a file without an architecture record. ``tokenizer``: the tokenizer file of a text tower whose vocabulary
+    vop does not ship (SigLIP / SigLIP2: the ``tokenizer.json`` of the weights' folder, or a SentencePiece
+    ``.model``); without it, a ``tokenizer.json`` in the weights' folder is used (nothing is downloaded).
     """
     p = weights_path(path_or_name)
     try:  # the options first: nothing is read for a call that cannot succeed
@@ -160,7 +190,11 @@ def load_clip(path_or_name: str | os.PathLike, *, arch: str | CLIPConfig | None 
         raise CheckpointError(f"{p}: {e}") from None
     weights = formats.read_clip(p)  # format by content -> tensors with OpenAI names + the file's record
     cfg = clip_config(weights, arch=arch, act=act, heads=heads)  # -> the architecture
-    return clip_from_weights(weights, cfg, named=arch is not None)  # -> checked against the tensors, built
+    clip = clip_from_weights(weights, cfg, named=arch is not None)  # -> checked against the tensors, built
+    try:
+        return attach_tokenizer(clip, tokenizer, weights=p)
+    except CheckpointError as e:
+        raise CheckpointError(f"{p}: {e}") from None
 
 
 def save_clip(model: CLIP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

@@ -1,9 +1,10 @@
 """The dual encoder (ViT image tower + text tower) with OpenAI state-dict names, for every family vop builds.
 
-OpenAI's CLIP, Meta's PE-Core and EVA02-CLIP share this module; the architecture record
-(vop.backbone.config) says which parts a tower has: [CLS] or none, ln_pre, patch bias, the block's q/k/v
-bias, sub-LN and MLP kind (vop.backbone.layers), 2-D RoPE, the read-out ([CLS] token or an attention pool),
-the projection's bias, the text tower's mask and pooling, a logit bias.
+OpenAI's CLIP, Meta's PE-Core, EVA02-CLIP and Google's SigLIP / SigLIP2 share this module; the architecture
+record (vop.backbone.config) says which parts a tower has: [CLS] or none, ln_pre, patch bias, the block's
+q/k/v bias, sub-LN and MLP kind (vop.backbone.layers), 2-D RoPE, the read-out ([CLS] token or an attention
+pool), the projection (none for SigLIP's image tower) and its bias, the text tower's mask and pooling, its
+tokenizer (CLIP's BPE, or a file the user gives: ``tokenizer_file``), a logit bias.
 
 The towers expose their stages (``embed`` -> blocks -> read-out) so that prompt methods can run the
 block loop themselves; ``encode_image`` / ``encode_text`` are the plain forward passes.
@@ -19,6 +20,7 @@ a block's ``branch`` hook (vop.backbone.layers.Branch), ``tokenizer(context)`` a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +62,10 @@ class VisionTransformer(nn.Module):
         self.ln_pre = nn.LayerNorm(v.width, eps=v.eps) if v.ln_pre else nn.Identity()
         self.transformer = Transformer(v.width, v.layers, v.heads, v.mlp_ratio, cfg.vision_act, **block_options(v))
         self.ln_post = nn.LayerNorm(v.width, eps=v.eps)
-        self.proj = nn.Parameter(scale * torch.randn(v.width, cfg.embed_dim))
+        self.proj = nn.Parameter(scale * torch.randn(v.width, cfg.embed_dim)) if v.proj else None
         self.proj_bias = nn.Parameter(torch.zeros(cfg.embed_dim)) if v.proj_bias else None
-        self.attn_pool = (AttentionPool(v.width, v.attn_pool_heads, v.pool_mlp_width, "gelu", v.eps)
+        # the pool's MLP has the tower's activation (timm's AttentionPoolLatent gets the tower's act_layer)
+        self.attn_pool = (AttentionPool(v.width, v.attn_pool_heads, v.pool_mlp_width, cfg.vision_act, v.eps)
                           if v.pool == "map" else None)
         self.rope = (Rope(v.grid, v.head_dim, v.rope_theta, v.rope_offset, v.rope_indexing, v.rope_ref_grid)
                      if v.rope else None)
@@ -117,7 +120,10 @@ class VisionTransformer(nn.Module):
         return self.attn_pool is None
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., width) -> (..., embed_dim): the projection to the joint space (and its bias, if any)."""
+        """(..., width) -> (..., embed_dim): the projection to the joint space (and its bias, if any); the
+        identity for a tower without one (SigLIP: its read-out is the embedding)."""
+        if self.proj is None:
+            return z
         z = z @ self.proj
         return z if self.proj_bias is None else z + self.proj_bias
 
@@ -163,6 +169,9 @@ class CLIP(nn.Module):
         self.text_projection_bias = nn.Parameter(torch.zeros(cfg.embed_dim)) if t.proj_bias else None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if cfg.logit_bias else None
+        #: the tokenizer file of a text tower whose vocabulary vop does not ship (SigLIP: ``tokenizer.json`` or a
+        #: SentencePiece ``.model``), set by load_clip / build_clip (``tokenizer=``); None: none given
+        self.tokenizer_file: Path | None = None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -230,16 +239,19 @@ class CLIP(nn.Module):
         self._tower(tower)
         return self.visual.rope_table(tokens, tiles) if tower == "visual" else None
 
-    def projection(self, tower: Tower) -> nn.Parameter:
+    def projection(self, tower: Tower) -> nn.Parameter | None:
         """The weight of the tower's final projection to the joint space (``text_projection`` /
-        ``visual.proj``, width x embed_dim); :meth:`projection_parameters` adds its bias, if any."""
+        ``visual.proj``, width x embed_dim); :meth:`projection_parameters` adds its bias, if any. None for an
+        image tower without a projection (SigLIP: the attention pool's output is the embedding)."""
         self._tower(tower)
         return self.text_projection if tower == "text" else self.visual.proj
 
     def projection_parameters(self, tower: Tower) -> list[nn.Parameter]:
-        """The projection's weight and, where the tower has one, its bias."""
+        """The projection's weight and, where the tower has one, its bias (none at all for a tower without a
+        projection)."""
+        weight = self.projection(tower)
         bias = self.text_projection_bias if tower == "text" else self.visual.proj_bias
-        return [self.projection(tower)] + ([bias] if bias is not None else [])
+        return [p for p in (weight, bias) if p is not None]
 
     def project(self, tower: Tower, z: torch.Tensor) -> torch.Tensor:
         """(..., width) read-out features of ``tower`` -> (..., embed_dim)."""
@@ -263,11 +275,36 @@ class CLIP(nn.Module):
         return self.cfg.vision.preprocess
 
     def tokenizer(self, context_length: int | None = None):
-        """The tokenizer of this backbone's text tower, producing ``context_length`` ids per text (default: the
-        tower's context)."""
-        from vop.backbone.tokenizer import CLIPTokenizer
+        """The tokenizer of this backbone's text tower. CLIP's BPE: ``context_length`` ids per text (default: the
+        tower's context). A tower read at its last position (SigLIP) always gets its whole context (the pads take
+        part in attention: a shorter sequence would be another model), and ``context_length`` caps the caption's
+        tokens within it; its vocabulary is read from :attr:`tokenizer_file` (a ConfigError saying how to give
+        one when it is not set)."""
+        from vop.backbone.tokenizer import CLIPTokenizer, FileTokenizer, missing_tokenizer
 
-        return CLIPTokenizer(context_length or self.cfg.text.context_length)
+        t = self.cfg.text
+        if t.tokenizer == "clip":
+            return CLIPTokenizer(context_length or t.context_length)
+        if self.tokenizer_file is None:
+            raise missing_tokenizer(self.cfg)
+        return FileTokenizer(self.tokenizer_file, t.tokenizer, t.context_length, budget=context_length,
+                             vocab_size=t.vocab_size)
+
+    def logits(self, cosine: torch.Tensor) -> torch.Tensor:
+        """Scaled scores of cosine similarities: exp(logit_scale) * cosine (+ logit_bias, SigLIP's). Rankings (the
+        retrieval metrics) do not depend on the scale or the bias; sigmoid(logits) is SigLIP's match probability
+        (:meth:`match_probability`)."""
+        out = self.logit_scale.exp() * cosine
+        return out if self.logit_bias is None else out + self.logit_bias
+
+    def match_probability(self, cosine: torch.Tensor) -> torch.Tensor:
+        """SigLIP's probability that a text and an image (video) match: sigmoid(exp(logit_scale) * cosine +
+        logit_bias), the quantity its sigmoid loss trained. A backbone without a logit bias (CLIP's softmax
+        training) has no such calibrated probability: a ValueError."""
+        if self.logit_bias is None:
+            raise ValueError("this backbone has no logit bias (a softmax-trained CLIP): its scores are not sigmoid "
+                             "match probabilities; rank by the cosine similarity")
+        return torch.sigmoid(self.logits(cosine))
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_scale: float = MAX_LOGIT_SCALE) -> None:

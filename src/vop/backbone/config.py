@@ -26,9 +26,12 @@ ACTS = ("quick_gelu", "gelu")
 #: a tower may name its own activation, also the tanh approximation of GELU (SigLIP2's text tower)
 TOWER_ACTS = ("quick_gelu", "gelu", "gelu_tanh")
 #: the families of towers vop builds (what the tensors and the records hold: docs/methods.md, Backbones)
-FAMILIES = ("clip", "pe-core", "eva02")
+FAMILIES = ("clip", "pe-core", "eva02", "siglip")
 #: how an image is brought to the tower's square input: shortest side + centre crop (CLIP), or squashed
 RESIZES = ("crop", "squash")
+#: how a text tower's tokenizer is made: CLIP's BPE (shipped), or read from a file the user gives (SigLIP2's
+#: Gemma SentencePiece vocabulary: pad 0, EOS 1; SigLIP's T5 c4-en vocabulary: pad = EOS = 1)
+TOKENIZERS = ("clip", "gemma", "t5")
 INTERPOLATIONS = ("bicubic", "bilinear")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -130,8 +133,10 @@ class VisionConfig:
       coordinates ((r or c) + ``rope_offset``) * ``rope_ref_grid`` / grid (no rescaling when None), x first for
       ``rope_indexing`` "xy" (PE), y first for "ij" (EVA02); interleaved pairs (vop.backbone.layers.Rope);
     - ``pool``: the read-out, "token" ([CLS] after ln_post) or "map" (an attention pool with one latent query,
-      ``pool_heads`` heads (None: the tower's) and an MLP of ``pool_mlp_ratio``, over the final tokens after
-      ln_post); ``proj_bias``: a bias on the projection to the joint space;
+      ``pool_heads`` heads (None: the tower's) and an MLP of ``pool_mlp_ratio`` (None: the tower's MLP width;
+      its activation is the tower's), over the final tokens after ln_post); ``proj``: a projection to the joint
+      space (SigLIP has none: the read-out is the embedding, ``embed_dim`` = ``width``); ``proj_bias``: a bias
+      on it;
     - ``mean``, ``std``, ``resize``, ``interpolation``: the preprocessing the tower was trained with
       (:class:`Preprocess`).
     """
@@ -157,7 +162,8 @@ class VisionConfig:
     rope_ref_grid: int | None = None
     pool: str = "token"
     pool_heads: int | None = None
-    pool_mlp_ratio: float = 4.0
+    pool_mlp_ratio: float | None = 4.0
+    proj: bool = True
     proj_bias: bool = False
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
@@ -173,7 +179,7 @@ class VisionConfig:
                               f"{self.patch_size}")
         n = lambda f: f"architecture vision.{f}"  # noqa: E731
         _check_eps(self, "vision")
-        for f in ("class_token", "ln_pre", "patch_bias", "attn_norm", "mlp_norm", "rope"):
+        for f in ("class_token", "ln_pre", "patch_bias", "attn_norm", "mlp_norm", "rope", "proj"):
             _check_bool(getattr(self, f), n(f))
         _check_choice(self.qkv_bias, n("qkv_bias"), ("qkv", "qv"))
         _check_choice(self.mlp, n("mlp"), ("mlp", "swiglu"))
@@ -194,10 +200,13 @@ class VisionConfig:
                 limits.check_int(self.pool_heads, n("pool_heads"), 1, self.width)
                 if self.width % self.pool_heads:
                     raise ConfigError(f"{n('width')} {self.width} is not divisible by vision.pool_heads {self.pool_heads}")
-            limits.check_float(self.pool_mlp_ratio, n("pool_mlp_ratio"), 0, None, lo_open=True)
+            if self.pool_mlp_ratio is not None:
+                limits.check_float(self.pool_mlp_ratio, n("pool_mlp_ratio"), 0, None, lo_open=True)
             if not 1 <= self.pool_mlp_width <= limits.MAX_MLP_WIDTH:
                 raise ConfigError(f"{n('pool_mlp_ratio')} {self.pool_mlp_ratio!r} gives an MLP width of "
                                   f"{self.pool_mlp_width}, outside 1..{limits.MAX_MLP_WIDTH}")
+        if not self.proj and self.proj_bias:
+            raise ConfigError("architecture vision.proj_bias is a bias on the projection: it needs vision.proj")
         _check_preprocess(self, "architecture vision")
 
     @property
@@ -223,6 +232,8 @@ class VisionConfig:
 
     @property
     def pool_mlp_width(self) -> int:
+        if self.pool_mlp_ratio is None:  # the tower's own MLP width (SigLIP: timm passes the tower's mlp_ratio)
+            return self.mlp_width
         return int(self.width * self.pool_mlp_ratio)  # timm's AttentionPoolLatent: int(), not round()
 
     @property
@@ -239,7 +250,9 @@ class VisionConfig:
 class TextConfig:
     """The text tower. Beyond the sizes: ``act`` (None: the architecture's), ``eps`` (LayerNorm epsilon),
     ``causal`` (the causal mask), ``pool`` (read the final tokens at "argmax": the largest id, CLIP's [EOT]; or
-    at the "last" position), ``proj_bias`` and ``tokenizer`` ("clip": CLIP's BPE)."""
+    at the "last" position: SigLIP, whose sequences always fill the context), ``proj_bias`` and ``tokenizer``
+    ("clip": CLIP's BPE; "gemma" / "t5": a SentencePiece vocabulary read from a file the user gives, SigLIP2's /
+    SigLIP's, vop.backbone.tokenizer.FileTokenizer)."""
     context_length: int = 77
     vocab_size: int = 49408
     width: int = 512
@@ -260,7 +273,7 @@ class TextConfig:
         _check_eps(self, "text")
         _check_bool(self.causal, "architecture text.causal")
         _check_choice(self.pool, "architecture text.pool", ("argmax", "last"))
-        _check_choice(self.tokenizer, "architecture text.tokenizer", ("clip",))
+        _check_choice(self.tokenizer, "architecture text.tokenizer", TOKENIZERS)
 
     @property
     def mlp_width(self) -> int:
@@ -292,7 +305,7 @@ def _record(obj: Any, where: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class CLIPConfig:
     """A dual encoder: ``family`` ("clip": OpenAI's CLIP; "pe-core": Meta's Perception Encoder; "eva02":
-    EVA02-CLIP), the towers, ``act`` (the towers' activation unless one names its own) and ``logit_bias``
+    EVA02-CLIP; "siglip": Google's SigLIP / SigLIP2), the towers, ``act`` (the towers' activation unless one names its own) and ``logit_bias``
     (a learned bias added to the scaled scores, SigLIP's)."""
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -312,6 +325,9 @@ class CLIPConfig:
             raise ConfigError(f"architecture act must be one of {', '.join(ACTS)}, got {self.act!r}")
         _check_choice(self.family, "architecture family", FAMILIES)
         _check_bool(self.logit_bias, "architecture logit_bias")
+        if not self.vision.proj and self.embed_dim != self.vision.width:
+            raise ConfigError(f"architecture embed_dim {self.embed_dim} must be the image tower's width "
+                              f"{self.vision.width}: without vision.proj the read-out is the embedding")
 
     @property
     def vision_act(self) -> str:
@@ -376,8 +392,13 @@ _REGISTRY = _load_registry()
 _REFUSED = (
     (r"worldwide", "a multilingual tokenizer (xlm-v-base or mt5-base, not CLIP's BPE) and text pooling at its "
                    "EOS id (pool_type='eos')"),
-    (r"siglip", "a timm image tower (timm_model_name, 'map' attention pooling) and a text tower with its own "
-                "tokenizer, no causal mask, last-token pooling and a biased projection"),
+    (r"naflex", "a variable-resolution (NaFlex) image tower (Siglip2Model: a linear patch embedding over "
+                "variable grids); vop builds the fixed-resolution SigLIP2 towers (ViT-B-16-SigLIP2 ...)"),
+    (r"^nllb-clip", "a Hugging Face NLLB text tower"),
+    (r"siglip-i18n", "a multilingual SigLIP text tower (mc4 vocabulary; the SO400M one has no text projection), not "
+                     "shipped in v1; the English SigLIP / SigLIP2 configs are (ViT-B-16-SigLIP2 ...)"),
+    (r"^vit-so400m-14-siglip-384$", "a 384 px input the 14 px patches do not divide (timm drops the last 6 pixel rows "
+                                    "and columns); use ViT-SO400M-14-SigLIP-378, the same weights at 378 px"),
     (r"clipa", "no LayerNorm before the image transformer (no_ln_pre), average pooling then LayerNorm "
                "(pool_type='avg', final_ln_after_pool) and a BERT-tokenizer text tower without causal mask"),
     (r"^vit-m-16-alt$", "layer scale in the image tower (ls_init_value)"),
@@ -385,8 +406,8 @@ _REFUSED = (
     (r"roberta|mt5|nllb|bert|moderntext|gte-", "a Hugging Face or modern text tower"),
     (r"^(clap|naflex)", "audio or variable-resolution (NaFlex) towers"),
     (r"^rn\d", "a ResNet image tower"),
-    (r"^pe-core-bigg", "an image tower without a class token (read out by its attention pool alone; the class-less "
-                       "path comes with SigLIP), at 448 px"),
+    (r"^pe-core-bigg", "PE-Core-bigG's image tower without a class token, with its own RoPE grid and attention-pool "
+                       "sizes (2.4B parameters, 448 px), not shipped yet (the class-less path itself runs SigLIP)"),
     (r"^eva02-e-14", "post-norm blocks (timm's EvaBlockPostNorm)"),
     (r"^eva01", "EVA01's image tower (no RoPE, no SwiGLU; EVA-CLIP's first generation)"),
     (r"^(convnext|swin|vit_|vitamin|eva|mobileclip|pe-core)", "a timm or other non-CLIP image tower"),
@@ -450,7 +471,7 @@ def shapes(cfg: CLIPConfig) -> tuple:
     base = (cfg.embed_dim, v.image_size, v.patch_size, v.width, v.layers, v.mlp_width,
             t.context_length, t.vocab_size, t.width, t.layers, t.mlp_width)
     return base + (v.class_token, v.ln_pre, v.patch_bias, v.qkv_bias, v.attn_norm, v.mlp, v.mlp_norm, v.pool,
-                   v.pool_mlp_width if v.pool == "map" else 0, v.proj_bias, t.proj_bias, cfg.logit_bias)
+                   v.pool_mlp_width if v.pool == "map" else 0, v.proj, v.proj_bias, t.proj_bias, cfg.logit_bias)
 
 
 def parameter_count(cfg: CLIPConfig) -> int:
@@ -467,7 +488,8 @@ def parameter_count(cfg: CLIPConfig) -> int:
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
     w = v.width
     vision = (3 * v.patch_size**2 * w + (w if v.patch_bias else 0) + (w if v.class_token else 0)
-              + (v.num_patches + v.num_prefix) * w + (2 * w if v.ln_pre else 0) + tower(v) + w * e + (e if v.proj_bias else 0))
+              + (v.num_patches + v.num_prefix) * w + (2 * w if v.ln_pre else 0) + tower(v)
+              + (w * e if v.proj else 0) + (e if v.proj_bias else 0))
     if v.pool == "map":  # latent, q/k/v (fused), out-proj, LayerNorm, MLP
         pm = v.pool_mlp_width
         vision += w + (3 * w * w + 3 * w) + (w * w + w) + 2 * w + (w * pm + pm) + (pm * w + w)
@@ -482,17 +504,20 @@ def same_tensors(a: CLIPConfig, b: CLIPConfig) -> bool:
 
 def family_of(sd: dict[str, Any]) -> str:
     """The family of tower a state dict with canonical names holds, from its key patterns: "pe-core" (an
-    attention-pool read-out, visual.attn_pool.probe, with [CLS]), "eva02" (split q/v biases,
-    visual...attn.q_bias), "class-less" (an attention pool without [CLS]: SigLIP, PE-Core-bigG), else "clip"."""
+    attention-pool read-out, visual.attn_pool.probe, with [CLS]), "siglip" (an attention pool without [CLS], a
+    logit bias and a text projection with a bias), "eva02" (split q/v biases, visual...attn.q_bias),
+    "class-less" (an attention pool without [CLS] that is not SigLIP's: PE-Core-bigG), else "clip"."""
     if "visual.attn_pool.probe" in sd:
-        return "pe-core" if "visual.class_embedding" in sd else "class-less"
+        if "visual.class_embedding" in sd:
+            return "pe-core"
+        return "siglip" if "logit_bias" in sd and "text_projection_bias" in sd else "class-less"
     if any(k.startswith("visual.") and k.endswith(".attn.q_bias") for k in sd):
         return "eva02"
     return "clip"
 
 
-_CLASS_LESS = ("an image tower without a class token read out by an attention pool (SigLIP / SigLIP2 or "
-               "PE-Core-bigG-14-448; the class-less path is planned, docs/methods.md, Backbones)")
+_CLASS_LESS = ("an image tower without a class token read out by an attention pool, without SigLIP's logit bias "
+               "and biased text projection (PE-Core-bigG-14-448, not shipped yet; docs/methods.md, Backbones)")
 
 
 def unsupported_feature(sd: dict[str, Any]) -> str | None:
@@ -509,7 +534,7 @@ def unsupported_feature(sd: dict[str, Any]) -> str | None:
     if family == "clip" and "visual.conv1.weight" in sd and "visual.ln_pre.weight" not in sd:
         return "no LayerNorm before the image transformer (no_ln_pre; the CLIPA configs)"
     emb = sd.get("token_embedding.weight")
-    if emb is not None and emb.shape[0] != CLIP_VOCAB:
+    if family == "clip" and emb is not None and emb.shape[0] != CLIP_VOCAB:
         return (f"a {emb.shape[0]}-token text vocabulary, not CLIP's BPE ({CLIP_VOCAB}), the only tokenizer vop has "
                 "(e.g. open_clip's -worldwide configs: a multilingual tokenizer pooled at its EOS id)")
     return None
@@ -626,8 +651,8 @@ def infer_config(sd: dict[str, Any], act: Act | None = None, heads: tuple[int, i
 
 
 def family_shapes(sd: dict[str, Any]) -> dict[str, Any]:
-    """The sizes the tensors of a PE-Core / EVA02 state dict (canonical names) show, as :func:`shapes` names
-    them; a CheckpointError naming the missing key otherwise."""
+    """The sizes the tensors of a PE-Core / EVA02 / SigLIP state dict (canonical names) show, as :func:`shapes`
+    names them; a CheckpointError naming the missing key otherwise."""
     try:
         conv = sd["visual.conv1.weight"]
         width, patch = conv.shape[0], conv.shape[-1]
@@ -635,7 +660,8 @@ def family_shapes(sd: dict[str, Any]) -> dict[str, Any]:
         grid = round(math.sqrt(sd["visual.positional_embedding"].shape[0] - prefix))
         hidden = sd["visual.transformer.resblocks.0.mlp.c_proj.weight"].shape[1]
         return {
-            "embed_dim": sd["visual.proj"].shape[1], "image_size": grid * patch, "patch_size": patch, "width": width,
+            "embed_dim": (sd["visual.proj"] if "visual.proj" in sd else sd["text_projection"]).shape[1],
+            "image_size": grid * patch, "patch_size": patch, "width": width,
             "layers": len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")}),
             "mlp_width": hidden, "context_length": sd["positional_embedding"].shape[0],
             "vocab_size": sd["token_embedding.weight"].shape[0], "text_width": sd["ln_final.weight"].shape[0],
@@ -675,8 +701,13 @@ def infer_family(sd: dict[str, Any], family: str, act: Act | None = None,
                               f"name one with arch= ({_NAME_IT.split(';')[0]})")
     shown = ", ".join(f"{k} {v}" for k, v in got.items())
     raise CheckpointError(f"these {family} weights ({shown}) fit no shipped {family} architecture ({', '.join(names)}): "
-                          "what the tensors do not show (RoPE layout, attention-pool heads, epsilons, preprocessing) "
-                          "cannot be guessed; give the architecture: load_clip(..., arch=CLIPConfig(...))")
+                          f"what the tensors do not show ({_UNSHOWN.get(family, _UNSHOWN[None])}) cannot be guessed; "
+                          "give the architecture: load_clip(..., arch=CLIPConfig(...))")
+
+
+#: what a family's tensors do not show (the refusal of sizes no shipped record has)
+_UNSHOWN = {"siglip": "attention-pool heads, the GELU of each tower, epsilons, the tokenizer's vocabulary, preprocessing",
+            None: "RoPE layout, attention-pool heads, epsilons, preprocessing"}
 
 
 # ---------------------------------------------------------------------------------------------

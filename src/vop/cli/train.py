@@ -39,6 +39,7 @@ def eval_cmd(
     method: Optional[str] = typer.Option(None, "--method", help="Evaluate an untrained method instead (e.g. zeroshot)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights (default: the one recorded in the checkpoint)."),
     backbone_arch: Optional[str] = typer.Option(None, "--backbone-arch", help="Architecture of the --method backbone's weights (ViT-H-14 ...; default: the file's record or inferred)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer file of a backbone whose vocabulary vop does not ship (SigLIP: the tokenizer.json of its weights' folder; default: the one found there, or the one the checkpoint records)."),
     dataset: str = typer.Option(..., "--dataset", help=f"{format_names()}."),
     root: str = typer.Option(..., "--root", help="Dataset folder."),
     split: str = typer.Option("test", "--split"),
@@ -86,7 +87,7 @@ def eval_cmd(
         bb = backbone or meta.get("backbone")
         if bb is None and not checkpoint_facts(checkpoint, meta).whole_model:
             raise ConfigError(f"{checkpoint}: records no backbone; pass --backbone")
-        model = vop.load_checkpoint(checkpoint, bb)
+        model = vop.load_checkpoint(checkpoint, bb, tokenizer=tokenizer)
     else:
         if backbone is None:
             raise ConfigError("--method needs --backbone")
@@ -94,7 +95,8 @@ def eval_cmd(
 
         from vop.methods.base import private_backbone
 
-        model = vop.create_model(method, private_backbone(resolve_backbone(backbone, arch=backbone_arch)), frames=frames or 12)
+        model = vop.create_model(method, private_backbone(resolve_backbone(backbone, arch=backbone_arch, tokenizer=tokenizer)),
+                                 frames=frames or 12)
     # before any video is decoded: can this model take that many frames? (model.frames is never changed)
     frames = model.check_frames(frames, str(checkpoint or method))
     model.to(dev)

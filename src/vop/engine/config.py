@@ -360,6 +360,7 @@ class ModelConfig:
     method: str = "vop"              # a name in the method registry (vop, vop-f, full, zeroshot, ...)
     backbone: str = "ViT-B/32"       # an architecture name or a weights file
     backbone_arch: str | None = None  # the weights file's architecture (ViT-H-14 ...); None: its record or inferred
+    tokenizer: str | None = None     # the tokenizer file of a backbone whose vocabulary vop does not ship (SigLIP: tokenizer.json); None: the one in the weights' folder
     frames: int = bounded(12, min=1, max=limits.MAX_FRAMES)  # frames sampled per video (the data pipeline reads it here)
     image_size: int | None = bounded(None, min=1, max=limits.MAX_IMAGE_SIZE, null="the backbone's resolution")  # None: the backbone's native resolution
     options: dict[str, Any] = field(default_factory=dict)  # method options: n_text, n_video, ks, depth...

@@ -105,8 +105,28 @@ def check_config(cfg: RunConfig, world_size: int = 1, device: torch.device | Non
     model, exact = _check_model_options(cfg)
     if exact:
         check_image_size(cfg, model.clip.cfg)
+    check_tokenizer(cfg, model.clip.cfg if exact else None)
     if device is not None and exact:
         check_step_memory(cfg, model, device, world_size)
+
+
+def check_tokenizer(cfg: RunConfig, clip_cfg) -> None:
+    """``model.tokenizer``: an existing file (or folder holding one), given for a backbone that reads its tokenizer
+    from a file (SigLIP); such a backbone named by its architecture (random weights, no folder to find one in)
+    needs it. ``clip_cfg``: the run's architecture, None for a weights file (checked when it is read)."""
+    from vop.backbone.tokenizer import find_tokenizer_file, missing_tokenizer
+
+    tok = cfg.model.tokenizer
+    if tok is not None:
+        if not (os.path.isfile(tok) or (os.path.isdir(tok) and find_tokenizer_file(os.path.join(tok, "x")))):
+            raise ConfigError(f"model.tokenizer={tok}: no such tokenizer file (give the tokenizer.json of the weights' "
+                              "folder, or a SentencePiece .model)")
+        if clip_cfg is not None and clip_cfg.text.tokenizer == "clip":
+            raise ConfigError(f"model.tokenizer={tok}: this backbone's text tower uses CLIP's BPE, which vop ships; "
+                              "leave model.tokenizer out (it is for SigLIP / SigLIP2)")
+    elif clip_cfg is not None and clip_cfg.text.tokenizer != "clip" and is_arch(cfg.model.backbone) \
+            and not os.path.exists(cfg.model.backbone):
+        raise ConfigError(f"model.tokenizer: {missing_tokenizer(clip_cfg)}")
 
 
 def check_image_size(cfg: RunConfig, clip_cfg) -> None:
@@ -132,7 +152,8 @@ def check_step_memory(cfg: RunConfig, model, device: torch.device, world_size: i
     amp = autocast_dtype(device, o.precision) is not None
     trains = bool(o.epochs) and any(p.requires_grad for p in model.parameters())
     est = estimate_model_step(model, batch=batch if trains else 0, frames=cfg.model.frames, image_size=size,
-                              text_tokens=min(cfg.data.max_words, model.max_text_tokens),
+                              text_tokens=(model.max_text_tokens if model.clip.cfg.text.pool == "last"  # SigLIP: always its context
+                                           else min(cfg.data.max_words, model.max_text_tokens)),
                               grad_checkpointing=o.grad_checkpointing, amp=amp)
     if not trains:
         est["total"] = est["weights"]
@@ -374,7 +395,7 @@ class _Run:
     def _build_model_and_data(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        clip = resolve_backbone(cfg.model.backbone, arch=cfg.model.backbone_arch)
+        clip = resolve_backbone(cfg.model.backbone, arch=cfg.model.backbone_arch, tokenizer=cfg.model.tokenizer)
         if not (is_arch(cfg.model.backbone) and not os.path.exists(cfg.model.backbone)):
             # a weights file: its architecture is known now; the model and step checked before data and model
             from vop.backbone.clip import CLIP

@@ -12,8 +12,9 @@ CLIP weights (``vop.load_clip``, :func:`read_clip`):
 - ``torchscript``: OpenAI TorchScript archives, read as data, never run;
 - ``torch_state_dict``: open_clip / PyTorch state dicts (``torch.load(weights_only=True)``; the fallback);
 - ``safetensors_clip``: ``.safetensors`` files, with our ``vop_clip_config`` architecture record;
+- ``hf_siglip``: Hugging Face ``SiglipModel`` names (converted; config.json as the record; the folder is hf_clip's);
 - ``hf_clip``: Hugging Face ``CLIPModel`` folders and names (converted; config.json as the record);
-- ``open_clip_timm``: open_clip's PE-Core and EVA02-CLIP (a timm image tower, ``visual.trunk.*``, text under ``text.*``);
+- ``open_clip_timm``: open_clip's PE-Core, EVA02-CLIP and SigLIP (a timm image tower, ``visual.trunk.*``, text under ``text.*``);
 - ``pe_clip``: Meta's own Perception Encoder checkpoints (OpenAI-style names with ``visual.attn_pool.*``);
 - ``openai_clip``: OpenAI / open_clip names, the canonical ones (the fallback of the names).
 
@@ -32,6 +33,7 @@ from vop.formats.registry import (ArchRecord, ClipWeights, Format, canonical, ch
 from vop.formats import torchscript  # noqa: F401,E402,I001
 from vop.formats import torch_state_dict  # noqa: F401,E402
 from vop.formats import safetensors_clip  # noqa: F401,E402
+from vop.formats import hf_siglip  # noqa: F401,E402
 from vop.formats import hf_clip  # noqa: F401,E402
 from vop.formats import open_clip_timm  # noqa: F401,E402
 from vop.formats import pe_clip  # noqa: F401,E402

@@ -26,7 +26,7 @@ WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 def read_folder(path: Path) -> tuple[Tensors, dict[str, Any]]:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
-        raise CheckpointError(f"{path}: a folder without config.json is not a Hugging Face CLIPModel; expected {expected()}")
+        raise CheckpointError(f"{path}: a folder without config.json is not a Hugging Face CLIPModel or SiglipModel; expected {expected()}")
     for name in WEIGHTS:
         if (path / name).exists():
             sd, _ = read_raw(path / name)

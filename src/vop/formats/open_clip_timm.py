@@ -1,6 +1,6 @@
-"""open_clip's ``CustomTextCLIP`` with a timm image tower: names ``visual.trunk.*`` (timm's ``Eva``) and
-``text.*`` (open_clip's text tower), as open_clip saves PE-Core and EVA02-CLIP (``.pt``, ``.bin`` or
-``.safetensors``; the file formats read the bytes).
+"""open_clip's ``CustomTextCLIP`` with a timm image tower: names ``visual.trunk.*`` (timm's ``Eva``, or its
+``VisionTransformer`` for SigLIP) and ``text.*`` (open_clip's text tower), as open_clip saves PE-Core,
+EVA02-CLIP and SigLIP / SigLIP2 (``.pt``, ``.bin`` or ``.safetensors``; the file formats read the bytes).
 
 Converted to the canonical (OpenAI-style) names vop's towers use, tensor by tensor, no value changed but
 by concatenation and transposition:
@@ -18,7 +18,12 @@ by concatenation and transposition:
   -> ``mlp.c_fc``/``c_proj``;
 - ``head`` (timm's classifier = open_clip's projection, ``timm_proj: null``) (e, d) -> ``visual.proj`` (d, e)
   and ``head.bias`` -> ``visual.proj_bias``;
-- ``text.*`` -> the text tower's OpenAI names (the prefix removed).
+- ``text.*`` -> the text tower's OpenAI names (the prefix removed); SigLIP's text projection, an ``nn.Linear``
+  (``text.text_projection.weight`` (e, d) and ``.bias``) -> ``text_projection`` (d, e) and ``text_projection_bias``;
+- ``logit_scale`` and SigLIP's ``logit_bias`` as they are (0-d).
+
+SigLIP's image tower has no ``cls_token`` (its ``pos_embed`` covers the patches only) and no ``head`` (open_clip's
+``timm_proj: "none"``): the read-out is the attention pool's output.
 
 A tensor of the trunk this table does not name (layer scale, register tokens, an extra ``visual.head.*``
 projection ...) is refused by name: the architectures it belongs to are not ones vop builds.
@@ -61,13 +66,19 @@ def has_names(sd: Tensors) -> bool:
 
 def _unknown(key: str) -> CheckpointError:
     return CheckpointError(f"the timm image tower has a tensor vop's towers do not ({key}); vop builds open_clip's "
-                           "PE-Core and EVA02-CLIP towers (docs/methods.md, Backbones)")
+                           "PE-Core, EVA02-CLIP and SigLIP towers (docs/methods.md, Backbones)")
 
 
 def to_canonical(sd: Tensors, meta: dict[str, Any]) -> tuple[Tensors, ArchRecord | None]:
     out: Tensors = {}
     parts: dict[tuple[str, str], Tensors] = {}  # tensors to concatenate: (target, kind) -> {piece: tensor}
     for key, v in sd.items():
+        if key == "text.text_projection.weight":  # SigLIP: an nn.Linear (out x in) with a bias
+            out["text_projection"] = v.t().contiguous()
+            continue
+        if key == "text.text_projection.bias":
+            out["text_projection_bias"] = v
+            continue
         if key.startswith("text."):
             out[key[len("text."):]] = v
             continue

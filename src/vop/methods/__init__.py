@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from vop.backbone.checkpoint import build_clip, load_clip, weights_fingerprint
+from vop.backbone.checkpoint import attach_tokenizer, build_clip, load_clip, weights_fingerprint
 from vop.backbone.clip import CLIP
 from vop.backbone.config import CLIPConfig, is_arch
 from vop.errors import ConfigError
@@ -23,18 +23,20 @@ __all__ = ["create_model", "list_methods", "get_method", "method_facts", "Method
            "VideoTextModel", "resolve_backbone", "broken_plugins", "plugin_of"]
 
 
-def resolve_backbone(backbone: CLIP | CLIPConfig | str | os.PathLike, arch: str | CLIPConfig | None = None) -> CLIP:
+def resolve_backbone(backbone: CLIP | CLIPConfig | str | os.PathLike, arch: str | CLIPConfig | None = None,
+                     tokenizer: str | os.PathLike | None = None) -> CLIP:
     """A CLIP instance as is; a weights path or shipped name loaded (``arch``: its architecture, see
     ``load_clip``; used for weights only); an architecture name (or config) built with random weights
     drawn with seed 0 (for shapes, counts and tests: the same "random backbone" every time, so its
-    prompt checkpoints load again)."""
+    prompt checkpoints load again). ``tokenizer``: the tokenizer file of a text tower whose vocabulary vop
+    does not ship (SigLIP; see ``load_clip``), given to the CLIP (an instance gets it too)."""
     if isinstance(backbone, CLIP):
-        return backbone
+        return attach_tokenizer(backbone, tokenizer, error=ConfigError) if tokenizer is not None else backbone
     if isinstance(backbone, CLIPConfig):
-        return build_clip(backbone, seed=0)
+        return build_clip(backbone, seed=0, tokenizer=tokenizer)
     if isinstance(backbone, str) and is_arch(backbone) and not os.path.exists(backbone):
-        return build_clip(backbone, seed=0)
-    return load_clip(backbone, arch=arch)
+        return build_clip(backbone, seed=0, tokenizer=tokenizer)
+    return load_clip(backbone, arch=arch, tokenizer=tokenizer)
 
 
 def create_model(method: str, backbone: CLIP | CLIPConfig | str | os.PathLike = "ViT-B/32", frames: int = 12,

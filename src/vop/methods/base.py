@@ -11,7 +11,8 @@ same for all:
   (``clip.visual.readout``: [CLS] -> ln_post -> proj, or PE-Core's attention pool over every token ->
   proj), each frame embedding L2-normalised, then the mean over F (CLIP4Clip's meanP, as in the
   authors' code and DGL);
-- text (B, T) token ids: the text tower, read at [EOT] (``clip.text_head``), projected;
+- text (B, T) token ids: the text tower, read at [EOT] (``clip.text_head``; SigLIP: at its last position, the
+  sequence always filling its 64-token context), projected;
 - score: cosine similarity times CLIP's logit scale (:attr:`VideoTextModel.scoring`, vop.scoring: a method that
   scores otherwise, e.g. cma's query score over frames, returns its own scoring).
 
@@ -214,9 +215,10 @@ class VideoTextModel(nn.Module):
         """Why the method cannot run on a backbone of architecture ``cfg`` (None: it can); checked before
         anything is built. Default: a method that :attr:`reads_cls` needs an image tower read out at [CLS]."""
         if cls.reads_cls and cfg.vision.pool != "token":
-            return ("it reads the image tower at its [CLS] token by construction, and this image tower is read out "
-                    f"by an attention pool over all its tokens ({cfg.family}); it runs on towers read out at [CLS] "
-                    "(OpenAI's CLIP, EVA02-CLIP)")
+            tower = ("has no [CLS] token and is read out by an attention pool over its patches" if not cfg.vision.class_token
+                     else "is read out by an attention pool over all its tokens")
+            return (f"it reads the image tower at its [CLS] token by construction, and this image tower {tower} "
+                    f"({cfg.family}); it runs on towers read out at [CLS] (OpenAI's CLIP, EVA02-CLIP)")
         return None
 
     def trains_clip(self) -> Iterable[nn.Parameter]:
@@ -305,12 +307,16 @@ class VideoTextModel(nn.Module):
 
     @property
     def max_text_tokens(self) -> int:
-        """Caption budget including [SOT]/[EOT]: CLIP's context minus the text prompt tokens."""
-        return self.clip.cfg.text.context_length - self.text_prompt_tokens
+        """Caption budget including [SOT]/[EOT]: CLIP's context minus the text prompt tokens. A text tower read at
+        its last position (SigLIP) keeps its whole context whatever the prompts (its sequences always fill it:
+        the prompt slot comes on top, docs/methods.md, SigLIP)."""
+        t = self.clip.cfg.text
+        return t.context_length if t.pool == "last" else t.context_length - self.text_prompt_tokens
 
     def tokenizer(self, max_words: int | None = None) -> CLIPTokenizer:
         """The backbone's tokenizer (``clip.tokenizer``) with the caption budget: its context (77 for CLIP and
-        EVA02, 32 for PE-Core) minus the text prompt tokens, or ``max_words`` if smaller."""
+        EVA02, 32 for PE-Core) minus the text prompt tokens, or ``max_words`` if smaller. SigLIP's always gives its
+        64 positions (padded), the caption capped at the budget within them."""
         n = self.max_text_tokens if max_words is None else min(max_words, self.max_text_tokens)
         return self.clip.tokenizer(n)
 

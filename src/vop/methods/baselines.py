@@ -48,8 +48,8 @@ class Bias(VideoTextModel):
     Options = BiasOptions
 
     def trains_clip(self):
-        """The bias of every Linear and LayerNorm module (attention pool included, PE-Core) and of the projections
-        (PE-Core, EVA02); with ``attention_qkv`` the q/k/v biases too (``in_proj_bias``; EVA02's ``q_bias`` and
+        """The bias of every Linear and LayerNorm module (attention pool included, PE-Core, SigLIP) and of the
+        projections (PE-Core, EVA02; SigLIP's text projection); with ``attention_qkv`` the q/k/v biases too (``in_proj_bias``; EVA02's ``q_bias`` and
         ``v_bias``, its key has none). Not the patch embedding's (a convolution; EVA02). In CLIP's order."""
         picked = {id(m.bias) for m in self.clip.modules()
                   if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None}
@@ -64,7 +64,15 @@ class Bias(VideoTextModel):
           rates=Rates(1e-3, 1e-4, "two projection matrices: linear-probe-like rate"), expected=Expected(b32=655_360))
 class Proj(VideoTextModel):
     """Only the final projections of both encoders (visual.proj, text_projection; and their biases where the
-    backbone has them: PE-Core's and EVA02's image projection)."""
+    backbone has them: PE-Core's and EVA02's image projection, SigLIP's text projection). An image tower without a
+    projection (SigLIP) is refused: training the text side alone would be another baseline (not in v1)."""
+
+    @classmethod
+    def unsupported_backbone(cls, cfg):
+        if not cfg.vision.proj:
+            return ("it trains the projections of both towers, and this image tower has none (its attention pool's "
+                    f"output is the embedding: {cfg.family}); a text-side-only variant is not defined in v1")
+        return super().unsupported_backbone(cfg)
 
     def trains_clip(self):
         return [p for tower in ("visual", "text") for p in self.clip.projection_parameters(tower)]

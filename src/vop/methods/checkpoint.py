@@ -89,6 +89,8 @@ def save_checkpoint(model: VideoTextModel, path: str | os.PathLike, extra: dict[
         "torch_version": torch.__version__,
         "extra": extra,
     }
+    if getattr(model.clip, "tokenizer_file", None) is not None:  # SigLIP: the tokenizer file it was trained with
+        meta["tokenizer"] = str(Path(model.clip.tokenizer_file).resolve())
     return vop_prompts.write(model.trainable_state_dict(), meta, path)
 
 
@@ -168,12 +170,14 @@ def _check_fingerprint(path: str | os.PathLike, meta: dict[str, Any], clip: CLIP
 
 
 def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike | None = None,
-                    check_fingerprint: bool = True) -> VideoTextModel:
+                    check_fingerprint: bool = True, tokenizer: str | os.PathLike | None = None) -> VideoTextModel:
     """Rebuild a trained model: the method and options from the file, the backbone as given.
 
     Without ``backbone``: the one the checkpoint records (``meta["backbone"]``, as ``vop train``
     writes it); none is needed for a checkpoint that holds every weight (``full``: its facts say
     ``whole_model``) nor for the authors' ModelScope folders (their backbone is in the folder).
+    ``tokenizer``: the tokenizer file of a backbone whose vocabulary vop does not ship (SigLIP); default: the
+    one the checkpoint records if it still exists, else one in the backbone weights' folder.
     """
     from vop.methods import create_model, resolve_backbone
     from vop.methods.base import private_backbone
@@ -199,11 +203,13 @@ def load_checkpoint(path: str | os.PathLike, backbone: CLIP | str | os.PathLike 
         if source is None:
             raise CheckpointError(f"{path}: a {meta['method']!r} checkpoint holds only prompts and records no backbone; "
                                   "give the backbone weights too")
+    if tokenizer is None and isinstance(meta.get("tokenizer"), str) and Path(meta["tokenizer"]).exists():
+        tokenizer = meta["tokenizer"]
     if source is None:
-        clip = build_clip(arch)  # the file holds every weight: they overwrite these
+        clip = build_clip(arch, tokenizer=tokenizer)  # the file holds every weight: they overwrite these
     else:
         try:  # weights are read as the recorded architecture (heads and activation are not in every file)
-            clip = resolve_backbone(source, arch=arch)
+            clip = resolve_backbone(source, arch=arch, tokenizer=tokenizer)
         except CheckpointError as e:
             name = meta.get("arch_name") or "the recorded architecture"
             recorded = "" if backbone is not None else " (the backbone recorded in the checkpoint; pass another one)"

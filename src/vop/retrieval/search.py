@@ -78,13 +78,14 @@ class BackbonePool:
         self.clips: dict[tuple[str, Any], Any] = {}
         self.digests: dict[tuple[str, int, int], str] = {}  # SHA-256 of the files checked: each read once
 
-    def clip(self, backbone: str, arch: Any = None):
-        """``arch``: the architecture of a weights file (a name or CLIPConfig, see ``load_clip``)."""
+    def clip(self, backbone: str, arch: Any = None, tokenizer: str | None = None):
+        """``arch``: the architecture of a weights file (a name or CLIPConfig, see ``load_clip``); ``tokenizer``: the
+        tokenizer file of a backbone whose vocabulary vop does not ship (SigLIP; default: one beside the weights)."""
         from vop.methods import resolve_backbone
 
-        key = (backbone, arch)  # CLIPConfig is frozen: hashable
+        key = (backbone, arch, tokenizer)  # CLIPConfig is frozen: hashable
         if key not in self.clips:
-            self.clips[key] = resolve_backbone(backbone, arch=arch).to(self.device).eval()
+            self.clips[key] = resolve_backbone(backbone, arch=arch, tokenizer=tokenizer).to(self.device).eval()
         return self.clips[key]
 
     def model_for(self, info: dict[str, Any], *, backbone: str | None = None, checkpoint: str | os.PathLike | None = None,
@@ -112,7 +113,8 @@ class BackbonePool:
         except Exception as e:  # noqa: BLE001 - index.json's copy of the checkpoint's architecture is damaged
             raise CheckpointError(f"{where}: model.checkpoint_meta.arch is damaged ({type(e).__name__}: {e}); "
                                   f"rebuild the index: {rebuild}") from None
-        clip = self.clip(str(bb), arch=arch)
+        tok = meta.get("tokenizer")  # SigLIP: the tokenizer file the checkpoint was trained with, if it is still there
+        clip = self.clip(str(bb), arch=arch, tokenizer=tok if isinstance(tok, str) and Path(tok).exists() else None)
         check_backbone(ckpt, meta, clip, True)
         model = create_model(meta["method"], clip, frames=meta["frames"], **meta["options"])
         load_trainable(model, ckpt, meta)
