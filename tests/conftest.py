@@ -27,6 +27,16 @@ def world(tmp_path_factory):
     return d
 
 
+@pytest.fixture
+def videos(world, tmp_path):
+    """A private copy of the smoke world's 16 test videos (tests add, change and remove files)."""
+    import shutil
+
+    d = tmp_path / "vids"
+    shutil.copytree(world / "videos" / "test", d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     """A random tiny CLIP (width 64, 2 layers, 32 px), deterministic."""

@@ -27,14 +27,6 @@ def ckpt(tmp_path_factory):
     return vop.save_checkpoint(m, d / "a.safetensors", extra={"backbone": "tiny"})
 
 
-@pytest.fixture
-def videos(world, tmp_path):
-    """A private copy of the 16 test videos (tests modify it)."""
-    d = tmp_path / "vids"
-    shutil.copytree(world / "videos" / "test", d)
-    return d
-
-
 def _build(videos, ckpt, out, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("image_size", 32)

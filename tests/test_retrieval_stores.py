@@ -40,13 +40,6 @@ def ckpts(tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def videos(world, tmp_path):
-    d = tmp_path / "vids"
-    shutil.copytree(world / "videos" / "test", d)
-    return d
-
-
 def _build(videos, ckpt, out, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("image_size", 32)
