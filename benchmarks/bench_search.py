@@ -534,6 +534,185 @@ def bench_stores(args, tmp: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------
+def unit_chunks(n, d, seed, data="uniform", clusters=1000):
+    """The rows of ``random_unit(n, d, seed)`` / ``clustered_unit(n, d, seed)``, bit for bit, as 100,000-row
+    blocks: the same vectors at the same size, never all in memory."""
+    g = np.random.default_rng(seed)
+    centres = random_unit(clusters, d, seed + 1) if data == "clustered" else None
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        if centres is None:
+            x = g.standard_normal((m, d), dtype=np.float32)
+        else:
+            x = centres[g.integers(0, clusters, m)] + (0.75 / np.sqrt(d)) * g.standard_normal((m, d), dtype=np.float32)
+        yield s, x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_npy_chunks(path: Path, n: int, d: int, chunks) -> np.ndarray:
+    """A float32 (n, d) ``.npy`` written block by block; returned memory-mapped (read-only)."""
+    from numpy.lib import format as npy
+
+    with open(path, "wb") as f:
+        npy.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, d)})
+        for _, x in chunks:
+            f.write(np.ascontiguousarray(x, np.float32).tobytes())
+    return np.load(path, mmap_mode="r")
+
+
+class LazyEntries:
+    """The video list of a synthetic index (``v<i>``, ``/videos/v<i>.mp4``), made entry by entry when read: what
+    ``write_index`` needs from a list, without 10M dicts in the writing process (the reading one has them)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return {"id": f"v{i}", "path": f"/videos/v{i}.mp4"}
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+
+def _reset_peak():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak resident set) for the next phase
+    except OSError:
+        pass
+
+
+def _mem():
+    st = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            st[key] = int(line.split()[1]) / 1024
+    return {"peak_rss_mb": st.get("VmHWM"), "rss_mb": st.get("VmRSS"), "rss_anon_mb": st.get("RssAnon"),
+            "rss_file_mb": st.get("RssFile")}
+
+
+def _exact_truth(emb, queries, k, step=1 << 18):
+    """Exact top-k of every query by a chunked scan of ``emb`` (memory-mapped: one chunk resident at a time)."""
+    from vop.retrieval.ann import iter_rows
+    from vop.retrieval.index import exact_search
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_r = np.zeros((len(q), 0), np.int64)
+    for s0, part in iter_rows(emb, step):
+        sc, rw = exact_search(torch.from_numpy(part), q, k)
+        best_s, best_r = np.concatenate([best_s, sc], 1), np.concatenate([best_r, rw + s0], 1)
+        order = np.lexsort((best_r, -best_s.astype(np.float64)), axis=1)[:, :k]
+        best_s, best_r = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
+    return best_s, best_r
+
+
+def bench_scale(args, tmp: Path) -> dict:
+    """IVF-PQ at millions of videos on one machine, through the library's path: the synthetic vectors written
+    block by block to a .npy, ``write_index`` with the parameters ``--ann auto`` resolves for that size (what
+    ``vop index`` writes: chunked FAISS build, float16 re-rank copy), ``VideoIndex.open`` (memory-mapped rows)
+    and ``VideoIndex.search`` one query at a time over an nprobe x rerank grid; recall@10 against an exact
+    chunked scan; build time, peak memory per phase, file sizes."""
+    import faiss
+
+    from vop.retrieval import VideoIndex
+    from vop.retrieval.store import AnnChoice
+
+    faiss.omp_set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    d, k, nq = args.dim, 10, args.scale_queries
+    work = Path(args.scale_tmp) if args.scale_tmp else tmp
+    work.mkdir(parents=True, exist_ok=True)
+    out = {"faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(), "torch_threads": torch.get_num_threads()}
+    for n in args.scale_sizes:
+        for data in args.scale_data:
+            key = f"{data}/{n}"
+            log(f"--- scale: {n:,} x {d}, {data} --- (free: {_free_gb():.1f} GB available)")
+            r: dict = {"n": n, "dim": d, "data": data, "queries": nq}
+            src, ixp = work / f"src-{data}-{n}.npy", work / f"index-{data}-{n}"
+            _reset_peak()
+            t = time.perf_counter()
+            emb = write_npy_chunks(src, n, d, unit_chunks(n, d, seed=n, data=data))
+            r["generate"] = {"s": time.perf_counter() - t, **_mem()}
+            log(f"generated in {r['generate']['s']:.0f} s, peak RSS {r['generate']['peak_rss_mb']:.0f} MB")
+            resolved = AnnChoice(args.scale_ann, {k_: v for k_, v in (args.scale_params or {}).items()}).resolve(n, d)
+            r["ann"] = {"choice": args.scale_ann, "kind": resolved.kind, "params": resolved.params, "why": resolved.why}
+            log(f"ann: {resolved.kind} {resolved.params} ({resolved.why})")
+            _reset_peak()
+            t = time.perf_counter()
+            full = write_index(ixp, emb, LazyEntries(n), {"model": {}, "settings": {},
+                                                          "faiss": {"kind": resolved.kind, "params": resolved.params}})
+            r["build"] = {"s": time.perf_counter() - t, **_mem(), "params": full["faiss"]["params"] if full["faiss"] else None}
+            r["files_mb"] = {name: (ixp / name).stat().st_size / 2**20 for name in full["files"].values()}
+            log(f"write_index (embeddings copy, video list, FAISS build, rerank copy, checksums) in {r['build']['s']:.0f} s, "
+                f"peak RSS {r['build']['peak_rss_mb']:.0f} MB; files {r['files_mb']}")
+            g = np.random.default_rng(1)
+            picks = g.integers(0, n, nq)
+            noise = g.standard_normal((nq, d), dtype=np.float32)
+            noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+            near = np.asarray(emb[picks]) + 1.0 * noise
+            near /= np.linalg.norm(near, axis=1, keepdims=True)
+            queries = {"near": near.astype(np.float32), "uniform": random_unit(nq, d, seed=7)}
+            t = time.perf_counter()
+            truth = {kind: _exact_truth(emb, q, k)[1] for kind, q in queries.items()}
+            r["exact_scan_s"] = time.perf_counter() - t
+            log(f"exact top-10 of {2 * nq} queries by a chunked scan: {r['exact_scan_s']:.0f} s")
+            del emb
+            src.unlink()
+            # queries one at a time on one thread each (faiss, torch): a server answers one query per core; on a busy
+            # machine a second thread woken for a 1 x 512 product waits for a time slice (~16 ms measured here)
+            faiss.omp_set_num_threads(1)
+            torch.set_num_threads(1)
+            _reset_peak()
+            t = time.perf_counter()
+            ix = VideoIndex.open(ixp, verify=False)
+            ix.search(queries["near"][:1], k)  # loads the FAISS index, maps the rerank copy
+            r["open"] = {"s": time.perf_counter() - t, **_mem()}
+            log(f"open + first query: {r['open']['s']:.1f} s, RSS {r['open']['rss_mb']:.0f} MB")
+            for i in range(nq):  # warm: the re-rank pages these queries touch, as a serving process would have them
+                ix.search(queries["near"][i:i + 1], k)
+            r["grid"] = {}
+            for nprobe in args.scale_nprobe:
+                for rerank in args.scale_rerank:
+                    res = _time_store(ix, queries, truth, picks, nq, k, nprobe=nprobe, rerank=rerank)
+                    r["grid"][f"nprobe={nprobe}/rerank={rerank}"] = {"nprobe": nprobe, "rerank": rerank,
+                                                                     "candidates": k * rerank, **res}
+                    log(f"  nprobe {nprobe:4d} rerank {rerank:3d} ({k * rerank:4d} cand.): near R@10 {res['near']['recall10']:.3f} "
+                        f"p50 {res['near']['p50_ms']:.2f} p99 {res['near']['p99_ms']:.2f} ms | uniform R@10 "
+                        f"{res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.2f} p99 {res['uniform']['p99_ms']:.2f} ms")
+            r["search_mem"] = _mem()
+            r["search_threads"] = {"faiss": 1, "torch": 1}
+            r["loadavg"] = list(os.getloadavg())
+            faiss.omp_set_num_threads(min(2, os.cpu_count() or 1))
+            torch.set_num_threads(min(2, os.cpu_count() or 1))
+            log(f"search phase: peak RSS {r['search_mem']['peak_rss_mb']:.0f} MB (anon {r['search_mem']['rss_anon_mb']:.0f} MB)")
+            ix.close()
+            del ix
+            if not args.scale_keep:
+                import shutil
+
+                shutil.rmtree(ixp, ignore_errors=True)
+            out[key] = r
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                prev = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+                prev.setdefault("scale", {}).update(out)
+                Path(args.json).write_text(json.dumps(prev, indent=2))
+    return out
+
+
+def _free_gb():
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+# -------------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -550,7 +729,16 @@ def main(argv=None):
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--memory-videos", type=int, default=10_000)
     ap.add_argument("--milvus-hnsw-max", type=int, default=10_000, help="largest size with a Milvus HNSW build")
-    sections = ["encode", "search", "build", "load", "memory", "stores"]
+    ap.add_argument("--scale-sizes", type=int, nargs="+", default=[10_000_000], help="scale: collection sizes")
+    ap.add_argument("--scale-data", nargs="+", default=["clustered"], choices=["uniform", "clustered"])
+    ap.add_argument("--scale-queries", type=int, default=200)
+    ap.add_argument("--scale-ann", default="auto", help="scale: --ann (auto picks IVF-PQ from 4M videos)")
+    ap.add_argument("--scale-params", type=json.loads, default=None, help='scale: explicit parameters, JSON ({"nlist": 1024})')
+    ap.add_argument("--scale-nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    ap.add_argument("--scale-rerank", type=int, nargs="+", default=[1, 4, 10, 25, 50])
+    ap.add_argument("--scale-tmp", default=None, help="scale: folder for the vectors and the index (default: a temporary one)")
+    ap.add_argument("--scale-keep", action="store_true", help="scale: keep the index")
+    sections = ["encode", "search", "build", "load", "memory", "stores", "scale"]
     ap.add_argument("--skip", nargs="*", default=[], choices=sections)
     ap.add_argument("--only", nargs="*", default=None, choices=sections, help="run only these sections")
     ap.add_argument("--json", default=str(ROOT / "docs" / "bench" / "bench_search.json"), help="where to write the numbers")
@@ -566,7 +754,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         tmp = Path(tmp)
         for name, fn in (("encode", bench_encode), ("memory", bench_memory), ("load", bench_load), ("build", bench_build),
-                         ("search", bench_search), ("stores", bench_stores)):
+                         ("search", bench_search), ("stores", bench_stores), ("scale", bench_scale)):
             if name in args.skip or (args.only is not None and name not in args.only):
                 continue
             t = time.perf_counter()

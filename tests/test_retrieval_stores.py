@@ -114,7 +114,8 @@ def test_store_spec_and_auto_choice(tmp_path):
     r = auto.resolve(1_000_000, 512)
     assert (r.kind, r.params) == ("ivf", {"nlist": 1000, "nprobe": 62}) and "auto" in r.why
     r = auto.resolve(PQ_FROM, 512)
-    assert r.kind == "ivfpq" and r.params == {"nlist": 8000, "nprobe": 64, "m": 64, "nbits": 8, "rerank": 4, "opq": False}
+    assert r.kind == "ivfpq" and r.params == {"nlist": 1024, "nprobe": 64, "m": 64, "nbits": 8, "rerank": 4, "opq": False,
+                                              "rerank_dtype": "float16"}
     assert AnnChoice("hnsw").resolve(10, 64).kind == "hnsw" and AnnChoice("exact").resolve(10**8, 64).exact
     assert AnnChoice.parse("ivf", {"nprobe": 7}).resolve(10_000, 64).params == {"nlist": 100, "nprobe": 7}
     assert AnnChoice.parse("none").choice == "exact"

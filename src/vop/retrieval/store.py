@@ -270,6 +270,7 @@ class FaissStore(VectorStore):
         self._faiss: Any = None
         self._emb_t: torch.Tensor | None = None
         self._cache: torch.Tensor | None = None
+        self._rerank: np.ndarray | None = None
 
     @property
     def faiss_kind(self) -> str | None:
@@ -286,8 +287,36 @@ class FaissStore(VectorStore):
     @property
     def emb_tensor(self) -> torch.Tensor:
         if self._emb_t is None:
-            self._emb_t = torch.from_numpy(self.emb)
+            if self.emb.flags.writeable:
+                self._emb_t = torch.from_numpy(self.emb)
+            else:  # a read-only memory map (a large index, vop.retrieval.format.MMAP_FROM): never written through
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._emb_t = torch.from_numpy(self.emb)
         return self._emb_t
+
+    def rerank_vectors(self) -> np.ndarray | None:
+        """IVF-PQ's float16 copy of the rows (``rerank-G.npy``, memory-mapped), or None when it re-ranks from the rows."""
+        name = self.meta["files"].get("rerank")
+        if not name:
+            return None
+        if self._rerank is None:
+            from vop.errors import DataError
+            from vop.retrieval.format import rebuild_command
+
+            file = self.path / name
+            try:
+                arr = np.load(file, mmap_mode="r", allow_pickle=False)
+            except Exception as e:  # noqa: BLE001 - a damaged header: numpy's error, named
+                raise DataError(f"{file}: not a readable .npy array ({type(e).__name__}); the index is damaged: rebuild "
+                                f"it: {rebuild_command(self.path, self.meta)}") from None
+            if arr.dtype != np.dtype("<f2") or arr.shape != self.emb.shape[:1] + self.emb.shape[1:]:
+                raise DataError(f"{file}: holds {arr.dtype} {arr.shape}, expected float16 {tuple(self.emb.shape)}; the index "
+                                f"is damaged: rebuild it: {rebuild_command(self.path, self.meta)}")
+            self._rerank = arr
+        return self._rerank
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         return self.emb[np.asarray(rows, dtype=np.int64)]
@@ -336,9 +365,12 @@ class FaissStore(VectorStore):
 
         f = self.meta.get("faiss")
         ann: Callable[[], Any] | None = None
-        rerank = 0
+        rerank, rerank_rows = 0, None
         if f:
             ann = lambda: self.faiss_index(nprobe=params.nprobe, ef_search=params.ef_search)  # noqa: E731
             rerank = int(params.rerank if params.rerank is not None else f["params"].get("rerank", 0) or 0)
+            half = self.rerank_vectors() if rerank else None
+            if half is not None:
+                rerank_rows = lambda c: torch.from_numpy(half[c].astype(np.float32))  # noqa: E731
         return search_rows(scoring, self.emb_tensor, q, k, cache=self.row_cache(scoring), ann=ann, exact=exact,
-                           rerank=rerank)
+                           rerank=rerank, rerank_rows=rerank_rows)

@@ -112,19 +112,26 @@ def rescore(scoring: Scoring, q: torch.Tensor, candidates: np.ndarray, k: int, n
 
 
 def search_rows(scoring: Scoring, rows: torch.Tensor, q: torch.Tensor, k: int, *, cache: torch.Tensor | None = None,
-                ann: Callable[[], Any] | None = None, exact: bool | None = None, rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                ann: Callable[[], Any] | None = None, exact: bool | None = None, rerank: int = 0,
+                rerank_rows: Callable[[np.ndarray], torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` rows for the queries ``q`` (Q, D): through the approximate index ``ann()`` (a loaded FAISS
     index over ``rows``; given only where the scoring allows one) unless ``exact`` is True or ``k`` covers
     every row, else exactly (:func:`top_k`). ``rerank`` >= 1: the approximate index gives ``rerank`` x k
-    candidates, re-scored exactly (:func:`rescore`): exact scores, and a recall that grows with ``rerank``."""
+    candidates, re-scored exactly (:func:`rescore`): exact scores, and a recall that grows with ``rerank``.
+    ``rerank_rows(rows)``: a compact copy of those rows (IVF-PQ's float16 ``rerank-G.npy``) to rank the candidates
+    by; the k kept are then scored from ``rows`` (exact scores, ordered by them)."""
     n = rows.shape[0]
     if ann is not None and scoring.ann and exact is not True and k < n:
         from vop.retrieval.ann import faiss_search
 
         if rerank and rerank > 0:
             _, cand = faiss_search(ann(), q.numpy(), min(n, k * int(rerank)))
-            return rescore(scoring, q, cand.astype(np.int64), k, n, lambda c: rows[torch.from_numpy(c)],
-                           None if cache is None else (lambda c: cache[torch.from_numpy(c)]))
+            cand = cand.astype(np.int64)
+            rows_of = lambda c: rows[torch.from_numpy(c)]  # noqa: E731
+            cache_of = None if cache is None else (lambda c: cache[torch.from_numpy(c)])
+            if rerank_rows is not None:
+                _, cand = rescore(scoring, q, cand, k, n, rerank_rows)
+            return rescore(scoring, q, cand, k, n, rows_of, cache_of)
         scores, ids = faiss_search(ann(), q.numpy(), k)
         return scores, ids.astype(np.int64)
     return top_k(scoring, rows, q, k, cache=cache)
