@@ -221,11 +221,14 @@ class AnnChoice:
 class SearchParams:
     """Per-query knobs of an approximate index (None: the index's recorded value): IVF lists scanned
     (``nprobe``), HNSW breadth (``ef_search``), candidates per result re-scored exactly (``rerank``: k x rerank
-    candidates; 0: none)."""
+    candidates; 0: none). ``candidates``: for a scoring without one vector per video (cma's query score), the
+    videos per query whose mean-pooled frame vectors score best, re-scored exactly by the model's scoring
+    (:func:`vop.retrieval.topk.pooled_then_rescore`); None: every video scored exactly (the default)."""
 
     nprobe: int | None = None
     ef_search: int | None = None
     rerank: int | None = None
+    candidates: int | None = None
 
 
 class VectorStore:
@@ -271,6 +274,7 @@ class FaissStore(VectorStore):
         self._emb_t: torch.Tensor | None = None
         self._cache: torch.Tensor | None = None
         self._rerank: np.ndarray | None = None
+        self._pooled: torch.Tensor | None = None
 
     @property
     def faiss_kind(self) -> str | None:
@@ -296,6 +300,18 @@ class FaissStore(VectorStore):
                     warnings.simplefilter("ignore", UserWarning)
                     self._emb_t = torch.from_numpy(self.emb)
         return self._emb_t
+
+    def pooled(self) -> torch.Tensor:
+        """Per-frame rows (N, F, D) mean-pooled over the frames and L2-normalised (N, D): the first stage of a
+        pairwise index's candidate search, computed once on first use and kept (N x D floats: 0.2 GB at 100k)."""
+        if self._pooled is None:
+            v = self.emb_tensor
+            parts = []
+            with torch.no_grad():
+                for s in range(0, v.shape[0], 1 << 14):
+                    parts.append(torch.nn.functional.normalize(v[s:s + (1 << 14)].float().mean(1), dim=-1))
+            self._pooled = torch.cat(parts) if parts else torch.zeros((0, v.shape[-1]))
+        return self._pooled
 
     def rerank_vectors(self) -> np.ndarray | None:
         """IVF-PQ's float16 copy of the rows (``rerank-G.npy``, memory-mapped), or None when it re-ranks from the rows."""
@@ -361,8 +377,11 @@ class FaissStore(VectorStore):
 
     def search(self, scoring: Any, q: torch.Tensor, k: int, *, exact: bool | None = None,
                params: SearchParams = SearchParams()) -> tuple[np.ndarray, np.ndarray]:
-        from vop.retrieval.topk import search_rows
+        from vop.retrieval.topk import pooled_then_rescore, search_rows
 
+        if params.candidates is not None and not scoring.ann and exact is not True and self.emb.ndim == 3:
+            return pooled_then_rescore(scoring, self.emb_tensor, self.pooled(), q, k, int(params.candidates),
+                                       cache=self.row_cache(scoring))
         f = self.meta.get("faiss")
         ann: Callable[[], Any] | None = None
         rerank, rerank_rows = 0, None

@@ -26,7 +26,7 @@ import torch
 from vop.errors import ConfigError
 from vop.scoring import CosineScoring, Scoring
 
-__all__ = ["top_k", "search_rows", "exact_search", "check_k", "rescore"]
+__all__ = ["top_k", "search_rows", "exact_search", "check_k", "rescore", "pooled_then_rescore"]
 
 
 def check_k(k: Any, name: str = "k") -> int:
@@ -109,6 +109,26 @@ def rescore(scoring: Scoring, q: torch.Tensor, candidates: np.ndarray, k: int, n
         order = np.lexsort((c, -s.astype(np.float64)))[:kk]
         out_s[i, :len(order)], out_r[i, :len(order)] = s[order], c[order]
     return out_s, out_r
+
+
+def pooled_then_rescore(scoring: Scoring, rows: torch.Tensor, pooled: torch.Tensor, q: torch.Tensor, k: int,
+                        candidates: int, *, cache: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates then exact re-score for a scoring without one vector per video (cma's query score): the
+    ``candidates`` videos per query whose mean-pooled frame vectors (``pooled`` (N, D), L2-normalised) are nearest
+    the normalised query (exact cosine top-C), scored exactly by ``scoring`` (:func:`rescore`, with the gallery
+    ``cache`` if kept), the best ``k`` kept. ``candidates`` >= N: every video is a candidate, which is the exact
+    search (:func:`top_k`), answered by it. ``candidates`` < ``k``: a ConfigError (fewer than k results)."""
+    n = rows.shape[0]
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ConfigError(f"candidates must be an integer >= 1, got {candidates!r}")
+    if candidates < min(k, n):
+        raise ConfigError(f"--candidates {candidates} is fewer than the {min(k, n)} results asked for (-k): "
+                          f"give at least k candidates (more: a recall nearer the exact search's)")
+    if candidates >= n:
+        return top_k(scoring, rows, q, k, cache=cache)
+    _, cand = top_k(CosineScoring(), pooled, torch.nn.functional.normalize(q.float(), dim=-1), int(candidates))
+    return rescore(scoring, q, cand, k, n, lambda c: rows[torch.from_numpy(c)],
+                   None if cache is None else (lambda c: cache[torch.from_numpy(c)]))
 
 
 def search_rows(scoring: Scoring, rows: torch.Tensor, q: torch.Tensor, k: int, *, cache: torch.Tensor | None = None,
