@@ -216,3 +216,28 @@ def test_int8_text_tower_has_its_own_cache_key_and_a_close_ranking(indexes):
 def test_serve_query_cache_option_is_checked():
     p = _run("serve", "nowhere", "--query-cache", "-1")
     assert p.returncode == 2 and "--query-cache must be >= 0, got -1" in p.stderr, p.stderr
+
+
+def test_large_pairwise_indexes_default_to_candidates(tmp_path, monkeypatch):
+    """From EXACT_BELOW videos a pairwise index is searched with PAIRWISE_CANDIDATES candidates unless told
+    otherwise (--candidates, --exact); the mode and C are what the answers record."""
+    from vop.retrieval import store
+
+    torch.manual_seed(0)
+    model = vop.create_model("cma", "tiny", frames=4).eval()
+    d = model.clip.cfg.embed_dim
+    rows = np.random.default_rng(5).standard_normal((300, 4, d)).astype(np.float32)
+    write_index(tmp_path / "cma", rows, _entries(300), {"model": {"method": "cma"}, "settings": {},
+                                                        "scoring": {"kind": "qscore", "row_shape": [4, d], "ann": False}})
+    ix = VideoIndex.open(tmp_path / "cma")
+    q = torch.from_numpy(rows[:5].mean(1))
+    exact = ix.search(q, 10, model=model)
+    assert ix.candidates_for() is None and ix.search_mode() == "exact"
+    monkeypatch.setattr(store, "EXACT_BELOW", 200)
+    monkeypatch.setattr(store, "PAIRWISE_CANDIDATES", 40)
+    assert ix.candidates_for() == 40 and ix.search_mode() == "candidates" and ix.candidates_for(None, True) is None
+    default = ix.search(q, 10, model=model)
+    explicit = ix.search(q, 10, model=model, candidates=40)
+    assert all(np.array_equal(a, b) for a, b in zip(default, explicit))
+    assert all(np.array_equal(a, b) for a, b in zip(ix.search(q, 10, model=model, exact=True), exact))
+    assert ix.search_mode(True) == "exact" and ix.candidates_for(300) is None  # C >= N: every video, exactly

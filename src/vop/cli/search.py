@@ -97,7 +97,7 @@ def search_cmd(
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: lists scanned (recall vs speed)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: search breadth (recall vs speed)."),
     rerank: Optional[int] = typer.Option(None, "--rerank", help="Candidates per result re-scored exactly (k x rerank; IVF-PQ's default 4; 0: none)."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", help="Pairwise indexes (cma): score exactly only the C videos whose mean-pooled frame vectors are nearest the query (default: every video; C >= k; recall in docs/search.md)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Pairwise indexes (cma): score exactly only the C videos whose mean-pooled frame vectors are nearest the query (C >= k; default: every video below 250,000 videos, 1000 from there; --exact: every video; recall in docs/search.md)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights, if not where the index recorded them."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The index's checkpoint, if it moved."),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: PyTorch's default)."),
@@ -134,7 +134,7 @@ def search_cmd(
         if json_out:
             rec = {"query": text, "index": str(index), "search": mode, "results": hits}
             if mode == "candidates":
-                rec["candidates"] = candidates
+                rec["candidates"] = s.index.candidates_for(candidates, exact or None)
             typer.echo(_json(rec, index, indent=None if queries else 2))
             continue
         if len(texts) > 1:

@@ -137,11 +137,21 @@ class VideoIndex:
         return self.store.search_kind
 
     def search_mode(self, exact: bool | None = None, candidates: int | None = None) -> str:
-        """What answers a query with this ``exact`` setting (the ``search`` field of the JSON answers);
-        ``candidates`` below the index's size (a pairwise index): ``candidates`` (pooled, then re-scored)."""
-        if not exact and candidates is not None and not self.scoring.ann and candidates < len(self):
+        """What answers a query with this ``exact`` setting (the ``search`` field of the JSON answers); a
+        pairwise index searched by candidates (:meth:`candidates_for`): ``candidates``."""
+        if self.candidates_for(candidates, exact) is not None:
             return "candidates"
         return "exact" if exact else self.search_kind
+
+    def candidates_for(self, candidates: int | None = None, exact: bool | None = None) -> int | None:
+        """The candidates a query of this (pairwise) index is answered with (``candidates``, or the default from
+        :data:`~vop.retrieval.store.EXACT_BELOW` videos: :func:`~vop.retrieval.store.pairwise_candidates`); None
+        when every video is scored (a dual-encoder index: always None)."""
+        from vop.retrieval.store import pairwise_candidates
+
+        if self.scoring.ann:
+            return None
+        return pairwise_candidates(len(self), candidates, exact)
 
     @property
     def faiss_kind(self) -> str | None:

@@ -170,6 +170,7 @@ class SearchService:
             results.append(item)
         return {"query": q, "index": ld.name, "method": ld.index.model_info["method"], "k": k, "total": len(ld.index),
                 "search": ld.index.search_mode(exact),
+                **({"candidates": c} if (c := ld.index.candidates_for(None, exact)) is not None else {}),
                 "took_ms": round(1000 * (time.perf_counter() - t0), 3), "results": results}
 
     def describe(self) -> dict[str, Any]:

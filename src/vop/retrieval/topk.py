@@ -26,7 +26,7 @@ import torch
 from vop.errors import ConfigError
 from vop.scoring import CosineScoring, Scoring
 
-__all__ = ["top_k", "search_rows", "exact_search", "check_k", "rescore", "pooled_then_rescore"]
+__all__ = ["top_k", "search_rows", "exact_search", "check_k", "rescore", "pooled_then_rescore", "check_candidates"]
 
 
 def check_k(k: Any, name: str = "k") -> int:
@@ -111,6 +111,16 @@ def rescore(scoring: Scoring, q: torch.Tensor, candidates: np.ndarray, k: int, n
     return out_s, out_r
 
 
+def check_candidates(candidates: Any, k: int, n: int) -> int:
+    """A number of candidates: an integer >= 1 and at least the results asked for (``min(k, n)``)."""
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ConfigError(f"candidates must be an integer >= 1, got {candidates!r}")
+    if candidates < min(k, n):
+        raise ConfigError(f"--candidates {candidates} is fewer than the {min(k, n)} results asked for (-k): "
+                          f"give at least k candidates (more: a recall nearer the exact search's)")
+    return int(candidates)
+
+
 def pooled_then_rescore(scoring: Scoring, rows: torch.Tensor, pooled: torch.Tensor, q: torch.Tensor, k: int,
                         candidates: int, *, cache: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Candidates then exact re-score for a scoring without one vector per video (cma's query score): the
@@ -119,11 +129,7 @@ def pooled_then_rescore(scoring: Scoring, rows: torch.Tensor, pooled: torch.Tens
     ``cache`` if kept), the best ``k`` kept. ``candidates`` >= N: every video is a candidate, which is the exact
     search (:func:`top_k`), answered by it. ``candidates`` < ``k``: a ConfigError (fewer than k results)."""
     n = rows.shape[0]
-    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
-        raise ConfigError(f"candidates must be an integer >= 1, got {candidates!r}")
-    if candidates < min(k, n):
-        raise ConfigError(f"--candidates {candidates} is fewer than the {min(k, n)} results asked for (-k): "
-                          f"give at least k candidates (more: a recall nearer the exact search's)")
+    check_candidates(candidates, k, n)
     if candidates >= n:
         return top_k(scoring, rows, q, k, cache=cache)
     _, cand = top_k(CosineScoring(), pooled, torch.nn.functional.normalize(q.float(), dim=-1), int(candidates))
