@@ -39,7 +39,7 @@ import numpy as np
 from vop.errors import ConfigError
 
 __all__ = ["KINDS", "require_faiss", "default_params", "merge_params", "pq_m", "build_faiss", "faiss_search", "save_faiss",
-           "load_faiss", "iter_rows", "train_sample", "PQ_NLIST_MAX", "ADD_CHUNK", "RERANK_DTYPES"]
+           "load_faiss", "iter_rows", "train_sample", "random_access", "PQ_NLIST_MAX", "ADD_CHUNK", "RERANK_DTYPES"]
 
 KINDS = ("ivf", "ivfpq", "hnsw")
 #: IVF-PQ's default lists at most (the coarse assignment of N vectors costs N x nlist x D at build time)
@@ -61,6 +61,21 @@ def _drop_pages(arr: np.ndarray) -> None:
         try:
             base.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):  # pragma: no cover - an mmap that refuses: only the resident set grows
+            pass
+
+
+def random_access(arr: np.ndarray) -> None:
+    """Tell the kernel that a memory-mapped array is read at random rows (``MADV_RANDOM``): a page fault then
+    reads its page, not the default read-around of 32 pages (128 KiB for a 1 KiB row): a re-ranking of 1,000
+    candidates reads 4 MiB from disk instead of 128 MiB, and keeps as little of the page cache."""
+    base = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "_mmap", None) if isinstance(base, np.memmap) and getattr(base, "_mmap", None) is not None \
+            else getattr(base, "base", None)
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            base.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):  # pragma: no cover - only the read-ahead stays
             pass
 
 

@@ -291,6 +291,10 @@ class FaissStore(VectorStore):
         self._cache: torch.Tensor | None = None
         self._rerank: np.ndarray | None = None
         self._pooled: torch.Tensor | None = None
+        if isinstance(emb, np.memmap) and meta.get("faiss"):  # a large index behind an approximate one: random reads
+            from vop.retrieval.ann import random_access
+
+            random_access(emb)
 
     @property
     def faiss_kind(self) -> str | None:
@@ -347,6 +351,9 @@ class FaissStore(VectorStore):
             if arr.dtype != np.dtype("<f2") or arr.shape != self.emb.shape[:1] + self.emb.shape[1:]:
                 raise DataError(f"{file}: holds {arr.dtype} {arr.shape}, expected float16 {tuple(self.emb.shape)}; the index "
                                 f"is damaged: rebuild it: {rebuild_command(self.path, self.meta)}")
+            from vop.retrieval.ann import random_access
+
+            random_access(arr)  # candidates are read at random: one page each, no read-around
             self._rerank = arr
         return self._rerank
 
