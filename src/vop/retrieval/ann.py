@@ -15,8 +15,9 @@ Three kinds, all on inner product (= cosine: the embeddings are L2-normalised):
   page cache of the float32 rows; ``float32``: the rows themselves) and the top k kept, their scores
   computed from the float32 rows (:func:`vop.retrieval.topk.rescore`): exact scores. Defaults:
   ``nlist = min(4 sqrt(N), N / 39, 1024)`` (:data:`PQ_NLIST_MAX`: assigning N vectors to their lists costs
-  N x nlist x D multiply-adds at build time, 10M x 1024 x 512 about 10 minutes on 2 cores), ``m = D / 8``
-  (a divisor of D), ``nbits = 8``, ``nprobe = 64``, ``rerank = 4``. For collections of millions of videos
+  N x nlist x D multiply-adds at build time: 5e12 at 10M; the whole 10M build took 25 minutes on a busy 2-core machine), ``m = D / 8``
+  (a divisor of D), ``nbits = 8``, ``nprobe = 16``, ``rerank = 100`` (1,000 candidates for k = 10: recall@10 0.94 at
+  10M clustered vectors, docs/search.md). For collections of millions of videos
   (``--ann auto`` picks it from :data:`vop.retrieval.store.PQ_FROM` videos). Built in bounded memory:
   trained on a sample (:func:`train_sample`), then the rows added in chunks of :data:`ADD_CHUNK`
   (:func:`iter_rows`: a memory-mapped ``embeddings-G.npy`` is read chunk by chunk, its pages let go).
@@ -128,7 +129,7 @@ def default_params(kind: str, n: int, dim: int | None = None) -> dict[str, Any]:
         return {"nlist": nlist, "nprobe": min(nlist, max(32, nlist // 16))}
     if kind == "ivfpq":
         nlist = max(1, min(4 * int(math.sqrt(max(n, 1))), max(1, n // 39), PQ_NLIST_MAX))
-        return {"nlist": nlist, "nprobe": min(nlist, 64), "m": pq_m(dim or 512), "nbits": 8, "rerank": 4, "opq": False,
+        return {"nlist": nlist, "nprobe": min(nlist, 16), "m": pq_m(dim or 512), "nbits": 8, "rerank": 100, "opq": False,
                 "rerank_dtype": "float16"}
     if kind == "hnsw":
         return {"M": 32, "ef_construction": 200, "ef_search": 128}
