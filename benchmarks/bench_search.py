@@ -26,6 +26,15 @@ Sections (each can be skipped with --skip NAME):
   a time with FLAT (exact: recall and largest score difference against the faiss store), IVF_FLAT (nlist
   sqrt(N), nprobe 8/32/128; index build time) and HNSW (M 32, ef 64/128/256; up to ``--milvus-hnsw-max``).
   ``--only stores --json docs/bench/bench_stores.json`` runs just this section.
+- ``scale`` (not in the default run: ``--only scale``): IVF-PQ at ``--scale-sizes`` (10M by default) through the
+  library's path: vectors generated in blocks into a ``.npy``, ``write_index`` with the parameters ``--ann auto``
+  (``--scale-ann``) resolves, exact top-10 by a chunked scan, ``VideoIndex.search`` over an nprobe x rerank grid;
+  build time, peak memory per phase, file sizes. ``--scale-keep`` keeps the index, ``--scale-index PATH``
+  measures a kept one again, ``--scale-again`` repeats each setting (page cache warm) and times the IVF-PQ alone.
+- ``pairwise`` (``--only pairwise``): cma's query score at ``--pairwise-videos`` synthetic videos, exact vs
+  candidates then re-scoring.
+- ``latency`` (``--only latency``): ``vop serve`` end to end on a ``--latency-videos`` index, fp32 vs ``--text-int8`` text tower,
+  distinct vs repeated (cached) queries; int8's ranking change on the demo's queries.
 
 Everything runs on this machine only; the load test talks to 127.0.0.1 and stops by itself.
 """
@@ -1031,6 +1040,8 @@ def main(argv=None):
                          ("search", bench_search), ("stores", bench_stores), ("scale", bench_scale),
                          ("pairwise", bench_pairwise), ("latency", bench_latency)):
             if name in args.skip or (args.only is not None and name not in args.only):
+                continue
+            if args.only is None and name in ("scale", "pairwise", "latency"):  # long: only when asked (--only)
                 continue
             t = time.perf_counter()
             res[name] = fn(args, tmp)

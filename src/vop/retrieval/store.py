@@ -348,7 +348,7 @@ class FaissStore(VectorStore):
             except Exception as e:  # noqa: BLE001 - a damaged header: numpy's error, named
                 raise DataError(f"{file}: not a readable .npy array ({type(e).__name__}); the index is damaged: rebuild "
                                 f"it: {rebuild_command(self.path, self.meta)}") from None
-            if arr.dtype != np.dtype("<f2") or arr.shape != self.emb.shape[:1] + self.emb.shape[1:]:
+            if arr.dtype != np.dtype("<f2") or arr.shape != self.emb.shape:
                 raise DataError(f"{file}: holds {arr.dtype} {arr.shape}, expected float16 {tuple(self.emb.shape)}; the index "
                                 f"is damaged: rebuild it: {rebuild_command(self.path, self.meta)}")
             from vop.retrieval.ann import random_access
