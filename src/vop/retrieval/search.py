@@ -84,17 +84,20 @@ def quantize_text_tower(model) -> int:
     The tower is shared by the prompt sets on the same backbone (all of a ``vop serve`` are quantised or none).
     Returns the number of layers quantised (0 when already done). The ranking it changes is measured in
     docs/search.md ("Query latency"); fp32 stays the default."""
-    from torch.ao.quantization import quantize_dynamic
+    import warnings
+
+    with warnings.catch_warnings():  # torch 2.13 marks torch.ao.quantization deprecated (for torchao): docs/search.md
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated", category=DeprecationWarning)
+        from torch.ao.quantization import quantize_dynamic
 
     tower = model.clip.transformer
     if next(model.parameters()).device.type != "cpu":
         raise ConfigError("--text-int8: int8 dynamic quantisation runs on the CPU; leave it out with --device cuda")
     n = sum(1 for m in tower.modules() if type(m) is torch.nn.Linear)
     if n:
-        import warnings
-
-        with warnings.catch_warnings():  # torch 2.13 marks its quantised tensor functions deprecated (docs/search.md)
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated", category=DeprecationWarning)
             quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     model._vop_text_int8 = True
     return n
