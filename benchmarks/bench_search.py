@@ -26,6 +26,15 @@ Sections (each can be skipped with --skip NAME):
   a time with FLAT (exact: recall and largest score difference against the faiss store), IVF_FLAT (nlist
   sqrt(N), nprobe 8/32/128; index build time) and HNSW (M 32, ef 64/128/256; up to ``--milvus-hnsw-max``).
   ``--only stores --json docs/bench/bench_stores.json`` runs just this section.
+- ``scale`` (not in the default run: ``--only scale``): IVF-PQ at ``--scale-sizes`` (10M by default) through the
+  library's path: vectors generated in blocks into a ``.npy``, ``write_index`` with the parameters ``--ann auto``
+  (``--scale-ann``) resolves, exact top-10 by a chunked scan, ``VideoIndex.search`` over an nprobe x rerank grid;
+  build time, peak memory per phase, file sizes. ``--scale-keep`` keeps the index, ``--scale-index PATH``
+  measures a kept one again, ``--scale-again`` repeats each setting (page cache warm) and times the IVF-PQ alone.
+- ``pairwise`` (``--only pairwise``): cma's query score at ``--pairwise-videos`` synthetic videos, exact vs
+  candidates then re-scoring.
+- ``latency`` (``--only latency``): ``vop serve`` end to end on a ``--latency-videos`` index, fp32 vs ``--text-int8`` text tower,
+  distinct vs repeated (cached) queries; int8's ranking change on the demo's queries.
 
 Everything runs on this machine only; the load test talks to 127.0.0.1 and stops by itself.
 """
@@ -534,6 +543,450 @@ def bench_stores(args, tmp: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------
+def unit_chunks(n, d, seed, data="uniform", clusters=1000):
+    """The rows of ``random_unit(n, d, seed)`` / ``clustered_unit(n, d, seed)``, bit for bit, as 100,000-row
+    blocks: the same vectors at the same size, never all in memory."""
+    g = np.random.default_rng(seed)
+    centres = random_unit(clusters, d, seed + 1) if data == "clustered" else None
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        if centres is None:
+            x = g.standard_normal((m, d), dtype=np.float32)
+        else:
+            x = centres[g.integers(0, clusters, m)] + (0.75 / np.sqrt(d)) * g.standard_normal((m, d), dtype=np.float32)
+        yield s, x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_npy_chunks(path: Path, n: int, d: int, chunks) -> np.ndarray:
+    """A float32 (n, d) ``.npy`` written block by block; returned memory-mapped (read-only)."""
+    from numpy.lib import format as npy
+
+    with open(path, "wb") as f:
+        npy.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n, d)})
+        for _, x in chunks:
+            f.write(np.ascontiguousarray(x, np.float32).tobytes())
+    return np.load(path, mmap_mode="r")
+
+
+class LazyEntries:
+    """The video list of a synthetic index (``v<i>``, ``/videos/v<i>.mp4``), made entry by entry when read: what
+    ``write_index`` needs from a list, without 10M dicts in the writing process (the reading one has them)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return {"id": f"v{i}", "path": f"/videos/v{i}.mp4"}
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+
+def _reset_peak():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak resident set) for the next phase
+    except OSError:
+        pass
+
+
+def _mem():
+    st = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+            st[key] = int(line.split()[1]) / 1024
+    return {"peak_rss_mb": st.get("VmHWM"), "rss_mb": st.get("VmRSS"), "rss_anon_mb": st.get("RssAnon"),
+            "rss_file_mb": st.get("RssFile")}
+
+
+def _exact_truth(emb, queries, k, step=1 << 18):
+    """Exact top-k of every query by a chunked scan of ``emb`` (memory-mapped: one chunk resident at a time)."""
+    from vop.retrieval.ann import iter_rows
+    from vop.retrieval.index import exact_search
+
+    q = torch.from_numpy(np.ascontiguousarray(queries, np.float32))
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_r = np.zeros((len(q), 0), np.int64)
+    for s0, part in iter_rows(emb, step):
+        sc, rw = exact_search(torch.from_numpy(part), q, k)
+        best_s, best_r = np.concatenate([best_s, sc], 1), np.concatenate([best_r, rw + s0], 1)
+        order = np.lexsort((best_r, -best_s.astype(np.float64)), axis=1)[:, :k]
+        best_s, best_r = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
+    return best_s, best_r
+
+
+def bench_scale(args, tmp: Path) -> dict:
+    """IVF-PQ at millions of videos on one machine, through the library's path: the synthetic vectors written
+    block by block to a .npy, ``write_index`` with the parameters ``--ann auto`` resolves for that size (what
+    ``vop index`` writes: chunked FAISS build, float16 re-rank copy), ``VideoIndex.open`` (memory-mapped rows)
+    and ``VideoIndex.search`` one query at a time over an nprobe x rerank grid; recall@10 against an exact
+    chunked scan; build time, peak memory per phase, file sizes."""
+    import faiss
+
+    from vop.retrieval import VideoIndex
+    from vop.retrieval.store import AnnChoice
+
+    faiss.omp_set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    d, k, nq = args.dim, 10, args.scale_queries
+    work = Path(args.scale_tmp) if args.scale_tmp else tmp
+    work.mkdir(parents=True, exist_ok=True)
+    out = {"faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(), "torch_threads": torch.get_num_threads()}
+    for n in args.scale_sizes:
+        for data in args.scale_data:
+            key = f"{data}/{n}"
+            log(f"--- scale: {n:,} x {d}, {data} --- (free: {_free_gb():.1f} GB available)")
+            r: dict = {"n": n, "dim": d, "data": data, "queries": nq}
+            src, ixp = work / f"src-{data}-{n}.npy", work / f"index-{data}-{n}"
+            if args.scale_index:  # an index this section built and kept (--scale-keep): measure it again
+                ixp = Path(args.scale_index)
+                meta = json.loads((ixp / "index.json").read_text())
+                emb = np.load(ixp / meta["files"]["embeddings"], mmap_mode="r")
+                assert emb.shape == (n, d), (emb.shape, n, d)
+                r["reused"] = str(ixp)
+                r["params"] = meta["faiss"]["params"]
+                r["files_mb"] = {name: (ixp / name).stat().st_size / 2**20 for name in meta["files"].values()}
+                key += "/again"
+            _reset_peak()
+            t = time.perf_counter()
+            if not args.scale_index:
+                emb = write_npy_chunks(src, n, d, unit_chunks(n, d, seed=n, data=data))
+            if not args.scale_index:
+                r["generate"] = {"s": time.perf_counter() - t, **_mem()}
+                log(f"generated in {r['generate']['s']:.0f} s, peak RSS {r['generate']['peak_rss_mb']:.0f} MB")
+                resolved = AnnChoice(args.scale_ann, {k_: v for k_, v in (args.scale_params or {}).items()}).resolve(n, d)
+                r["ann"] = {"choice": args.scale_ann, "kind": resolved.kind, "params": resolved.params, "why": resolved.why}
+                log(f"ann: {resolved.kind} {resolved.params} ({resolved.why})")
+                _reset_peak()
+                t = time.perf_counter()
+                full = write_index(ixp, emb, LazyEntries(n), {"model": {}, "settings": {},
+                                                              "faiss": {"kind": resolved.kind, "params": resolved.params}})
+                r["build"] = {"s": time.perf_counter() - t, **_mem(), "params": full["faiss"]["params"] if full["faiss"] else None}
+                r["files_mb"] = {name: (ixp / name).stat().st_size / 2**20 for name in full["files"].values()}
+                log(f"write_index (embeddings copy, video list, FAISS build, rerank copy, checksums) in {r['build']['s']:.0f} s, "
+                    f"peak RSS {r['build']['peak_rss_mb']:.0f} MB; files {r['files_mb']}")
+            g = np.random.default_rng(1)
+            picks = g.integers(0, n, nq)
+            noise = g.standard_normal((nq, d), dtype=np.float32)
+            noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+            near = np.asarray(emb[picks]) + 1.0 * noise
+            near /= np.linalg.norm(near, axis=1, keepdims=True)
+            queries = {"near": near.astype(np.float32), "uniform": random_unit(nq, d, seed=7)}
+            t = time.perf_counter()
+            truth = {kind: _exact_truth(emb, q, k)[1] for kind, q in queries.items()}
+            r["exact_scan_s"] = time.perf_counter() - t
+            log(f"exact top-10 of {2 * nq} queries by a chunked scan: {r['exact_scan_s']:.0f} s")
+            del emb
+            if not args.scale_index:
+                src.unlink()
+            # queries one at a time on one thread each (faiss, torch): a server answers one query per core; on a busy
+            # machine a second thread woken for a 1 x 512 product waits for a time slice (~16 ms measured here)
+            faiss.omp_set_num_threads(1)
+            torch.set_num_threads(1)
+            _reset_peak()
+            t = time.perf_counter()
+            ix = VideoIndex.open(ixp, verify=False)
+            ix.search(queries["near"][:1], k)  # loads the FAISS index, maps the rerank copy
+            r["open"] = {"s": time.perf_counter() - t, **_mem()}
+            log(f"open + first query: {r['open']['s']:.1f} s, RSS {r['open']['rss_mb']:.0f} MB")
+            for i in range(nq):  # warm: the re-rank pages these queries touch, as a serving process would have them
+                ix.search(queries["near"][i:i + 1], k)
+            r["grid"] = {}
+            for nprobe in args.scale_nprobe:
+                for rerank in args.scale_rerank:
+                    res = _time_store(ix, queries, truth, picks, nq, k, nprobe=nprobe, rerank=rerank)
+                    cell = r["grid"][f"nprobe={nprobe}/rerank={rerank}"] = {"nprobe": nprobe, "rerank": rerank,
+                                                                            "candidates": k * rerank, **res}
+                    if args.scale_again:  # the same queries again: their re-rank rows are now in the page cache
+                        again = _time_store(ix, queries, truth, picks, nq, k, nprobe=nprobe, rerank=rerank)
+                        cell["again"] = {kind: {"p50_ms": v["p50_ms"], "p99_ms": v["p99_ms"]} for kind, v in again.items()}
+                        fi = ix.store.faiss_index(nprobe=nprobe)
+                        lat = []
+                        for i in range(nq):  # the IVF-PQ alone (the compressed codes in memory): the candidates
+                            t0 = time.perf_counter()
+                            fi.search(queries["near"][i:i + 1], k * rerank)
+                            lat.append(time.perf_counter() - t0)
+                        cell["ivfpq_only"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+                        log(f"    again: near p50 {again['near']['p50_ms']:.2f} p99 {again['near']['p99_ms']:.2f} ms | uniform p50 "
+                            f"{again['uniform']['p50_ms']:.2f} ms; IVF-PQ alone p50 {cell['ivfpq_only']['p50_ms']:.2f} ms")
+                    log(f"  nprobe {nprobe:4d} rerank {rerank:3d} ({k * rerank:4d} cand.): near R@10 {res['near']['recall10']:.3f} "
+                        f"p50 {res['near']['p50_ms']:.2f} p99 {res['near']['p99_ms']:.2f} ms | uniform R@10 "
+                        f"{res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.2f} p99 {res['uniform']['p99_ms']:.2f} ms")
+            r["search_mem"] = _mem()
+            r["search_threads"] = {"faiss": 1, "torch": 1}
+            r["loadavg"] = list(os.getloadavg())
+            faiss.omp_set_num_threads(min(2, os.cpu_count() or 1))
+            torch.set_num_threads(min(2, os.cpu_count() or 1))
+            log(f"search phase: peak RSS {r['search_mem']['peak_rss_mb']:.0f} MB (anon {r['search_mem']['rss_anon_mb']:.0f} MB)")
+            ix.close()
+            del ix
+            if not (args.scale_keep or args.scale_index):
+                import shutil
+
+                shutil.rmtree(ixp, ignore_errors=True)
+            out[key] = r
+            if args.json:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                prev = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
+                prev.setdefault("scale", {}).update(out)
+                Path(args.json).write_text(json.dumps(prev, indent=2))
+    return out
+
+
+def _free_gb():
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+# -------------------------------------------------------------------------------------------------
+def bench_pairwise(args, tmp: Path) -> dict:
+    """cma's query score at ``--pairwise-videos`` videos: synthetic raw frame embeddings (F x D per video: a video's
+    direction in one of 1000 clusters plus per-frame variation, norm 10; queries of norm 8), written by
+    ``write_index`` as a qscore index and searched through ``VideoIndex.search``: exact (every video scored) against
+    candidates-then-rescore (``candidates`` C: mean-pooled frame vectors, exact cosine top-C, then the query
+    score on those C), recall@10 against exact and latency, one query at a time."""
+    from types import SimpleNamespace
+
+    from vop.methods.cma import QScore
+    from vop.retrieval import VideoIndex
+
+    n, f, d, nq, k = args.pairwise_videos, args.pairwise_frames, args.dim, args.search_queries, 10
+    tau = 5.0  # CMAOptions.tau
+    g = np.random.default_rng(3)
+    log(f"--- pairwise: {n:,} videos x {f} frames x {d}, cma query score (tau {tau}) ---")
+    torch.set_num_threads(1)  # one query at a time on one thread (a second thread waits for a time slice on a busy machine)
+    rows = np.empty((n, f, d), np.float32)
+    scene = np.empty((n, d), np.float32)
+    for s00, bases in unit_chunks(n, d, seed=n, data="clustered"):
+        for j in range(0, len(bases), 4096):  # blocks of 4,096 videos: 100 MB of frames at a time
+            # two scenes per video (a cut at a random frame): a frame is the video's direction, its scene's offset
+            # (norm 0.8) and noise (norm 0.3); mean pooling blurs the scenes, the query score weighs them by the text
+            base, s0 = bases[j:j + 4096], s00 + j
+            m = len(base)
+            sc = (0.8 / np.sqrt(d)) * g.standard_normal((m, 2, d), dtype=np.float32)
+            cut = g.integers(1, f, m)
+            which = (np.arange(f)[None, :] >= cut[:, None]).astype(np.int64)
+            x = (base[:, None, :] + np.take_along_axis(sc, which[:, :, None], 1)
+                 + (0.3 / np.sqrt(d)) * g.standard_normal((m, f, d), dtype=np.float32))
+            rows[s0:s0 + m] = 10.0 * x / np.linalg.norm(x, axis=2, keepdims=True)
+            scene[s0:s0 + m] = base + sc[:, 1]
+    picks = g.integers(0, n, nq)
+    noise = g.standard_normal((nq, d), dtype=np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    near = scene[picks]  # a query describing the second scene of a video
+    near = near / np.linalg.norm(near, axis=1, keepdims=True) + 1.0 * noise
+    del scene
+    queries = {"near": 8.0 * near / np.linalg.norm(near, axis=1, keepdims=True),
+               "uniform": 8.0 * random_unit(nq, d, seed=7)}
+    ixp = tmp / "pairwise"
+    t = time.perf_counter()
+    write_index(ixp, rows, LazyEntries(n), {"model": {"method": "cma"}, "settings": {"frames": f},
+                                            "scoring": {"kind": "qscore", "row_shape": [f, d], "ann": False}})
+    r: dict = {"n": n, "frames": f, "dim": d, "queries": nq, "tau": tau, "write_s": time.perf_counter() - t,
+               "torch_threads": torch.get_num_threads(),
+               "data": "synthetic raw frame embeddings: clustered video directions, two scenes per video, norm 10"}
+    del rows
+    ix = VideoIndex.open(ixp, verify=False)
+    model = SimpleNamespace(scoring=QScore(tau), name="cma")
+    t = time.perf_counter()
+    ix.search(queries["near"][:1], k, model=model)  # the gallery cache (F x F Gram matrices) is computed once
+    ix.search(queries["near"][:1], k, model=model, candidates=100)  # and the pooled vectors
+    r["first_query_s"] = time.perf_counter() - t
+    truth = {}
+    t = time.perf_counter()
+    for kind, q in queries.items():
+        truth[kind] = ix.search(q, k, model=model)[1]  # exact, all queries at once (blocks of 256)
+    r["exact_batch_s"] = time.perf_counter() - t
+    lat = []
+    for i in range(min(nq, 30)):
+        t = time.perf_counter()
+        ix.search(queries["near"][i:i + 1], k, model=model)
+        lat.append(time.perf_counter() - t)
+    r["exact"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "timed_queries": len(lat)}
+    log(f"exact pairwise, one query: p50 {r['exact']['p50_ms']:.1f} ms p99 {r['exact']['p99_ms']:.1f} ms")
+    r["by_candidates"] = {}
+    for c in args.pairwise_candidates:
+        res = {}
+        for kind, q in queries.items():
+            lat, got = [], []
+            for i in range(nq):
+                t = time.perf_counter()
+                _, rr = ix.search(q[i:i + 1], k, model=model, candidates=c)
+                lat.append(time.perf_counter() - t)
+                got.append(rr[0])
+            res[kind] = {"recall10": _recall(truth[kind], np.stack(got)), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+        r["by_candidates"][c] = res
+        log(f"  C {c:5d}: near R@10 {res['near']['recall10']:.3f} p50 {res['near']['p50_ms']:.1f} ms p99 "
+            f"{res['near']['p99_ms']:.1f} ms | uniform R@10 {res['uniform']['recall10']:.3f} p50 {res['uniform']['p50_ms']:.1f} ms")
+    r["rss_mb"] = _mem()
+    r["loadavg"] = list(os.getloadavg())
+    ix.close()
+    shutil_rm(ixp)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return r
+
+
+def shutil_rm(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+_SERVE_WAIT = 300
+
+
+def _serve(tmp: Path, specs: list[str], extra: list[str], label: str):
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    logf = open(tmp / f"serve-{label}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vop.cli.main", "serve", *specs, "--port", str(port), *extra],
+                            stdout=logf, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + _SERVE_WAIT
+    while True:
+        try:
+            if httpx.get(base + "/api/indexes", timeout=2).status_code == 200:
+                return proc, base, logf
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError("vop serve did not start: " + (tmp / f"serve-{label}.log").read_text()[-2000:])
+        time.sleep(0.5)
+
+
+def _stop(proc, logf):
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    logf.close()
+
+
+def bench_latency(args, tmp: Path) -> dict:
+    """Query latency end to end through ``vop serve`` (HTTP on 127.0.0.1, one request at a time) on a
+    ``--latency-videos`` index: ViT-B/32 + VoP-F prompts (random weights: the cost does not depend on the values),
+    synthetic clustered 512-d embeddings written by ``write_index`` with the approximate index ``--ann auto`` picks
+    for that size (IVF-Flat at 1M); fp32 text tower vs ``--text-int8``, distinct queries (the text tower runs) vs
+    repeated ones (the query cache answers). The ranking change of int8: overlap@10 with fp32 and R@1 on the demo's
+    queries (the synthetic world's test captions, ``small``) with the shipped tiny CLIP, zero-shot (what ``vop demo``
+    starts from), indexed by ``build_index`` at the demo's 64 px, 8 frames."""
+    import httpx
+
+    from vop.data import generate_world, get_dataset
+    from vop.retrieval import Searcher
+    from vop.retrieval.search import quantize_text_tower
+    from vop.retrieval.store import AnnChoice
+
+    out: dict = {}
+    # 1. the ranking change, on the demo's queries
+    world = tmp / "lat-world"
+    t = time.perf_counter()
+    generate_world(world, size=args.latency_world)
+    ck = vop.save_checkpoint(vop.create_model("zeroshot", "tiny-clip", frames=8), tmp / "zs.safetensors",
+                             extra={"backbone": "tiny-clip"})
+    build_index(world / "captions.jsonl", ck, tmp / "lat-demo", split="test", image_size=64, frames=8, progress=False)
+    caps = get_dataset("collection", world, "test", frames=8, size=64)
+    log(f"demo index: {time.perf_counter() - t:.0f} s")
+    texts = list(caps.captions)
+    owner = _caption_owners(caps)
+    res = {}
+    for label, int8 in (("fp32", False), ("int8", True)):
+        s = Searcher.open(tmp / "lat-demo", text_int8=int8)
+        hits = s.search(texts, 10)
+        res[label] = [[h["id"] for h in hh] for hh in hits]
+        if int8:
+            res["int8_layers"] = sum(1 for m in s.model.clip.transformer.modules() if "quantized" in type(m).__module__)
+    overlap = [len(set(a) & set(b)) / 10 for a, b in zip(res["fp32"], res["int8"])]
+    top1 = {lab: float(np.mean([ids[0] == o for ids, o in zip(res[lab], owner)])) if owner else None for lab in ("fp32", "int8")}
+    out["ranking"] = {"world": args.latency_world, "queries": len(texts), "gallery": len(set(sum(res["fp32"], []))),
+                      "model": "zeroshot on tiny-clip (the shipped tiny CLIP)", "overlap10_mean": float(np.mean(overlap)),
+                      "overlap10_min": float(np.min(overlap)), "same_top1": float(np.mean([a[0] == b[0] for a, b in zip(res["fp32"], res["int8"])])),
+                      "identical_top10": float(np.mean([a == b for a, b in zip(res["fp32"], res["int8"])])),
+                      "r1": top1, "int8_layers": res.get("int8_layers")}
+    log(f"int8 text tower on the demo's {len(texts)} queries: overlap@10 {np.mean(overlap):.3f} (min {np.min(overlap):.1f}), "
+        f"same top-1 {out['ranking']['same_top1']:.3f}, R@1 fp32 {top1['fp32']} int8 {top1['int8']}")
+    # 2. the text tower alone, ViT-B/32, in this process
+    from vop.retrieval.search import encode_queries
+
+    enc = {}
+    for label in ("fp32", "int8"):
+        m = vop.create_model("vop-f", "ViT-B/32", frames=12).eval()
+        if label == "int8":
+            quantize_text_tower(m)
+        tok = m.tokenizer(32)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            lat = []
+            for i in range(args.encode_queries + 3):
+                t = time.perf_counter()
+                encode_queries(m, [f"a person number {i} slices a red tomato on a wooden board"], tokenizer=tok)
+                if i >= 3:
+                    lat.append(time.perf_counter() - t)
+            enc[f"{label}/threads{threads}"] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99)}
+            log(f"encode ViT-B/32 text, {label}, {threads} thread(s): p50 {pct(lat, 50):.1f} ms")
+        del m
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    out["encode_vitb32"] = enc
+    # 3. end to end through vop serve, on a 1M-video index
+    n, d = args.latency_videos, 512
+    ckb = make_ckpt(tmp / "lat-b32.safetensors", "vop-f", "ViT-B/32", 1)
+    info = checkpoint_info(ckb)
+    resolved = AnnChoice("auto").resolve(n, d)
+    t = time.perf_counter()
+    emb = clustered_unit(n, d, seed=n)
+    write_index(tmp / "lat-1m", emb, LazyEntries(n), {"model": info, "settings": {"frames": 12, "image_size": 224, "max_words": 32},
+                                                       "faiss": None if resolved.exact else {"kind": resolved.kind, "params": resolved.params},
+                                                       "ann": AnnChoice("auto").record(resolved)})
+    del emb
+    out["index"] = {"videos": n, "ann": resolved.kind, "params": resolved.params, "why": resolved.why,
+                    "write_s": time.perf_counter() - t, "model": "vop-f on ViT-B/32 (random weights)"}
+    log(f"1M index ({resolved.kind} {resolved.params}) written in {out['index']['write_s']:.0f} s")
+    qs = [f"a person number {i} slices a red tomato on a wooden board" for i in range(args.latency_queries)]
+    for label, extra in (("fp32", []), ("int8", ["--text-int8"])):
+        for threads in args.latency_threads:
+            proc, base, logf = _serve(tmp, [f"A={tmp / 'lat-1m'}"], ["--no-verify", "--threads", str(threads), *extra],
+                                      f"{label}-{threads}")
+            try:
+                r = {}
+                with httpx.Client(base_url=base, timeout=120) as client:
+                    client.get("/api/search", params={"q": "warm up", "k": 10})
+                    for kind, batch in (("distinct", qs), ("repeated", qs)):  # the second pass: every query cached
+                        lat, took = [], []
+                        for q in batch:
+                            t = time.perf_counter()
+                            resp = client.get("/api/search", params={"q": q, "k": 10})
+                            lat.append(time.perf_counter() - t)
+                            took.append(resp.json()["took_ms"] / 1000)
+                            assert resp.status_code == 200
+                        r[kind] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "server_p50_ms": pct(took, 50),
+                                   "queries": len(batch)}
+                out[f"serve/{label}/threads{threads}"] = r
+                log(f"vop serve {label}, --threads {threads}: distinct p50 {r['distinct']['p50_ms']:.1f} ms p99 "
+                    f"{r['distinct']['p99_ms']:.1f} ms (server {r['distinct']['server_p50_ms']:.1f}) | repeated (cached) p50 "
+                    f"{r['repeated']['p50_ms']:.1f} ms (server {r['repeated']['server_p50_ms']:.1f})")
+            finally:
+                _stop(proc, logf)
+    out["loadavg"] = list(os.getloadavg())
+    return out
+
+
+def _caption_owners(ds) -> list[str]:
+    """The id of the video each caption of ``ds`` describes."""
+    return [ds.videos[int(i)] for i in ds.text_to_video]
+
+
+# -------------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -550,7 +1003,25 @@ def main(argv=None):
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--memory-videos", type=int, default=10_000)
     ap.add_argument("--milvus-hnsw-max", type=int, default=10_000, help="largest size with a Milvus HNSW build")
-    sections = ["encode", "search", "build", "load", "memory", "stores"]
+    ap.add_argument("--scale-sizes", type=int, nargs="+", default=[10_000_000], help="scale: collection sizes")
+    ap.add_argument("--scale-data", nargs="+", default=["clustered"], choices=["uniform", "clustered"])
+    ap.add_argument("--scale-queries", type=int, default=200)
+    ap.add_argument("--scale-ann", default="auto", help="scale: --ann (auto picks IVF-PQ from 4M videos)")
+    ap.add_argument("--scale-params", type=json.loads, default=None, help='scale: explicit parameters, JSON ({"nlist": 1024})')
+    ap.add_argument("--scale-nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    ap.add_argument("--scale-rerank", type=int, nargs="+", default=[1, 4, 10, 25, 50])
+    ap.add_argument("--scale-tmp", default=None, help="scale: folder for the vectors and the index (default: a temporary one)")
+    ap.add_argument("--scale-keep", action="store_true", help="scale: keep the index")
+    ap.add_argument("--scale-index", default=None, help="scale: measure this kept index again (no generation, no build)")
+    ap.add_argument("--scale-again", action="store_true", help="scale: each setting twice (page cache warm) + IVF-PQ alone")
+    ap.add_argument("--pairwise-videos", type=int, default=100_000)
+    ap.add_argument("--pairwise-frames", type=int, default=12)
+    ap.add_argument("--pairwise-candidates", type=int, nargs="+", default=[100, 300, 1000, 3000, 10000])
+    ap.add_argument("--latency-videos", type=int, default=1_000_000)
+    ap.add_argument("--latency-queries", type=int, default=50)
+    ap.add_argument("--latency-threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--latency-world", default="small", help="latency: the synthetic world of the demo's queries")
+    sections = ["encode", "search", "build", "load", "memory", "stores", "scale", "pairwise", "latency"]
     ap.add_argument("--skip", nargs="*", default=[], choices=sections)
     ap.add_argument("--only", nargs="*", default=None, choices=sections, help="run only these sections")
     ap.add_argument("--json", default=str(ROOT / "docs" / "bench" / "bench_search.json"), help="where to write the numbers")
@@ -566,8 +1037,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         tmp = Path(tmp)
         for name, fn in (("encode", bench_encode), ("memory", bench_memory), ("load", bench_load), ("build", bench_build),
-                         ("search", bench_search), ("stores", bench_stores)):
+                         ("search", bench_search), ("stores", bench_stores), ("scale", bench_scale),
+                         ("pairwise", bench_pairwise), ("latency", bench_latency)):
             if name in args.skip or (args.only is not None and name not in args.only):
+                continue
+            if args.only is None and name in ("scale", "pairwise", "latency"):  # long: only when asked (--only)
                 continue
             t = time.perf_counter()
             res[name] = fn(args, tmp)

@@ -102,7 +102,8 @@ def test_store_spec_and_auto_choice(tmp_path):
     r = auto.resolve(1_000_000, 512)
     assert (r.kind, r.params) == ("ivf", {"nlist": 1000, "nprobe": 62}) and "auto" in r.why
     r = auto.resolve(PQ_FROM, 512)
-    assert r.kind == "ivfpq" and r.params == {"nlist": 8000, "nprobe": 64, "m": 64, "nbits": 8, "rerank": 4, "opq": False}
+    assert r.kind == "ivfpq" and r.params == {"nlist": 1024, "nprobe": 16, "m": 64, "nbits": 8, "rerank": 100, "opq": False,
+                                              "rerank_dtype": "float16"}
     assert AnnChoice("hnsw").resolve(10, 64).kind == "hnsw" and AnnChoice("exact").resolve(10**8, 64).exact
     assert AnnChoice.parse("ivf", {"nprobe": 7}).resolve(10_000, 64).params == {"nlist": 100, "nprobe": 7}
     assert AnnChoice.parse("none").choice == "exact"
@@ -126,7 +127,7 @@ def test_faiss_ivfpq_reranks_candidates_exactly(tmp_path):
                                                         "faiss": {"kind": "ivfpq", "params": {"nlist": 32, "nbits": 6}}})
     ix = VideoIndex.open(tmp_path / "pq")
     p = ix.meta["faiss"]["params"]
-    assert (p["m"], p["nbits"], p["nprobe"], p["rerank"]) == (4, 6, 32, 4) and ix.search_kind == "ivfpq"
+    assert (p["m"], p["nbits"], p["nprobe"], p["rerank"]) == (4, 6, 16, 100) and ix.search_kind == "ivfpq"
     q = torch.from_numpy(emb[:50] + 0.3 * g.standard_normal((50, 32)).astype(np.float32))
     q = torch.nn.functional.normalize(q, dim=1)
     se, re = ix.search(q, 10, exact=True)

@@ -28,9 +28,9 @@ def index_cmd(
     ann: Optional[str] = typer.Option(None, "--ann", help="Approximate index, in either store: auto (exact below 250,000 videos, then IVF-Flat, IVF-PQ from 4M; the default for a new index), exact (none), ivf, ivfpq or hnsw. Default: keep the index's. Not for models without one vector per video (cma's query score): their search is always exact."),
     faiss: Optional[str] = typer.Option(None, "--faiss", help="The older name of --ann."),
     nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default sqrt(N); 4 sqrt(N) for ivfpq)."),
-    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists scanned per query (default 32, more above 512 lists; 64 for ivfpq)."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF lists scanned per query (default 32, more above 512 lists; 16 for ivfpq)."),
     pq_m: Optional[int] = typer.Option(None, "--pq-m", help="IVF-PQ: sub-quantizers, a divisor of the dimension (default D/8)."),
-    rerank: Optional[int] = typer.Option(None, "--rerank", help="IVF-PQ: candidates per result re-scored exactly (k x rerank; default 4, 0: none)."),
+    rerank: Optional[int] = typer.Option(None, "--rerank", help="IVF-PQ: candidates per result re-scored exactly (k x rerank; default 100, 0: none)."),
     hnsw_m: Optional[int] = typer.Option(None, "--hnsw-m", help="HNSW links per node (default 32)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW search breadth (default 128)."),
     thumb_frames: int = typer.Option(5, "--thumb-frames", help="Frames in each thumbnail strip."),
@@ -96,11 +96,13 @@ def search_cmd(
     exact: bool = typer.Option(False, "--exact", help="Exact search even if the index has FAISS."),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", help="IVF: lists scanned (recall vs speed)."),
     ef_search: Optional[int] = typer.Option(None, "--ef-search", help="HNSW: search breadth (recall vs speed)."),
-    rerank: Optional[int] = typer.Option(None, "--rerank", help="Candidates per result re-scored exactly (k x rerank; IVF-PQ's default 4; 0: none)."),
+    rerank: Optional[int] = typer.Option(None, "--rerank", help="Candidates per result re-scored exactly (k x rerank; IVF-PQ's default 100; 0: none)."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Pairwise indexes (cma): score exactly only the C videos whose mean-pooled frame vectors are nearest the query (C >= k; default: every video below 250,000 videos, 1000 from there; --exact: every video; recall in docs/search.md)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="CLIP weights, if not where the index recorded them."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="The index's checkpoint, if it moved."),
     threads: int = typer.Option(0, "--threads", help="CPU threads (0: PyTorch's default)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checksums of the index's files and the hashing of the backbone file (about 1.2 s per 2 GB of embeddings; see docs/search.md)."),
+    text_int8: bool = typer.Option(False, "--text-int8", help="CPU: int8 dynamic quantisation of the text tower's linear layers (faster queries, a slightly different ranking: docs/search.md, \"Query latency\"). Default: fp32."),
 ) -> None:
     """Rank the videos of an index for a text query (k > the index's size: every video)."""
     from vop import limits
@@ -109,7 +111,7 @@ def search_cmd(
     check_k(k, "-k")  # as every entry point checks k (more than the index holds: every video)
     limits.check_options(("-k", k, 1, limits.MAX_ANN), ("--nprobe", nprobe, 1, limits.MAX_ANN),
                          ("--ef-search", ef_search, 1, limits.MAX_ANN), ("--rerank", rerank, 0, 1024),
-                         ("--threads", threads, 0, limits.MAX_WORKERS))
+                         ("--candidates", candidates, 1, limits.MAX_ANN), ("--threads", threads, 0, limits.MAX_WORKERS))
     if threads > 0:
         import torch
 
@@ -122,15 +124,18 @@ def search_cmd(
     texts = [query] if query is not None else [ln.strip() for ln in queries.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if any(not t.strip() for t in texts):
         raise ConfigError("empty query")
-    s = Searcher.open(index, backbone=backbone, checkpoint=checkpoint, verify=not no_verify)
+    s = Searcher.open(index, backbone=backbone, checkpoint=checkpoint, verify=not no_verify, text_int8=text_int8)
     results = []
     for i in range(0, len(texts), 256):
-        results.extend(s.search(texts[i:i + 256], k, exact=exact or None, nprobe=nprobe, ef_search=ef_search, rerank=rerank))
-    mode = s.index.search_mode(exact)
+        results.extend(s.search(texts[i:i + 256], k, exact=exact or None, nprobe=nprobe, ef_search=ef_search, rerank=rerank,
+                                candidates=candidates))
+    mode = s.index.search_mode(exact, candidates)
     for text, hits in zip(texts, results):
         if json_out:
-            typer.echo(_json({"query": text, "index": str(index), "search": mode, "results": hits}, index,
-                             indent=None if queries else 2))
+            rec = {"query": text, "index": str(index), "search": mode, "results": hits}
+            if mode == "candidates":
+                rec["candidates"] = s.index.candidates_for(candidates, exact or None)
+            typer.echo(_json(rec, index, indent=None if queries else 2))
             continue
         if len(texts) > 1:
             typer.echo(f"\n{text}")
@@ -159,6 +164,8 @@ def serve_cmd(
     threads: int = typer.Option(1, "--threads", help="CPU threads per query (1 keeps latency steady on a busy or small machine)."),
     allowed_host: Optional[List[str]] = typer.Option(None, "--allowed-host", help="Also answer requests for this host name (repeatable; * for any). Default: IP addresses, localhost and the --host name."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the checksums of the indexes' files and the hashing of the backbone files at start-up (see docs/search.md)."),
+    text_int8: bool = typer.Option(False, "--text-int8", help="CPU: int8 dynamic quantisation of the text tower's linear layers (faster queries, a slightly different ranking: docs/search.md, \"Query latency\"). Default: fp32."),
+    query_cache: int = typer.Option(1024, "--query-cache", help="Encoded queries kept (least recently used first out; keyed by the model and the exact query; 0: none)."),
 ) -> None:
     """A web page and JSON API (GET /api/search?q=...&k=...&index=...) over one or more indexes."""
     import torch
@@ -167,12 +174,14 @@ def serve_cmd(
     from vop.retrieval.service import SearchService
     from vop.retrieval.web import require_web, serve
 
-    limits.check_options(("--port", port, 0, 65535), ("--threads", threads, 0, limits.MAX_WORKERS))
+    limits.check_options(("--port", port, 0, 65535), ("--threads", threads, 0, limits.MAX_WORKERS),
+                         ("--query-cache", query_cache, 0, 1 << 20))
     require_web()
     if threads > 0:
         torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    svc = SearchService.load(indexes, backbone=backbone, device=device, verify=not no_verify)
+    svc = SearchService.load(indexes, backbone=backbone, device=device, verify=not no_verify, text_int8=text_int8,
+                             cache_size=query_cache)
     for d, ld in zip(svc.describe()["indexes"], svc.indexes.values()):
         typer.echo(f"{d['name']}: {d['videos']} videos, {d['method']} ({d['checkpoint']}), "
                    f"{'shared' if d['shared_backbone'] else 'own'} backbone, {d['search']} search"

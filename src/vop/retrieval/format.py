@@ -15,6 +15,7 @@ Layout of an index folder::
                                 height, frame_indices, thumb[, captions]
     INDEX/thumbs/*.jpg          frame strips (PNG where FFmpeg has no JPEG encoder)
     INDEX/faiss-<g>.index       optional approximate index (see vop.retrieval.ann)
+    INDEX/rerank-<g>.npy        IVF-PQ's float16 copy of the rows its candidates are re-ranked with (optional)
     INDEX/parts/                encoded batches of a run in progress (picked up by the next run)
 
 An index whose rows live in a Milvus collection (``vop index --store milvus://...``, format
@@ -30,7 +31,8 @@ different runs. A new index is built in ``.INDEX.vop-building`` next to ``INDEX`
 
 Integrity (docs/search.md, "Integrity"): :func:`read_index` checks ``index.json`` field by field
 (:func:`check_meta`), the ``.npy`` header (dtype, shape, size) before reading any data, and the
-recorded SHA-256 of every file while reading it (``verify=False`` skips the hashing); damage is a
+recorded SHA-256 of every file while reading it (``verify=False`` skips the hashing; embeddings larger than
+:data:`MMAP_FROM` bytes are hashed in a pass over the file, then memory-mapped, never read into memory); damage is a
 DataError naming the file and the command that rebuilds the index (:func:`rebuild_command`). Indexes
 written before checksums open with a warning and a NaN/inf scan; indexes written before ``scoring``
 was recorded are read from their ``pairwise`` field (:class:`StoredScoring`).
@@ -56,11 +58,14 @@ from vop.errors import ConfigError, DataError
 from vop.scoring import index_label
 
 __all__ = ["FORMAT", "FORMAT_REMOTE", "FORMATS", "StoredScoring", "read_meta", "check_meta", "check_model_record", "read_index", "write_index",
-           "rebuild_command", "sha256_file", "file_record", "building_path", "atomic_write", "next_generation"]
+           "rebuild_command", "sha256_file", "file_record", "building_path", "atomic_write", "next_generation", "MMAP_FROM"]
 
 FORMAT = "vop-index/1"          # rows in the folder (the faiss store)
 FORMAT_REMOTE = "vop-index/2"   # rows in an external store (Milvus); the folder keeps index.json, the video list, thumbnails
 FORMATS = (FORMAT, FORMAT_REMOTE)
+#: embeddings files of at least this many bytes are memory-mapped when an index opens, not read into memory
+#: (4 GiB: 2M videos of 512 floats); the IVF-PQ of a larger collection then re-ranks from a float16 copy
+MMAP_FROM = 4 << 30
 log = logging.getLogger("vop.retrieval")
 
 
@@ -121,10 +126,39 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
+def _atomic_write_lines(path: Path, lines) -> None:
+    """The text ``lines`` (UTF-8) into ``path`` like :func:`atomic_write`, written in blocks of 65,536 lines: a
+    10M-video list never sits in memory as one string (1.6 GB of peak memory saved at 10M)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(arr, dtype=np.float32))
+        block: list[str] = []
+        for line in lines:
+            block.append(line)
+            if len(block) >= 65536:
+                f.write("".join(block).encode("utf-8"))
+                block.clear()
+        f.write("".join(block).encode("utf-8"))
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, arr: np.ndarray, dtype: Any = np.float32) -> None:
+    """``arr`` as a ``.npy`` of ``dtype`` through a temporary file and a rename, written in chunks of rows (a
+    memory-mapped ``arr`` larger than memory is never copied whole)."""
+    from numpy.lib import format as npy
+
+    from vop.retrieval.ann import iter_rows
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    dtype = np.dtype(dtype)
+    with open(tmp, "wb") as f:
+        if arr.ndim < 2 or len(arr) == 0:
+            np.save(f, np.ascontiguousarray(arr, dtype=dtype))
+        else:
+            npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(dtype), "fortran_order": False,
+                                            "shape": tuple(int(x) for x in arr.shape)})
+            step = max(1, _READ_CHUNK // max(1, arr[0].nbytes))
+            for _, part in iter_rows(arr, step):
+                f.write(part.astype(dtype, copy=False).tobytes())
     os.replace(tmp, path)
 
 
@@ -307,7 +341,8 @@ def check_meta(f: Path, meta: Any) -> dict[str, Any]:
         if not StoredScoring.of(meta).ann:
             raise bad("store", f"the faiss store ({StoredScoring.of(meta).label} keeps its rows in the folder)")
     files = meta["files"]
-    for key in (("videos",) if remote else ("embeddings", "videos")) + (("faiss",) if meta.get("faiss") else ()):
+    for key in ((("videos",) if remote else ("embeddings", "videos")) + (("faiss",) if meta.get("faiss") else ())
+                + (("rerank",) if "rerank" in files else ())):
         if not name(files.get(key)):
             raise bad(f"files.{key}", "a file name in the index folder")
     fa = meta.get("faiss")
@@ -326,7 +361,8 @@ def check_meta(f: Path, meta: Any) -> dict[str, Any]:
         raise bad("settings.max_words", "an integer >= 1")
     sums = meta.get("checksums")
     if sums is not None:
-        for key in (("videos",) if remote else ("embeddings", "videos")) + (("faiss",) if fa else ()):
+        for key in ((("videos",) if remote else ("embeddings", "videos")) + (("faiss",) if fa else ())
+                    + (("rerank",) if "rerank" in files else ())):
             if files[key] not in sums:
                 raise bad(f"checksums.{files[key]}", "the size and SHA-256 of that file")
     return meta
@@ -402,6 +438,16 @@ def _read_npy(file: Path, shape: tuple[int, ...], want: dict | None, hint: str) 
             problem = (f"truncated: {size:,} bytes, its {tuple(shape)} float32 array needs {need:,}" if size < need
                        else f"{size - need:,} bytes longer than its {tuple(shape)} float32 array")
             raise _damaged(file, problem, hint)
+        if size >= MMAP_FROM and math.prod(shape):
+            if want is not None:  # hashed in a pass over the file (no copy kept), then mapped
+                f.seek(0)
+                h = hashlib.sha256()
+                for block in iter(lambda: f.read(_READ_CHUNK), b""):
+                    h.update(block)
+                if h.hexdigest() != want["sha256"]:
+                    raise _damaged(file, f"its SHA-256 differs from the one recorded when the index was written "
+                                         f"({want['sha256'][:12]}...): its bytes changed (a flipped bit, or another file)", hint)
+            return np.memmap(file, dtype=np.dtype("<f4"), mode="r", offset=offset, shape=tuple(shape))
         arr = np.empty(shape, np.dtype("<f4"))
         h = None
         if want is not None:
@@ -500,6 +546,14 @@ def read_index(path: Path, *, verify: bool = True) -> tuple[dict[str, Any], np.n
         want = _checksum(check, files["faiss"])
         if want is not None:
             _verify_file(f, want, hint)
+    if files.get("rerank"):
+        f = path / files["rerank"]
+        if not f.is_file():
+            raise DataError(f"{f}: missing (index.json names it as the IVF-PQ's re-ranking vectors); the index is damaged: "
+                            f"rebuild it: {hint}")
+        want = _checksum(check, files["rerank"])
+        if want is not None:
+            _verify_file(f, want, hint)
     return meta, emb, entries
 
 
@@ -549,7 +603,8 @@ def write_index(out: str | os.PathLike, emb: np.ndarray | None, entries: list[di
         dim, faiss_meta = stored.row_shape[-1], None
     else:
         meta = {k: v for k, v in meta.items() if k != "store"}
-        emb = np.ascontiguousarray(emb, dtype=np.float32)
+        if not (isinstance(emb, np.ndarray) and emb.dtype == np.float32 and emb.flags.c_contiguous):
+            emb = np.ascontiguousarray(emb, dtype=np.float32)  # (a memory map of float32 rows stays one)
         if emb.ndim < 2 or emb.shape[0] != len(entries):
             raise ValueError(f"{emb.shape[0] if emb.ndim else 0} embeddings for {len(entries)} entries")
         if meta.get("scoring") is not None:
@@ -563,7 +618,11 @@ def write_index(out: str | os.PathLike, emb: np.ndarray | None, entries: list[di
             raise ValueError(f"embeddings of shape {emb.shape} for {stored.label} (rows {stored.row_shape}, ann {stored.ann})")
         if not stored.ann and meta.get("faiss"):
             raise ConfigError(f"no FAISS index over the rows of {stored.label}: its search is exact")
-        finite = np.isfinite(emb.reshape(len(emb), -1)).all(1) if len(emb) else np.ones(0, bool)
+        from vop.retrieval.ann import iter_rows
+
+        step = max(1, _READ_CHUNK // max(1, emb[0].nbytes)) if len(emb) else 1
+        finite = (np.concatenate([np.isfinite(part.reshape(len(part), -1)).all(1) for _, part in iter_rows(emb, step)])
+                  if len(emb) else np.ones(0, bool))
         if not finite.all():  # NaN/inf never enters an index (build_index lists such videos as failed before this)
             bad = [entries[i].get("id") for i in np.flatnonzero(~finite)[:5]]
             raise DataError(f"{out}: {int((~finite).sum())} embeddings hold NaN or inf values (videos {', '.join(map(repr, bad))}); "
@@ -571,7 +630,7 @@ def write_index(out: str | os.PathLike, emb: np.ndarray | None, entries: list[di
         files = {"embeddings": f"embeddings-{gen}.npy", "videos": f"videos-{gen}.jsonl"}
         _atomic_save_npy(out / files["embeddings"], emb)
         dim = int(emb.shape[-1])
-    atomic_write(out / files["videos"], "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries).encode("utf-8"))
+    _atomic_write_lines(out / files["videos"], (json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
     if not remote:
         faiss_meta = meta.get("faiss")
         if faiss_meta:
@@ -580,6 +639,10 @@ def write_index(out: str | os.PathLike, emb: np.ndarray | None, entries: list[di
             index, params = build_faiss(emb, faiss_meta["kind"], faiss_meta.get("params"))
             files["faiss"] = f"faiss-{gen}.index"
             save_faiss(index, out / files["faiss"])
+            del index
+            if faiss_meta["kind"] == "ivfpq" and params.get("rerank_dtype") == "float16":
+                files["rerank"] = f"rerank-{gen}.npy"
+                _atomic_save_npy(out / files["rerank"], emb, np.float16)
             faiss_meta = {"kind": faiss_meta["kind"], "params": params, "file": files["faiss"]}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     checksums = {name: file_record(out / name) for name in files.values()}  # verified by VideoIndex.open
@@ -592,7 +655,7 @@ def write_index(out: str | os.PathLike, emb: np.ndarray | None, entries: list[di
     # the old generation and unreferenced thumbnails go only after index.json points at the new one
     keep = set(files.values())
     for p in out.glob("*"):
-        if p.is_file() and p.name != "index.json" and p.name.split("-")[0] in ("embeddings", "videos", "faiss") and p.name not in keep:
+        if p.is_file() and p.name != "index.json" and p.name.split("-")[0] in ("embeddings", "videos", "faiss", "rerank") and p.name not in keep:
             p.unlink()
     thumbs = out / "thumbs"
     if thumbs.is_dir():

@@ -136,9 +136,22 @@ class VideoIndex:
         """What answers a query by default: ``exact``, ``ivf``, ``ivfpq`` or ``hnsw`` (in either store)."""
         return self.store.search_kind
 
-    def search_mode(self, exact: bool | None = None) -> str:
-        """What answers a query with this ``exact`` setting (the ``search`` field of the JSON answers)."""
+    def search_mode(self, exact: bool | None = None, candidates: int | None = None) -> str:
+        """What answers a query with this ``exact`` setting (the ``search`` field of the JSON answers); a
+        pairwise index searched by candidates (:meth:`candidates_for`): ``candidates``."""
+        if self.candidates_for(candidates, exact) is not None:
+            return "candidates"
         return "exact" if exact else self.search_kind
+
+    def candidates_for(self, candidates: int | None = None, exact: bool | None = None) -> int | None:
+        """The candidates a query of this (pairwise) index is answered with (``candidates``, or the default from
+        :data:`~vop.retrieval.store.EXACT_BELOW` videos: :func:`~vop.retrieval.store.pairwise_candidates`); None
+        when every video is scored (a dual-encoder index: always None)."""
+        from vop.retrieval.store import pairwise_candidates
+
+        if self.scoring.ann:
+            return None
+        return pairwise_candidates(len(self), candidates, exact)
 
     @property
     def faiss_kind(self) -> str | None:
@@ -156,7 +169,7 @@ class VideoIndex:
 
     def search(self, queries: np.ndarray | torch.Tensor, k: int = 5, *, exact: bool | None = None,
                nprobe: int | None = None, ef_search: int | None = None, rerank: int | None = None,
-               model: Any = None) -> tuple[np.ndarray, np.ndarray]:
+               model: Any = None, candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows for each query (Q, D) (the model's ``scoring.queries``: L2-normalised for a dual
         encoder): ``(scores (Q, k'), rows (Q, k'))``, best first, ``k' = min(k, N)``; ties ordered by row
         (:func:`~vop.retrieval.topk.search_rows`). Exact unless the index has an approximate index (FAISS, or
@@ -165,7 +178,10 @@ class VideoIndex:
 
         ``model``: the index's model (its scoring, refused unless of the index's kind); needed where the
         scores need it (cma's query score: the queries are its raw text embeddings, every video is scored
-        exactly, and ``exact``, ``nprobe``, ``ef_search`` do not apply: there is no approximate index)."""
+        exactly, and ``exact``, ``nprobe``, ``ef_search`` do not apply: there is no approximate index).
+        ``candidates`` (such a pairwise index only; None: every video scored): the C videos whose mean-pooled frame
+        vectors are nearest each query, re-scored exactly (:func:`~vop.retrieval.topk.pooled_then_rescore`);
+        C >= the index's size is the exact search. Ignored with ``exact=True``."""
         k = check_k(k)
         scoring = self.scoring_for(model)
         q = (queries.detach().cpu().float() if torch.is_tensor(queries)
@@ -176,8 +192,12 @@ class VideoIndex:
             raise ConfigError(f"queries have shape {tuple(q.shape)}, the index {self.path} takes (Q, {self.dim})")
         if not bool(torch.isfinite(q).all()):
             raise ConfigError(f"queries hold NaN or inf values; {self.path} cannot rank videos against them")
+        if candidates is not None and self.scoring.ann:
+            raise ConfigError(f"--candidates: {self.path} is {self.scoring.label}; candidates then exact re-scoring is for "
+                              "pairwise indexes (cma's query score): use --nprobe/--rerank with its approximate index")
         scores, rows = self.store.search(scoring, q, k, exact=exact,
-                                         params=SearchParams(nprobe=nprobe, ef_search=ef_search, rerank=rerank))
+                                         params=SearchParams(nprobe=nprobe, ef_search=ef_search, rerank=rerank,
+                                                             candidates=candidates))
         self._check_scores(scores, rows)
         return scores, rows
 

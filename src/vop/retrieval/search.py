@@ -12,8 +12,12 @@ text embeddings against every video's frames (:func:`vop.retrieval.topk.top_k`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +32,75 @@ from vop.retrieval.topk import check_k
 from vop.runtime import encode_texts, resolve_device
 from vop.scoring import CosineScoring, Scoring
 
-__all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hits", "checkpoint_scoring"]
+__all__ = ["Searcher", "BackbonePool", "encode_queries", "shares_backbone", "hits", "checkpoint_scoring", "QueryCache",
+           "quantize_text_tower"]
+
+
+class QueryCache:
+    """A least-recently-used cache of encoded queries, keyed by the model's fingerprint (checkpoint and backbone
+    weights, text-tower precision, token budget: :attr:`Searcher.fingerprint`) and the exact query string: a
+    repeated query skips the text tower (which dominates a query: docs/search.md, "Query latency") and gets the
+    very tensor the first one got. Thread-safe; ``size`` entries at most (0: nothing kept)."""
+
+    def __init__(self, size: int = 1024):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ConfigError(f"the query cache size must be an integer >= 0, got {size!r}")
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._d: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, fingerprint: str, text: str) -> torch.Tensor | None:
+        with self._lock:
+            e = self._d.get((fingerprint, text))
+            if e is None:
+                self.misses += 1
+                return None
+            self._d.move_to_end((fingerprint, text))
+            self.hits += 1
+            return e
+
+    def put(self, fingerprint: str, text: str, emb: torch.Tensor) -> None:
+        if not self.size:
+            return
+        with self._lock:
+            self._d[(fingerprint, text)] = emb
+            self._d.move_to_end((fingerprint, text))
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+    def stats(self) -> dict[str, int]:
+        return {"size": self.size, "entries": len(self._d), "hits": self.hits, "misses": self.misses}
+
+
+def quantize_text_tower(model) -> int:
+    """int8 dynamic quantisation (``torch.ao.quantization.quantize_dynamic``) of the ``nn.Linear`` layers of the
+    model's CLIP text tower (attention output, MLP: 3/4 of its weights; the fused q/k/v input projection is a plain
+    tensor and stays float32), in place, for CPU serving: weights stored as int8, activations quantised per call.
+    The tower is shared by the prompt sets on the same backbone (all of a ``vop serve`` are quantised or none).
+    Returns the number of layers quantised (0 when already done). The ranking it changes is measured in
+    docs/search.md ("Query latency"); fp32 stays the default."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch 2.13 marks torch.ao.quantization deprecated (for torchao): docs/search.md
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated", category=DeprecationWarning)
+        from torch.ao.quantization import quantize_dynamic
+
+    tower = model.clip.transformer
+    if next(model.parameters()).device.type != "cpu":
+        raise ConfigError("--text-int8: int8 dynamic quantisation runs on the CPU; leave it out with --device cuda")
+    n = sum(1 for m in tower.modules() if type(m) is torch.nn.Linear)
+    if n:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated", category=UserWarning)
+            warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated", category=DeprecationWarning)
+            quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    model._vop_text_int8 = True
+    return n
 
 
 def encode_queries(model, texts: Sequence[str], max_words: int | None = 32, tokenizer=None) -> torch.Tensor:
@@ -143,17 +215,34 @@ class Searcher:
     max_words: int = 32
     shared: bool = False
     checkpoint: str | None = None  # the file the model was loaded from (for messages)
+    cache: QueryCache | None = field(default=None, repr=False)  # encoded queries (SearchService shares one)
 
     def __post_init__(self):
         self._tok = self.model.tokenizer(max_words=self.max_words)
 
+    @property
+    def text_precision(self) -> str:
+        """``int8`` when the text tower is quantised (:func:`quantize_text_tower`), else ``fp32``."""
+        return "int8" if getattr(self.model, "_vop_text_int8", False) else "fp32"
+
+    @property
+    def fingerprint(self) -> str:
+        """What an encoded query depends on: the index's checkpoint (SHA-256) and backbone weights (fingerprint), the
+        method, the text tower's precision and the token budget; the key of :class:`QueryCache` entries."""
+        info = self.index.model_info
+        rec = [info.get("checkpoint_sha256"), info.get("backbone_fingerprint"), info.get("method"), self.text_precision,
+               self.max_words]
+        return hashlib.sha256(json.dumps(rec, default=str).encode()).hexdigest()[:24]
+
     @classmethod
     def open(cls, path: str | os.PathLike, *, backbone: str | None = None, checkpoint: str | os.PathLike | None = None,
-             device: torch.device | str = "cpu", pool: BackbonePool | None = None, verify: bool = True) -> "Searcher":
+             device: torch.device | str = "cpu", pool: BackbonePool | None = None, verify: bool = True,
+             text_int8: bool = False, cache: QueryCache | None = None) -> "Searcher":
         """The index at ``path`` (:meth:`VideoIndex.open`; ``verify=False`` skips the checksums of its files
         and the hashing of the backbone file) and its model: the checkpoint and backbone it records (or
         ``checkpoint`` / ``backbone``: their new locations), refused if they are not the very files the
-        index was built with, or if the model's kind of scores (``model.scoring.kind``) differs."""
+        index was built with, or if the model's kind of scores (``model.scoring.kind``) differs. ``text_int8``:
+        quantise the text tower (:func:`quantize_text_tower`); ``cache``: a :class:`QueryCache` for encoded queries."""
         index = VideoIndex.open(path, verify=verify)
         where, rebuild = f"the index {index.path}", rebuild_command(index.path, index.meta)
         info = check_model_record(index.model_info, str(index.path / "index.json"), rebuild)
@@ -170,15 +259,34 @@ class Searcher:
                                              where=where, rebuild=rebuild), False
         index.check_model(model, ckpt)  # a model of another kind of scores than the index's does not mix
         settings = index.meta["settings"]  # (its frame count only mattered for encoding the videos)
-        return cls(index, model, settings.get("max_words", 32), shared, str(ckpt))
+        if text_int8:
+            quantize_text_tower(model)
+        return cls(index, model, settings.get("max_words", 32), shared, str(ckpt), cache)
 
     def rank(self, q: torch.Tensor, k: int, *, exact: bool | None = None, nprobe: int | None = None,
-             ef_search: int | None = None, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             ef_search: int | None = None, rerank: int | None = None,
+             candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, rows) for encoded queries (:meth:`encode`): the index's search, with the model's
         scoring. ``k``: an integer >= 1; more than the index holds gives every video."""
-        return self.index.search(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, rerank=rerank, model=self.model)
+        return self.index.search(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, rerank=rerank, model=self.model,
+                                 candidates=candidates)
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """The queries (Q, D) of ``texts``: from the :class:`QueryCache` where it has them (the exact string, this
+        model's :attr:`fingerprint`), the others encoded in one batch (and kept)."""
+        if self.cache is None or not len(texts):
+            return self._encode(texts)
+        fp = self.fingerprint
+        got = [self.cache.get(fp, t) for t in texts]
+        todo = list(dict.fromkeys(t for t, g in zip(texts, got) if g is None))
+        if todo:
+            fresh = dict(zip(todo, self._encode(todo)))
+            for t in todo:
+                self.cache.put(fp, t, fresh[t])
+            got = [g if g is not None else fresh[t] for t, g in zip(texts, got)]
+        return torch.stack(got)
+
+    def _encode(self, texts: Sequence[str]) -> torch.Tensor:
         q = encode_queries(self.model, texts, tokenizer=self._tok)
         finite = torch.isfinite(q.reshape(len(q), -1)).all(1)
         if not bool(finite.all()):
@@ -188,7 +296,8 @@ class Searcher:
         return q
 
     def search(self, texts: Sequence[str], k: int = 5, *, exact: bool | None = None, nprobe: int | None = None,
-               ef_search: int | None = None, rerank: int | None = None) -> list[list[dict[str, Any]]]:
+               ef_search: int | None = None, rerank: int | None = None,
+               candidates: int | None = None) -> list[list[dict[str, Any]]]:
         """For each text, the top-``k`` videos: dicts with rank, row, id, score (cosine), path, duration.
         ``k``: an integer >= 1; more than the index holds gives every video (the same for every kind of
         index: exact, FAISS, and the query score's)."""
@@ -196,7 +305,7 @@ class Searcher:
         if not len(texts):
             return []
         q = self.encode(texts)
-        scores, rows = self.rank(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, rerank=rerank)
+        scores, rows = self.rank(q, k, exact=exact, nprobe=nprobe, ef_search=ef_search, rerank=rerank, candidates=candidates)
         return [hits(self.index, s, r) for s, r in zip(scores, rows)]
 
 

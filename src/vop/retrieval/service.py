@@ -14,7 +14,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ import torch
 
 from vop.errors import ConfigError, VopError
 from vop.retrieval.topk import check_k
-from vop.retrieval.search import BackbonePool, Searcher
+from vop.retrieval.search import BackbonePool, QueryCache, Searcher
 
 __all__ = ["SearchService", "RequestError", "NotFoundError", "MAX_QUERY_CHARS", "MAX_K", "parse_index_spec"]
 
@@ -76,7 +75,7 @@ class Loaded:
 
 
 class SearchService:
-    def __init__(self, indexes: Sequence[Loaded], pool: BackbonePool | None = None, cache_size: int = 256):
+    def __init__(self, indexes: Sequence[Loaded], pool: BackbonePool | None = None, cache_size: int = 1024):
         if not indexes:
             raise ConfigError("no index to serve")
         self.indexes: dict[str, Loaded] = {}
@@ -87,14 +86,17 @@ class SearchService:
         self.default = next(iter(self.indexes))
         self.pool = pool
         self._lock = threading.Lock()  # one model call at a time: the CPU threads go to that call
-        self._cache: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self._cache_size = cache_size
+        # encoded queries, keyed by the model's fingerprint and the exact query (prompt sets of one model share them)
+        self.cache = QueryCache(cache_size)
+        for ld in self.indexes.values():
+            ld.searcher.cache = self.cache
 
     @classmethod
     def load(cls, specs: Sequence[str], *, backbone: str | None = None, device: str = "cpu",
-             cache_size: int = 256, verify: bool = True) -> "SearchService":
+             cache_size: int = 1024, verify: bool = True, text_int8: bool = False) -> "SearchService":
         """Load indexes (``PATH`` or ``NAME=PATH``); prompt sets on the same backbone share it.
-        ``verify=False``: skip the checksums (see :meth:`Searcher.open`)."""
+        ``verify=False``: skip the checksums (see :meth:`Searcher.open`); ``text_int8``: quantise the text tower
+        (:func:`~vop.retrieval.search.quantize_text_tower`); ``cache_size``: encoded queries kept (LRU)."""
         pool = BackbonePool(device)
         loaded, names = [], set()
         for spec in specs:
@@ -103,7 +105,7 @@ class SearchService:
                 name, base, i = _slug(path), _slug(path), 2
                 while name in names:
                     name, i = f"{base}-{i}", i + 1
-            searcher = Searcher.open(path, backbone=backbone, pool=pool, verify=verify)
+            searcher = Searcher.open(path, backbone=backbone, pool=pool, verify=verify, text_int8=text_int8)
             names.add(name)
             loaded.append(Loaded(name, searcher))
         return cls(loaded, pool, cache_size)
@@ -145,17 +147,8 @@ class SearchService:
         return k
 
     def _embed(self, ld: Loaded, q: str) -> torch.Tensor:
-        key = (ld.name, q)
         with self._lock:
-            e = self._cache.get(key)
-            if e is not None:
-                self._cache.move_to_end(key)
-                return e
-            e = ld.searcher.encode([q])
-            self._cache[key] = e
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-            return e
+            return ld.searcher.encode([q])  # (the searcher's QueryCache: a repeated query skips the text tower)
 
     def search(self, q: str | None, k: Any = 10, index: str | None = None, exact: bool | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -177,6 +170,7 @@ class SearchService:
             results.append(item)
         return {"query": q, "index": ld.name, "method": ld.index.model_info["method"], "k": k, "total": len(ld.index),
                 "search": ld.index.search_mode(exact),
+                **({"candidates": c} if (c := ld.index.candidates_for(None, exact)) is not None else {}),
                 "took_ms": round(1000 * (time.perf_counter() - t0), 3), "results": results}
 
     def describe(self) -> dict[str, Any]:

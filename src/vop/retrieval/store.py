@@ -34,7 +34,8 @@ import torch
 from vop.errors import ConfigError
 
 __all__ = ["StoreSpec", "AnnChoice", "ResolvedAnn", "SearchParams", "VectorStore", "FaissStore", "ANN_CHOICES",
-           "EXACT_BELOW", "PQ_FROM", "MILVUS_PORT", "STORE_FORMS", "default_collection"]
+           "EXACT_BELOW", "PQ_FROM", "MILVUS_PORT", "STORE_FORMS", "default_collection", "PAIRWISE_CANDIDATES",
+           "pairwise_candidates"]
 
 #: what ``--ann`` accepts (``none`` is read as ``exact``: the older ``--faiss none``)
 ANN_CHOICES = ("auto", "exact", "ivf", "ivfpq", "hnsw")
@@ -42,12 +43,26 @@ ANN_CHOICES = ("auto", "exact", "ivf", "ivfpq", "hnsw")
 EXACT_BELOW = 250_000
 #: ``auto``: IVF-PQ (compressed vectors, candidates re-scored exactly) from this many videos; IVF-Flat below
 PQ_FROM = 4_000_000
+#: a pairwise index (cma's query score) of at least :data:`EXACT_BELOW` videos is searched by candidates then exact
+#: re-scoring with this many candidates unless ``candidates`` or ``exact`` says otherwise (recall@10 0.995 at 100k
+#: synthetic videos, 15 times faster than scoring every video: docs/search.md, "Pairwise methods at scale")
+PAIRWISE_CANDIDATES = 1000
 #: Milvus's default port
 MILVUS_PORT = 19530
 STORE_FORMS = ("faiss (the default: rows in the index folder), milvus:///PATH/FILE.db[/COLLECTION] or "
                "milvus:FILE.db[/COLLECTION] (a Milvus Lite file), milvus://HOST[:PORT][/COLLECTION] (a Milvus server "
                "or cluster; port 19530 by default)")
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+
+
+def pairwise_candidates(n: int, candidates: int | None, exact: bool | None) -> int | None:
+    """The candidates a pairwise index of ``n`` videos is searched with: ``candidates`` if given, else
+    :data:`PAIRWISE_CANDIDATES` from :data:`EXACT_BELOW` videos; None (every video scored) with ``exact`` or when
+    the candidates would cover every video."""
+    if exact:
+        return None
+    c = candidates if candidates is not None else (PAIRWISE_CANDIDATES if n >= EXACT_BELOW else None)
+    return c if c is not None and c < n else None
 
 
 def default_collection(index: str | os.PathLike) -> str:
@@ -227,11 +242,15 @@ class AnnChoice:
 class SearchParams:
     """Per-query knobs of an approximate index (None: the index's recorded value): IVF lists scanned
     (``nprobe``), HNSW breadth (``ef_search``), candidates per result re-scored exactly (``rerank``: k x rerank
-    candidates; 0: none)."""
+    candidates; 0: none). ``candidates``: for a scoring without one vector per video (cma's query score), the
+    videos per query whose mean-pooled frame vectors score best, re-scored exactly by the model's scoring
+    (:func:`vop.retrieval.topk.pooled_then_rescore`); None: every video scored exactly below :data:`EXACT_BELOW`
+    videos, :data:`PAIRWISE_CANDIDATES` from there (:func:`pairwise_candidates`)."""
 
     nprobe: int | None = None
     ef_search: int | None = None
     rerank: int | None = None
+    candidates: int | None = None
 
 
 class VectorStore:
@@ -276,6 +295,12 @@ class FaissStore(VectorStore):
         self._faiss: Any = None
         self._emb_t: torch.Tensor | None = None
         self._cache: torch.Tensor | None = None
+        self._rerank: np.ndarray | None = None
+        self._pooled: torch.Tensor | None = None
+        if isinstance(emb, np.memmap) and meta.get("faiss"):  # a large index behind an approximate one: random reads
+            from vop.retrieval.ann import random_access
+
+            random_access(emb)
 
     @property
     def faiss_kind(self) -> str | None:
@@ -292,8 +317,51 @@ class FaissStore(VectorStore):
     @property
     def emb_tensor(self) -> torch.Tensor:
         if self._emb_t is None:
-            self._emb_t = torch.from_numpy(self.emb)
+            if self.emb.flags.writeable:
+                self._emb_t = torch.from_numpy(self.emb)
+            else:  # a read-only memory map (a large index, vop.retrieval.format.MMAP_FROM): never written through
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._emb_t = torch.from_numpy(self.emb)
         return self._emb_t
+
+    def pooled(self) -> torch.Tensor:
+        """Per-frame rows (N, F, D) mean-pooled over the frames and L2-normalised (N, D): the first stage of a
+        pairwise index's candidate search, computed once on first use and kept (N x D floats: 0.2 GB at 100k)."""
+        if self._pooled is None:
+            v = self.emb_tensor
+            parts = []
+            with torch.no_grad():
+                for s in range(0, v.shape[0], 1 << 14):
+                    parts.append(torch.nn.functional.normalize(v[s:s + (1 << 14)].float().mean(1), dim=-1))
+            self._pooled = torch.cat(parts) if parts else torch.zeros((0, v.shape[-1]))
+        return self._pooled
+
+    def rerank_vectors(self) -> np.ndarray | None:
+        """IVF-PQ's float16 copy of the rows (``rerank-G.npy``, memory-mapped), or None when it re-ranks from the rows."""
+        name = self.meta["files"].get("rerank")
+        if not name:
+            return None
+        if self._rerank is None:
+            from vop.errors import DataError
+            from vop.retrieval.format import rebuild_command
+
+            file = self.path / name
+            try:
+                arr = np.load(file, mmap_mode="r", allow_pickle=False)
+            except Exception as e:  # noqa: BLE001 - a damaged header: numpy's error, named
+                raise DataError(f"{file}: not a readable .npy array ({type(e).__name__}); the index is damaged: rebuild "
+                                f"it: {rebuild_command(self.path, self.meta)}") from None
+            if arr.dtype != np.dtype("<f2") or arr.shape != self.emb.shape:
+                raise DataError(f"{file}: holds {arr.dtype} {arr.shape}, expected float16 {tuple(self.emb.shape)}; the index "
+                                f"is damaged: rebuild it: {rebuild_command(self.path, self.meta)}")
+            from vop.retrieval.ann import random_access
+
+            random_access(arr)  # candidates are read at random: one page each, no read-around
+            self._rerank = arr
+        return self._rerank
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         return self.emb[np.asarray(rows, dtype=np.int64)]
@@ -338,13 +406,22 @@ class FaissStore(VectorStore):
 
     def search(self, scoring: Any, q: torch.Tensor, k: int, *, exact: bool | None = None,
                params: SearchParams = SearchParams()) -> tuple[np.ndarray, np.ndarray]:
-        from vop.retrieval.topk import search_rows
+        from vop.retrieval.topk import check_candidates, pooled_then_rescore, search_rows
 
+        if not scoring.ann and self.emb.ndim == 3:
+            if params.candidates is not None and exact is not True:
+                check_candidates(params.candidates, k, len(self.emb))
+            c = pairwise_candidates(len(self.emb), params.candidates, exact)
+            if c is not None:
+                return pooled_then_rescore(scoring, self.emb_tensor, self.pooled(), q, k, c, cache=self.row_cache(scoring))
         f = self.meta.get("faiss")
         ann: Callable[[], Any] | None = None
-        rerank = 0
+        rerank, rerank_rows = 0, None
         if f:
             ann = lambda: self.faiss_index(nprobe=params.nprobe, ef_search=params.ef_search)  # noqa: E731
             rerank = int(params.rerank if params.rerank is not None else f["params"].get("rerank", 0) or 0)
+            half = self.rerank_vectors() if rerank else None
+            if half is not None:
+                rerank_rows = lambda c: torch.from_numpy(half[c].astype(np.float32))  # noqa: E731
         return search_rows(scoring, self.emb_tensor, q, k, cache=self.row_cache(scoring), ann=ann, exact=exact,
-                           rerank=rerank)
+                           rerank=rerank, rerank_rows=rerank_rows)

@@ -26,7 +26,7 @@ import torch
 from vop.errors import ConfigError
 from vop.scoring import CosineScoring, Scoring
 
-__all__ = ["top_k", "search_rows", "exact_search", "check_k", "rescore"]
+__all__ = ["top_k", "search_rows", "exact_search", "check_k", "rescore", "pooled_then_rescore", "check_candidates"]
 
 
 def check_k(k: Any, name: str = "k") -> int:
@@ -111,20 +111,53 @@ def rescore(scoring: Scoring, q: torch.Tensor, candidates: np.ndarray, k: int, n
     return out_s, out_r
 
 
+def check_candidates(candidates: Any, k: int, n: int) -> int:
+    """A number of candidates: an integer >= 1 and at least the results asked for (``min(k, n)``)."""
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ConfigError(f"candidates must be an integer >= 1, got {candidates!r}")
+    if candidates < min(k, n):
+        raise ConfigError(f"--candidates {candidates} is fewer than the {min(k, n)} results asked for (-k): "
+                          f"give at least k candidates (more: a recall nearer the exact search's)")
+    return int(candidates)
+
+
+def pooled_then_rescore(scoring: Scoring, rows: torch.Tensor, pooled: torch.Tensor, q: torch.Tensor, k: int,
+                        candidates: int, *, cache: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates then exact re-score for a scoring without one vector per video (cma's query score): the
+    ``candidates`` videos per query whose mean-pooled frame vectors (``pooled`` (N, D), L2-normalised) are nearest
+    the normalised query (exact cosine top-C), scored exactly by ``scoring`` (:func:`rescore`, with the gallery
+    ``cache`` if kept), the best ``k`` kept. ``candidates`` >= N: every video is a candidate, which is the exact
+    search (:func:`top_k`), answered by it. ``candidates`` < ``k``: a ConfigError (fewer than k results)."""
+    n = rows.shape[0]
+    check_candidates(candidates, k, n)
+    if candidates >= n:
+        return top_k(scoring, rows, q, k, cache=cache)
+    _, cand = top_k(CosineScoring(), pooled, torch.nn.functional.normalize(q.float(), dim=-1), int(candidates))
+    return rescore(scoring, q, cand, k, n, lambda c: rows[torch.from_numpy(c)],
+                   None if cache is None else (lambda c: cache[torch.from_numpy(c)]))
+
+
 def search_rows(scoring: Scoring, rows: torch.Tensor, q: torch.Tensor, k: int, *, cache: torch.Tensor | None = None,
-                ann: Callable[[], Any] | None = None, exact: bool | None = None, rerank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                ann: Callable[[], Any] | None = None, exact: bool | None = None, rerank: int = 0,
+                rerank_rows: Callable[[np.ndarray], torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` rows for the queries ``q`` (Q, D): through the approximate index ``ann()`` (a loaded FAISS
     index over ``rows``; given only where the scoring allows one) unless ``exact`` is True or ``k`` covers
     every row, else exactly (:func:`top_k`). ``rerank`` >= 1: the approximate index gives ``rerank`` x k
-    candidates, re-scored exactly (:func:`rescore`): exact scores, and a recall that grows with ``rerank``."""
+    candidates, re-scored exactly (:func:`rescore`): exact scores, and a recall that grows with ``rerank``.
+    ``rerank_rows(rows)``: a compact copy of those rows (IVF-PQ's float16 ``rerank-G.npy``) to rank the candidates
+    by; the k kept are then scored from ``rows`` (exact scores, ordered by them)."""
     n = rows.shape[0]
     if ann is not None and scoring.ann and exact is not True and k < n:
         from vop.retrieval.ann import faiss_search
 
         if rerank and rerank > 0:
             _, cand = faiss_search(ann(), q.numpy(), min(n, k * int(rerank)))
-            return rescore(scoring, q, cand.astype(np.int64), k, n, lambda c: rows[torch.from_numpy(c)],
-                           None if cache is None else (lambda c: cache[torch.from_numpy(c)]))
+            cand = cand.astype(np.int64)
+            rows_of = lambda c: rows[torch.from_numpy(c)]  # noqa: E731
+            cache_of = None if cache is None else (lambda c: cache[torch.from_numpy(c)])
+            if rerank_rows is not None:
+                _, cand = rescore(scoring, q, cand, k, n, rerank_rows)
+            return rescore(scoring, q, cand, k, n, rows_of, cache_of)
         scores, ids = faiss_search(ann(), q.numpy(), k)
         return scores, ids.astype(np.int64)
     return top_k(scoring, rows, q, k, cache=cache)
