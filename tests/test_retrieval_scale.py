@@ -219,7 +219,7 @@ def test_serve_query_cache_option_is_checked():
 
 
 def test_large_pairwise_indexes_default_to_candidates(tmp_path, monkeypatch):
-    """From EXACT_BELOW videos a pairwise index is searched with PAIRWISE_CANDIDATES candidates unless told
+    """From EXACT_BELOW videos a pairwise index is searched with RESCORED_CANDIDATES candidates unless told
     otherwise (--candidates, --exact); the mode and C are what the answers record."""
     from vop.retrieval import store
 
@@ -234,7 +234,7 @@ def test_large_pairwise_indexes_default_to_candidates(tmp_path, monkeypatch):
     exact = ix.search(q, 10, model=model)
     assert ix.candidates_for() is None and ix.search_mode() == "exact"
     monkeypatch.setattr(store, "EXACT_BELOW", 200)
-    monkeypatch.setattr(store, "PAIRWISE_CANDIDATES", 40)
+    monkeypatch.setattr(store, "RESCORED_CANDIDATES", 40)
     assert ix.candidates_for() == 40 and ix.search_mode() == "candidates" and ix.candidates_for(None, True) is None
     default = ix.search(q, 10, model=model)
     explicit = ix.search(q, 10, model=model, candidates=40)

@@ -138,20 +138,20 @@ class VideoIndex:
 
     def search_mode(self, exact: bool | None = None, candidates: int | None = None) -> str:
         """What answers a query with this ``exact`` setting (the ``search`` field of the JSON answers); a
-        pairwise index searched by candidates (:meth:`candidates_for`): ``candidates``."""
+        index scored by its model, searched by candidates (:meth:`candidates_for`): ``candidates``."""
         if self.candidates_for(candidates, exact) is not None:
             return "candidates"
         return "exact" if exact else self.search_kind
 
     def candidates_for(self, candidates: int | None = None, exact: bool | None = None) -> int | None:
-        """The candidates a query of this (pairwise) index is answered with (``candidates``, or the default from
-        :data:`~vop.retrieval.store.EXACT_BELOW` videos: :func:`~vop.retrieval.store.pairwise_candidates`); None
+        """The candidates a query of this index (scored by its model) is answered with (``candidates``, or the default from
+        :data:`~vop.retrieval.store.EXACT_BELOW` videos: :func:`~vop.retrieval.store.rescored_candidates`); None
         when every video is scored (a dual-encoder index: always None)."""
-        from vop.retrieval.store import pairwise_candidates
+        from vop.retrieval.store import rescored_candidates
 
         if self.scoring.ann:
             return None
-        return pairwise_candidates(len(self), candidates, exact)
+        return rescored_candidates(len(self), candidates, exact)
 
     @property
     def faiss_kind(self) -> str | None:
@@ -179,7 +179,7 @@ class VideoIndex:
         ``model``: the index's model (its scoring, refused unless of the index's kind); needed where the
         scores need it (cma's query score: the queries are its raw text embeddings, every video is scored
         exactly, and ``exact``, ``nprobe``, ``ef_search`` do not apply: there is no approximate index).
-        ``candidates`` (such a pairwise index only; None: every video scored): the C videos whose mean-pooled frame
+        ``candidates`` (an index scored by its model only; None: every video scored): the C videos whose mean-pooled frame
         vectors are nearest each query, re-scored exactly (:func:`~vop.retrieval.topk.pooled_then_rescore`);
         C >= the index's size is the exact search. Ignored with ``exact=True``."""
         k = check_k(k)
@@ -194,7 +194,7 @@ class VideoIndex:
             raise ConfigError(f"queries hold NaN or inf values; {self.path} cannot rank videos against them")
         if candidates is not None and self.scoring.ann:
             raise ConfigError(f"--candidates: {self.path} is {self.scoring.label}; candidates then exact re-scoring is for "
-                              "pairwise indexes (cma's query score): use --nprobe/--rerank with its approximate index")
+                              "indexes scored by the model, frames against the query (cma's query score): use --nprobe/--rerank with its approximate index")
         scores, rows = self.store.search(scoring, q, k, exact=exact,
                                          params=SearchParams(nprobe=nprobe, ef_search=ef_search, rerank=rerank,
                                                              candidates=candidates))

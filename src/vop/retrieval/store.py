@@ -34,8 +34,8 @@ import torch
 from vop.errors import ConfigError
 
 __all__ = ["StoreSpec", "AnnChoice", "ResolvedAnn", "SearchParams", "VectorStore", "FaissStore", "ANN_CHOICES",
-           "EXACT_BELOW", "PQ_FROM", "MILVUS_PORT", "STORE_FORMS", "default_collection", "PAIRWISE_CANDIDATES",
-           "pairwise_candidates"]
+           "EXACT_BELOW", "PQ_FROM", "MILVUS_PORT", "STORE_FORMS", "default_collection", "RESCORED_CANDIDATES",
+           "rescored_candidates"]
 
 #: what ``--ann`` accepts (``none`` is read as ``exact``: the older ``--faiss none``)
 ANN_CHOICES = ("auto", "exact", "ivf", "ivfpq", "hnsw")
@@ -43,10 +43,10 @@ ANN_CHOICES = ("auto", "exact", "ivf", "ivfpq", "hnsw")
 EXACT_BELOW = 250_000
 #: ``auto``: IVF-PQ (compressed vectors, candidates re-scored exactly) from this many videos; IVF-Flat below
 PQ_FROM = 4_000_000
-#: a pairwise index (cma's query score) of at least :data:`EXACT_BELOW` videos is searched by candidates then exact
+#: an index scored by its model, frames against the query (no approximate index: cma's query score), of at least :data:`EXACT_BELOW` videos is searched by candidates then exact
 #: re-scoring with this many candidates unless ``candidates`` or ``exact`` says otherwise (recall@10 0.995 at 100k
 #: synthetic videos, 15 times faster than scoring every video: docs/search.md, "Pairwise methods at scale")
-PAIRWISE_CANDIDATES = 1000
+RESCORED_CANDIDATES = 1000
 #: Milvus's default port
 MILVUS_PORT = 19530
 STORE_FORMS = ("faiss (the default: rows in the index folder), milvus:///PATH/FILE.db[/COLLECTION] or "
@@ -55,13 +55,13 @@ STORE_FORMS = ("faiss (the default: rows in the index folder), milvus:///PATH/FI
 _COLLECTION = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 
 
-def pairwise_candidates(n: int, candidates: int | None, exact: bool | None) -> int | None:
-    """The candidates a pairwise index of ``n`` videos is searched with: ``candidates`` if given, else
-    :data:`PAIRWISE_CANDIDATES` from :data:`EXACT_BELOW` videos; None (every video scored) with ``exact`` or when
+def rescored_candidates(n: int, candidates: int | None, exact: bool | None) -> int | None:
+    """The candidates an index of ``n`` videos scored by its model (frames against the query) is searched with: ``candidates`` if given, else
+    :data:`RESCORED_CANDIDATES` from :data:`EXACT_BELOW` videos; None (every video scored) with ``exact`` or when
     the candidates would cover every video."""
     if exact:
         return None
-    c = candidates if candidates is not None else (PAIRWISE_CANDIDATES if n >= EXACT_BELOW else None)
+    c = candidates if candidates is not None else (RESCORED_CANDIDATES if n >= EXACT_BELOW else None)
     return c if c is not None and c < n else None
 
 
@@ -245,7 +245,7 @@ class SearchParams:
     candidates; 0: none). ``candidates``: for a scoring without one vector per video (cma's query score), the
     videos per query whose mean-pooled frame vectors score best, re-scored exactly by the model's scoring
     (:func:`vop.retrieval.topk.pooled_then_rescore`); None: every video scored exactly below :data:`EXACT_BELOW`
-    videos, :data:`PAIRWISE_CANDIDATES` from there (:func:`pairwise_candidates`)."""
+    videos, :data:`RESCORED_CANDIDATES` from there (:func:`rescored_candidates`)."""
 
     nprobe: int | None = None
     ef_search: int | None = None
@@ -329,7 +329,7 @@ class FaissStore(VectorStore):
 
     def pooled(self) -> torch.Tensor:
         """Per-frame rows (N, F, D) mean-pooled over the frames and L2-normalised (N, D): the first stage of a
-        pairwise index's candidate search, computed once on first use and kept (N x D floats: 0.2 GB at 100k)."""
+        candidate search of an index scored by its model, computed once on first use and kept (N x D floats: 0.2 GB at 100k)."""
         if self._pooled is None:
             v = self.emb_tensor
             parts = []
@@ -411,7 +411,7 @@ class FaissStore(VectorStore):
         if not scoring.ann and self.emb.ndim == 3:
             if params.candidates is not None and exact is not True:
                 check_candidates(params.candidates, k, len(self.emb))
-            c = pairwise_candidates(len(self.emb), params.candidates, exact)
+            c = rescored_candidates(len(self.emb), params.candidates, exact)
             if c is not None:
                 return pooled_then_rescore(scoring, self.emb_tensor, self.pooled(), q, k, c, cache=self.row_cache(scoring))
         f = self.meta.get("faiss")
