@@ -7,6 +7,8 @@ import subprocess
 import sys
 import zlib
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,33 @@ def test_killed_run_resumes_and_updates_incrementally(videos, ckpt, tmp_path):
     os.utime(videos / "test00004.mp4", ns=(1, 1))
     assert _build(videos, ckpt, out, content_hash=True).encoded == 0
     assert _build(videos, ckpt, out, content_hash=False).encoded == 1
+
+
+def test_a_large_rerun_merges_its_rows_through_a_memory_map(videos, ckpt, tmp_path, monkeypatch):
+    """Above MMAP_FROM bytes the rows of a re-run (the index's, memory-mapped, and the new ones) are merged into a
+    memory-mapped file block by block, never stacked in memory; the index written is the one an in-memory merge
+    writes, and the file is gone afterwards."""
+    import vop.retrieval.build as build
+    import vop.retrieval.format as fmt
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    _build(videos, ckpt, small)
+    shutil.copytree(small, large)
+    shutil.copy(videos / "test00000.mp4", videos / "zz_new.mp4")
+    shutil.copy(videos / "test00002.mp4", videos / "test00001.mp4")
+    (videos / "test00003.mp4").unlink()
+    made = []
+    stack = build._stack_rows
+    monkeypatch.setattr(build, "_stack_rows", lambda *a: made.append(stack(*a)) or made[-1])
+    assert _build(videos, ckpt, small).encoded == 2 and type(made[-1]) is np.ndarray
+    monkeypatch.setattr(fmt, "MMAP_FROM", 1)  # every index "large": its rows mapped, the merge through a file
+    monkeypatch.setattr(build, "_MERGE_BLOCK", 5)  # 16 rows in four blocks
+    assert _build(videos, ckpt, large).encoded == 2 and isinstance(made[-1], np.memmap)
+    assert Path(made[-1].filename).name == build.MERGED_FILE and not Path(made[-1].filename).exists()
+    a, b = VideoIndex.open(small), VideoIndex.open(large)
+    assert [e["id"] for e in a.entries] == [e["id"] for e in b.entries] and "test00003.mp4" not in {e["id"] for e in a.entries}
+    assert np.array_equal(np.asarray(a.emb), np.asarray(b.emb))
+    assert a.meta["checksums"] == b.meta["checksums"]
 
 
 def test_unreadable_videos_are_listed_not_fatal(videos, ckpt, tmp_path):

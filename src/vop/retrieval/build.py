@@ -448,19 +448,29 @@ def _plan(tgt: _Target, videos: str | os.PathLike, env, *, split: str, root: str
 @dataclass
 class _Merged:
     """The next generation: ``entries`` in source order, ``vectors[i]`` the row of ``entries[i]`` (None: it is
-    in the index's Milvus collection, not here), ``emb`` them stacked (None when some are not here); the ids
-    encoded by this run (``fresh``); unreadable videos; the parts merged."""
+    in the index's Milvus collection, not here; :meth:`stacked` when all are here); the ids encoded by this run
+    (``fresh``); unreadable videos; the parts merged."""
 
-    emb: np.ndarray | None
     entries: list[dict]
     failed: dict[str, dict]
     parts: list[tuple[np.ndarray, list[dict], list[dict]]]
     vectors: list[np.ndarray | None] = field(default_factory=list)
     fresh: set[str] = field(default_factory=set)
+    row_shape: tuple[int, ...] = ()
+    parts_dir: Path | None = None
 
     @property
     def ids(self) -> set[str]:
         return {e["id"] for e in self.entries}
+
+    @property
+    def local(self) -> bool:
+        """Every row is here (none only in the index's Milvus collection)."""
+        return all(v is not None for v in self.vectors)
+
+    def stacked(self) -> np.ndarray:
+        """The rows (every one local) as one array (:func:`_stack_rows`: memory-mapped when large)."""
+        return _stack_rows(self.vectors, self.row_shape, self.parts_dir)
 
 
 def _merge(plan: _Plan, retry_failed: bool, row_shape: tuple[int, ...]) -> _Merged:
@@ -503,9 +513,34 @@ def _merge(plan: _Plan, retry_failed: bool, row_shape: tuple[int, ...]) -> _Merg
                 failed[e["id"]] = e
     order = [s.id for s in plan.sources if s.id in rows]  # source order: a resumed build equals a fresh one
     vectors = [rows[i][0] for i in order]
-    local = all(v is not None for v in vectors)
-    emb = (np.stack(vectors) if order else np.zeros((0, *row_shape), np.float32)) if local else None
-    return _Merged(emb, [rows[i][1] for i in order], failed, parts, vectors, fresh & set(order))
+    return _Merged([rows[i][1] for i in order], failed, parts, vectors, fresh & set(order), tuple(row_shape),
+                   plan.parts_dir)
+
+
+#: the merged rows of a re-run are written into a memory-mapped file next to the parts from this many rows
+#: per block (the rows of a large index are memory-mapped views: stacking them would hold every row in memory)
+_MERGE_BLOCK = 65_536
+MERGED_FILE = "merged.npy"
+
+
+def _stack_rows(vectors: list[np.ndarray], row_shape: tuple[int, ...], parts_dir: Path) -> np.ndarray:
+    """The rows as one (N, *row_shape) float32 array: in memory below
+    :data:`~vop.retrieval.format.MMAP_FROM` bytes, else a memory-mapped ``merged.npy`` in ``parts_dir`` filled
+    block by block (memory holds one block; ``write_index`` reads it in chunks; removed after the write)."""
+    from vop.retrieval import format as fmt
+
+    if not vectors:
+        return np.zeros((0, *row_shape), np.float32)
+    if 4 * len(vectors) * int(np.prod(row_shape)) < fmt.MMAP_FROM:
+        return np.stack(vectors)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    out = np.lib.format.open_memmap(parts_dir / MERGED_FILE, mode="w+", dtype=np.float32,
+                                    shape=(len(vectors), *row_shape))
+    for s in range(0, len(vectors), _MERGE_BLOCK):
+        block = vectors[s:s + _MERGE_BLOCK]
+        out[s:s + len(block)] = np.stack(block)
+    out.flush()
+    return out
 
 
 def _choice(old: dict | None, kind: str | None, params: dict[str, Any] | None) -> AnnChoice:
@@ -600,7 +635,7 @@ def _write(tgt: _Target, plan: _Plan, merged: _Merged, new_meta: dict[str, Any],
         written = write_milvus(writer, tgt.out, tgt.target, merged.entries, merged.vectors, merged.fresh,
                                {e["id"] for e in plan.base_entries}, meta, old, resolved, rebuild=rebuild, fetch_old=fetch)
     else:
-        emb = merged.emb
+        emb = merged.stacked() if merged.local else None
         if emb is None:  # moving out of a Milvus collection: its rows come back into the folder
             missing = [e["id"] for e, v in zip(merged.entries, merged.vectors) if v is None]
             got = dict(zip(missing, fetch(missing)))
@@ -608,6 +643,7 @@ def _write(tgt: _Target, plan: _Plan, merged: _Merged, new_meta: dict[str, Any],
         written = write_index(tgt.out, emb, merged.entries, meta, old=old)
     for p in plan.parts_dir.glob("r*.npz"):
         p.unlink()
+    (plan.parts_dir / MERGED_FILE).unlink(missing_ok=True)
     if tgt.out != tgt.target:
         _move_into_place(tgt.out, tgt.target)
     return {"faiss": written.get("faiss"), "ann": {**ann_rec, "params": dict(resolved.params)}}
