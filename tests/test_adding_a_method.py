@@ -151,7 +151,7 @@ def test_a_shipped_method_is_one_file_and_its_import_line(tmp_path):
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert probe.stdout.split() == [str(pkg / "__init__.py"), "toy", "{'init':", "1.0}"]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-n", "0", "-p", "no:cacheprovider", *REGISTRY_DRIVEN,
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *REGISTRY_DRIVEN,
                            "-k", "toy or declares_its_facts or registry_complete"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
