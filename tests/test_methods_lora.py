@@ -340,15 +340,9 @@ def test_params_command_lists_lora_and_tempme():
 # -- a training run, its checkpoint and its index (merged) -----------------------------------------------------
 @pytest.fixture(scope="module")
 def run(world, tmp_path_factory):
-    from vop.engine.config import RunConfig, load_config
-    from vop.engine.trainer import train
+    from tiny_runs import train_tiny
 
-    out = tmp_path_factory.mktemp("lora") / "run"
-    cfg = load_config(RunConfig, None, [
-        f"data.root={world}", "data.dataset=collection", "model.backbone=tiny", "model.method=lora", "model.frames=4",
-        "model.image_size=32", "optim.batch_size=8", "optim.accumulate=2", "optim.epochs=1", "optim.lr=1e-2",
-        "data.num_workers=0", "eval.batch_size=16", "eval.every_epoch=false", f"out_dir={out}"])
-    return out, train(cfg, progress=False)
+    return train_tiny(world, tmp_path_factory.mktemp("lora") / "run", "lora")
 
 
 def test_training_run_reproduces_its_test_metrics_and_index_ranks_as_unmerged(world, run, tmp_path, capsys):

@@ -408,16 +408,9 @@ def test_frames_not_divisible_through_the_console_script(world, tmp_path):
 # -- a training run, its checkpoint, its index -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run(world, tmp_path_factory):
-    from vop.engine.config import RunConfig, load_config
-    from vop.engine.trainer import train
+    from tiny_runs import train_tiny
 
-    out = tmp_path_factory.mktemp("tempme") / "run"
-    cfg = load_config(RunConfig, None, [
-        f"data.root={world}", "data.dataset=collection", "model.backbone=tiny", "model.method=tempme", "model.frames=4",
-        "model.image_size=32", "optim.batch_size=8", "optim.accumulate=2", "optim.epochs=1", "optim.lr=1e-2",
-        "data.num_workers=0", "eval.batch_size=16", "eval.every_epoch=false", "optim.grad_checkpointing=true",
-        f"out_dir={out}"])
-    return out, train(cfg, progress=False)
+    return train_tiny(world, tmp_path_factory.mktemp("tempme") / "run", "tempme", "optim.grad_checkpointing=true")
 
 
 def test_training_run_its_checkpoint_and_index(world, run, tmp_path, capsys):
