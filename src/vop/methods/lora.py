@@ -23,9 +23,11 @@ Counts on ViT-B/32 and ViT-B/16 (r = 8, d_v = 768, d_t = 512, 12 + 12 blocks): q
 196,608 text); q,v 491,520; q,k,v and qkv,out 737,280; q,k,v,out 983,040; all 2,211,840.
 
 The block (``block`` override, a branch cannot reach inside the softmax): h = ln_1(x); q, k, v =
-``Attention.qkv(h)`` plus the update's slices (an exact zero while B = 0: frozen CLIP bit for bit); fused
-SDPA (causal in the text tower); ``Attention.project_out`` (+ ``out``'s update); residual; the MLP (with its
-updates when targeted); residual.
+``Attention.qkv(h)`` plus the update's slices (an exact zero while B = 0: frozen CLIP bit for bit), rotated
+together on a RoPE tower; fused SDPA (causal in the text tower); ``Attention.project_out`` (``out``'s update
+reads what ``out_proj`` reads: the merged heads, after EVA02's sub-LN); residual; the MLP (``MLP.hidden``
+between its two maps, so SwiGLU too, with their updates when targeted); residual. Each update is sized from
+the block's own map (the counts above are ViT's; EVA02's SwiGLU ``c_fc`` is 2 x hidden wide).
 
 **Merged inference.** In eval mode (``model.eval()``, which every inference path of vop calls: ``vop eval``,
 ``vop index``, ``vop search``, ``vop serve``) the model writes W' = W + s B A into *copies* of the targeted
